@@ -1,0 +1,455 @@
+"""The steering vector, and how it attaches to a frozen base model.
+
+One trainable vector ``s_l`` (size ``hidden_size``) per decoder layer ``l``, added to that layer's output at every
+position. Adding ``s_l`` to the output of ``model.layers.{l}.mlp.down_proj`` is the same thing, because the MLP
+output is added straight into the residual stream; so the vector *is* a bias on ``down_proj``. PEFT calls that
+adapter BEFT, and we use it as is: a checkpoint of this project is a valid PEFT BEFT adapter, and
+``peft.PeftModel.from_pretrained(base, ckpt)`` gives the same model as :func:`load_steered_model`.
+
+The vectors stay fp32 whatever the base dtype (Adam updates on a bf16 vector lose precision); BEFT adds them to the
+bf16 output in fp32 and casts the sum back.
+
+Checkpoint directory layout::
+
+    adapter_config.json         PEFT BEFT config (target_modules = the steered down_proj modules)
+    adapter_model.safetensors   one (1, hidden_size) fp32 tensor per steered layer
+    steering.json               base model id, layers, hidden size, layer count, step, training config
+
+Nothing is ever unpickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# model_type -> what we call the family in errors. Matched exactly on ``config.model_type``; both families put the
+# MLP at ``model.layers.{l}.mlp.down_proj`` and add its output straight into the residual stream.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "qwen2": "Qwen2 family (Qwen2, Qwen2.5, Qwen2.5-Math)",
+    "llama": "Llama family (Llama-2, Llama-3, Llama-3.1)",
+}
+
+ADAPTER_NAME = "default"
+META_FILE = "steering.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+_DOWN_PROJ = "model.layers.{}.mlp.down_proj"
+_KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj\.beft_bias$")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class SteeringError(ValueError):
+    """Bad input to the steering machinery: the message says what to fix."""
+
+
+class CheckpointError(SteeringError):
+    """A checkpoint directory that is missing, incomplete, corrupt or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Base model
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise SteeringError(f"dtype {dtype!r} is not supported; use one of {sorted(set(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def check_supported(config: Any) -> None:
+    """Raise a clear error unless the model config belongs to a supported family."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = "; ".join(f"{k!r}: {v}" for k, v in SUPPORTED_MODEL_TYPES.items())
+        raise SteeringError(
+            f"model_type {model_type!r} is not supported for steering; supported model types are {supported}"
+        )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_base_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = "bfloat16",
+    *,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    device_map: Any = None,
+) -> nn.Module:
+    """Load a causal LM from a Hub id or a local directory, check its family, and freeze every parameter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    check_supported(config)
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "revision": revision}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return freeze(model)
+
+
+def model_shape(model: nn.Module) -> tuple[int, int]:
+    """(num_hidden_layers, hidden_size) of a base model or a PeftModel around one."""
+    cfg = model.config
+    return int(cfg.num_hidden_layers), int(cfg.hidden_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attaching
+
+
+def validate_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    out = sorted({int(layer) for layer in layers})
+    if not out:
+        raise SteeringError("layers is empty; give at least one layer index, or null for all layers")
+    bad = [layer for layer in out if not 0 <= layer < num_layers]
+    if bad:
+        raise SteeringError(
+            f"layers {bad} out of range: the model has {num_layers} decoder layers, so valid indices are "
+            f"0..{num_layers - 1}"
+        )
+    return out
+
+
+def target_regex(layers: Iterable[int]) -> str:
+    """PEFT ``target_modules`` regex (full match) selecting ``down_proj`` of exactly these layers."""
+    return r"model\.layers\.(" + "|".join(str(layer) for layer in layers) + r")\.mlp\.down_proj"
+
+
+def attach_steering(
+    model: nn.Module,
+    layers: Iterable[int] | None = None,
+    init: Mapping[int, torch.Tensor] | str | os.PathLike | None = None,
+    *,
+    base_model_id: str | None = None,
+):
+    """Freeze ``model`` and give each layer in ``layers`` (default: all) one trainable fp32 steering vector.
+
+    ``init`` is None (zeros), a ``{layer: tensor}`` mapping, or a checkpoint directory / safetensors file. Returns a
+    ``peft.PeftModel``; the vectors are its only trainable parameters.
+    """
+    from peft import BeftConfig, get_peft_model
+
+    check_supported(model.config)
+    num_layers, _ = model_shape(model)
+    layers = validate_layers(layers, num_layers)
+    freeze(model)
+    config = BeftConfig(target_modules=target_regex(layers))
+    if base_model_id is None:
+        base_model_id = getattr(model.config, "_name_or_path", None) or None
+    with warnings.catch_warnings():
+        # BEFT warns that the base down_proj has no bias to merge into; we never merge.
+        warnings.filterwarnings("ignore", message=".*no bias term.*")
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_model_id
+    for p in vector_parameters(peft_model).values():
+        p.data = p.data.float()  # fp32 whatever the base dtype (PEFT's autocast does this too; we make it certain)
+    if init is not None:
+        vectors = load_vectors(init) if isinstance(init, (str, os.PathLike)) else dict(init)
+        unknown = sorted(set(vectors) - set(layers))
+        if unknown:
+            raise SteeringError(f"init has vectors for layers {unknown} that are not steered (steered: {layers})")
+        set_vectors(peft_model, vectors)
+    return peft_model
+
+
+def vector_parameters(model: nn.Module) -> dict[int, nn.Parameter]:
+    """``{layer: parameter}`` of the steering vectors; each parameter has shape (1, hidden_size)."""
+    out: dict[int, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        bias = getattr(module, "beft_bias", None)
+        if isinstance(bias, nn.ParameterDict) and ADAPTER_NAME in bias:
+            m = re.search(r"layers\.(\d+)\.mlp\.down_proj$", name)
+            if m is None:
+                raise SteeringError(f"BEFT adapter on {name!r}: only model.layers.{{l}}.mlp.down_proj is supported")
+            out[int(m.group(1))] = bias[ADAPTER_NAME]
+    return dict(sorted(out.items()))
+
+
+def steered_layers(model: nn.Module) -> list[int]:
+    return list(vector_parameters(model))
+
+
+def get_vectors(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Detached fp32 copies ``{layer: (hidden_size,)}``."""
+    return {layer: p.detach().float().reshape(-1).clone().cpu() for layer, p in vector_parameters(model).items()}
+
+
+@torch.no_grad()
+def set_vectors(model: nn.Module, vectors: Mapping[int, torch.Tensor]) -> None:
+    params = vector_parameters(model)
+    num_layers, hidden = model_shape(model)
+    for layer, value in vectors.items():
+        value = torch.as_tensor(value)
+        if layer not in params:
+            raise SteeringError(f"layer {layer} is not steered in this model (steered: {sorted(params)})")
+        if value.numel() != hidden:
+            raise SteeringError(
+                f"vector for layer {layer} has {value.numel()} elements but the model's hidden_size is {hidden}"
+            )
+        params[layer].copy_(value.reshape(params[layer].shape).to(params[layer].dtype))
+
+
+def vector_norms(model: nn.Module) -> dict[int, float]:
+    return {layer: float(p.detach().float().norm()) for layer, p in vector_parameters(model).items()}
+
+
+def param_groups(
+    model: nn.Module, lr: float, layer_lr: Mapping[int, float] | None = None, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: one group per layer that has its own learning rate, one for the rest."""
+    layer_lr = dict(layer_lr or {})
+    params = vector_parameters(model)
+    unknown = sorted(set(layer_lr) - set(params))
+    if unknown:
+        raise SteeringError(f"layer_lr names layers {unknown} that are not steered (steered: {sorted(params)})")
+    groups = [{"params": [params[layer]], "lr": float(rate), "weight_decay": weight_decay, "layer": layer}
+              for layer, rate in sorted(layer_lr.items())]
+    rest = [p for layer, p in params.items() if layer not in layer_lr]
+    if rest:
+        groups.insert(0, {"params": rest, "lr": float(lr), "weight_decay": weight_decay})
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inference controls
+
+
+@contextmanager
+def steering_scale(model: nn.Module, scale: float) -> Iterator[None]:
+    """Multiply every vector by ``scale`` inside the block, and restore the exact values on exit (inference only)."""
+    params = vector_parameters(model)
+    saved = {layer: p.detach().clone() for layer, p in params.items()}
+    try:
+        with torch.no_grad():
+            for p in params.values():
+                p.mul_(scale)
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, p in params.items():
+                p.copy_(saved[layer])
+
+
+@contextmanager
+def steering_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the unsteered base inside the block, without reloading anything."""
+    with model.disable_adapter():
+        yield
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing that still gives the first steered layer a gradient.
+
+    Reentrant checkpointing drops gradients when no *input* of a checkpointed block requires grad, which is the case
+    for every layer up to the first steered one when the base is frozen. Non-reentrant checkpointing has no such
+    restriction, so we always use it.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    step: int | None = None,
+    training_config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a steering checkpoint atomically: everything goes to a temporary directory that is renamed at the end,
+    so a crash never leaves a directory that looks complete. ``steering.json`` is written last."""
+    out_dir = Path(out_dir)
+    num_layers, hidden = model_shape(model)
+    if base_model is None:
+        base_model = model.peft_config[ADAPTER_NAME].base_model_name_or_path
+    tmp = _atomic_dir(out_dir)
+    model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_model
+    # save_embedding_layers=False: the embeddings are frozen, and "auto" would look the base up on the Hub.
+    model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "model_type": model.config.model_type,
+        "layers": steered_layers(model),
+        "hidden_size": hidden,
+        "num_hidden_layers": num_layers,
+        "step": step,
+        "vector_norms": {str(k): v for k, v in vector_norms(model).items()},
+        "training_config": dict(training_config) if training_config is not None else None,
+    }
+    if extra:
+        meta.update(extra)
+    with open(tmp / META_FILE, "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+    return out_dir
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / META_FILE).is_file() and (p / ADAPTER_WEIGHTS_FILE).is_file()
+
+
+def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(ckpt_dir)!r} does not exist")
+    meta_path = ckpt_dir / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{str(ckpt_dir)!r} is not a complete steering checkpoint: {META_FILE} is missing (it is written last, so "
+            "the save was interrupted or this is not a checkpoint)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
+    for key in ("layers", "hidden_size", "num_hidden_layers"):
+        if key not in meta:
+            raise CheckpointError(f"{meta_path} lacks the key {key!r}")
+    return meta
+
+
+def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
+    """``{layer: (hidden_size,) fp32}`` from a checkpoint directory or an ``adapter_model.safetensors`` file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / ADAPTER_WEIGHTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no steering vectors at {str(file)!r}")
+    if file.suffix != ".safetensors":
+        raise CheckpointError(f"{str(file)!r}: steering vectors load from .safetensors files only (never pickle)")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file (truncated or tampered?): {e}") from None
+    out: dict[int, torch.Tensor] = {}
+    for key, value in tensors.items():
+        m = _KEY_RE.search(key)
+        if m is None:
+            raise CheckpointError(f"{str(file)!r} holds an unexpected tensor {key!r}; expected only BEFT down_proj biases")
+        if value.dim() not in (1, 2) or (value.dim() == 2 and value.shape[0] != 1):
+            raise CheckpointError(f"{key} in {str(file)!r} has shape {tuple(value.shape)}, expected (1, hidden_size)")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{key} in {str(file)!r} holds NaN or Inf")
+        out[int(m.group(1))] = value.float().reshape(-1)
+    if not out:
+        raise CheckpointError(f"{str(file)!r} holds no steering vectors")
+    return dict(sorted(out.items()))
+
+
+def check_fits(vectors: Mapping[int, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
+    """Raise an error naming both shapes unless every vector fits the model."""
+    num_layers, hidden = model_shape(model)
+    sizes = {int(v.numel()) for v in vectors.values()}
+    top = max(vectors) + 1 if vectors else 0
+    if sizes != {hidden} or top > num_layers:
+        raise CheckpointError(
+            f"{source} does not fit the model: it has vectors of hidden size {sorted(sizes)} for layers "
+            f"{sorted(vectors)} (needs >= {top} layers), but the model has {num_layers} layers x hidden size {hidden}"
+        )
+
+
+def load_steered_model(
+    ckpt_dir: str | os.PathLike,
+    base: nn.Module | str | None = None,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+):
+    """Load a checkpoint onto ``base`` (a model, a Hub id / directory, or None for the id recorded in the checkpoint).
+
+    Checks the checkpoint's shapes against the model before touching it."""
+    meta = read_meta(ckpt_dir)
+    vectors = load_vectors(ckpt_dir)
+    if sorted(vectors) != sorted(meta["layers"]):
+        raise CheckpointError(
+            f"{str(ckpt_dir)!r}: steering.json lists layers {meta['layers']} but the safetensors file has {sorted(vectors)}"
+        )
+    if base is None:
+        base = meta.get("base_model")
+        if not base:
+            raise CheckpointError(f"{str(ckpt_dir)!r} records no base model; pass the base model explicitly")
+    base_id = base if isinstance(base, str) else getattr(base.config, "_name_or_path", None)
+    if isinstance(base, str):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(base)
+        check_supported(config)
+        _check_meta_shape(meta, config, ckpt_dir)
+        base = load_base_model(base, dtype=dtype)
+    check_fits(vectors, base, source=f"checkpoint {str(ckpt_dir)!r}")
+    model = attach_steering(base, layers=sorted(vectors), base_model_id=meta.get("base_model") or base_id)
+    set_vectors(model, vectors)
+    model.eval()
+    return model
+
+
+def _check_meta_shape(meta: Mapping[str, Any], config: Any, ckpt_dir: Any) -> None:
+    layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+    if int(meta["hidden_size"]) != hidden or max(meta["layers"]) >= layers:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt_dir)!r} ({meta['num_hidden_layers']} layers x hidden size {meta['hidden_size']}, "
+            f"steering layers {meta['layers']}) does not fit the model ({layers} layers x hidden size {hidden})"
+        )
