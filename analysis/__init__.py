@@ -1,0 +1,1 @@
+"""Analyses of steering-vector checkpoints: ``python -m analysis <command> --help``."""
