@@ -1,0 +1,188 @@
+"""``python -m train --config FILE [--key value …]`` (or ``accelerate launch -m train …``): GRPO on steering vectors.
+
+Reads the configuration (see ``train/config.py``; ``--help`` lists every key), checks everything it can before any
+model loads (bad input: one line on stderr, exit code 2), then trains with ``SteeringGRPOTrainer``, writing
+``output_dir/metrics.jsonl``, ``checkpoint-<step>/`` and, at the end, ``training_curves.png`` and a final checkpoint
+in ``output_dir``. It ends by printing the held-out accuracy of the base and of the trained model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("train")
+
+
+def _fail(message: str) -> int:
+    print(f"python -m train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from steering import vectors as sv
+    from steering.templates import TemplateError, get_template
+    from train import checkpointing as ckpt_io
+    from train.config import ConfigError, build_parser, parse_config
+    from train.data import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().print_help()
+        return 0
+    try:
+        s, g = parse_config(argv)
+        template = get_template(s.template)
+        prepared = prepare(s, g, template)
+    except (ConfigError, TemplateError, DataError, sv.SteeringError, FileNotFoundError) as e:
+        return _fail(str(e))
+    return run(s, g, template, prepared)
+
+
+def prepare(s: Any, g: Any, template: Any) -> dict[str, Any]:
+    """Everything that can be checked without loading weights: base config, layers, init vectors, data, resume."""
+    from transformers import AutoConfig
+
+    from steering import vectors as sv
+    from train import checkpointing as ckpt_io
+    from train.config import ConfigError
+    from train.data import load_problems, split_off_validation
+
+    model_path = s.model_name_or_path
+    if s.build_demo_base and not Path(model_path).exists():
+        from train.demo_base import ensure_demo_base
+
+        ensure_demo_base(model_path)
+    try:
+        config = AutoConfig.from_pretrained(model_path, revision=s.model_revision)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_name_or_path: cannot read the config of {model_path!r} "
+                          f"({str(e).splitlines()[0]})") from None
+    sv.check_supported(config)
+    num_layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+    if s.adapter == "steering":
+        try:
+            sv.validate_layers(s.layers, num_layers)
+        except sv.SteeringError as e:
+            raise ConfigError(f"layers: {e}") from None
+    init_vectors = None
+    if s.init_from:
+        init_vectors = sv.load_vectors(s.init_from)
+        sizes = {int(v.numel()) for v in init_vectors.values()}
+        if sizes != {hidden} or max(init_vectors) >= num_layers:
+            raise ConfigError(
+                f"init_from: {s.init_from} has vectors of hidden size {sorted(sizes)} for layers {sorted(init_vectors)}"
+                f", but {model_path} has {num_layers} layers x hidden size {hidden}")
+        wanted = set(sv.validate_layers(s.layers, num_layers))
+        init_vectors = {l: v for l, v in init_vectors.items() if l in wanted}
+        scale = s.init_scale
+        init_vectors = {l: v * (scale.get(l, 1.0) if isinstance(scale, dict) else float(scale))
+                        for l, v in init_vectors.items()}
+
+    problems = load_problems(s.dataset, split=s.dataset_split, config=s.dataset_config,
+                             question_column=s.question_column, answer_column=s.answer_column,
+                             answer_parser=s.answer_parser, procedural_size=s.procedural_size, seed=g.seed,
+                             limit=s.max_train_samples)
+    if s.val_dataset:
+        val_problems = load_problems(s.val_dataset, split="test" if not s.val_dataset.startswith(("procedural:",)) else
+                                     "train", procedural_size=s.val_size, seed=g.seed + 1, limit=s.val_size)
+        train_rows = problems.rows
+        val_question_set = {r["question"] for r in train_rows}
+        val_rows = [r for r in val_problems.rows if r["question"] not in val_question_set]
+        skipped = problems.skipped + val_problems.skipped
+    else:
+        train_rows, val_rows = split_off_validation(problems, s.val_size, g.seed)
+        skipped = problems.skipped
+
+    resume = g.resume_from_checkpoint
+    if resume is not None:
+        resume = ckpt_io.resolve_resume(resume, g.output_dir)
+    return {"train_rows": train_rows, "val_rows": val_rows, "skipped_rows": skipped, "init_vectors": init_vectors,
+            "resume": resume, "num_layers": num_layers}
+
+
+def build_model(s: Any, init_vectors: Any):
+    """The frozen base plus what is trained (steering vectors, LoRA, or everything)."""
+    from steering import vectors as sv
+
+    base = sv.load_base_model(s.model_name_or_path, dtype=s.dtype, revision=s.model_revision,
+                              attn_implementation=s.attn_implementation)
+    if s.adapter == "steering":
+        return sv.attach_steering(base, layers=s.layers, init=init_vectors, base_model_id=s.model_name_or_path)
+    if s.adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0,
+                            target_modules=list(s.lora_target_modules), task_type="CAUSAL_LM")
+        return get_peft_model(base, config)
+    for p in base.parameters():  # full fine-tuning baseline
+        p.requires_grad_(True)
+    return base
+
+
+def run(s: Any, g: Any, template: Any, prepared: dict[str, Any]) -> int:
+    from transformers import AutoTokenizer
+
+    from steering import vectors as sv
+    from steering.rewards import MathReward
+    from train.config import to_jsonable
+    from train.data import to_prompt_dataset
+    from train.plots import plot_training_curves
+    from train.trainer import (MetricsFileCallback, SteeringGRPOTrainer, ValidationCallback, write_metrics_line)
+    from train.validation import Validator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(g.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if g.gradient_checkpointing and not g.gradient_checkpointing_kwargs:
+        # Reentrant checkpointing gives the first steered layer no gradient when the base is frozen.
+        g.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+    tokenizer = AutoTokenizer.from_pretrained(s.model_name_or_path, revision=s.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    train_ds = to_prompt_dataset(prepared["train_rows"], template, tokenizer)
+    model = build_model(s, prepared["init_vectors"])
+
+    reward = MathReward(answer_format=template.answer_format, reward_style=s.reward_style, timeout_s=s.reward_timeout)
+    validator = Validator(prepared["val_rows"], template, tokenizer, max_new_tokens=g.max_completion_length,
+                          temperature=s.val_temperature, batch_size=s.val_batch_size, seed=g.seed,
+                          timeout_s=s.reward_timeout)
+    run_config = to_jsonable(s, g)
+    metrics_path = out / s.metrics_file
+    trainer = SteeringGRPOTrainer(
+        model=model, reward_funcs=[reward], args=g, train_dataset=train_ds, processing_class=tokenizer,
+        steering_args=s, reward_fn=reward, run_config=run_config,
+        callbacks=[MetricsFileCallback(metrics_path, s.reward_style)],
+    )
+    val_cb = ValidationCallback(trainer, validator, s.val_steps)
+    trainer.add_callback(val_cb)
+    if trainer.is_world_process_zero():
+        write_metrics_line(metrics_path, {"step": 0, "event": "data", "train_rows": len(prepared["train_rows"]),
+                                          "val_rows": len(prepared["val_rows"]),
+                                          "skipped_rows": prepared["skipped_rows"]})
+        if s.adapter == "steering":
+            n = sum(p.numel() for p in sv.vector_parameters(trainer.model).values())
+            logger.info("steering %d layers: %d trainable parameters", len(sv.vector_parameters(trainer.model)), n)
+    trainer.train(resume_from_checkpoint=prepared["resume"])
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        base_acc, final_acc = val_cb.base_accuracy, (val_cb.history[-1][1] if val_cb.history else None)
+        write_metrics_line(metrics_path, {"step": trainer.state.global_step, "event": "final",
+                                          "base_eval_accuracy": base_acc, "eval_accuracy": final_acc})
+        if s.plot_curves:
+            plot_training_curves(metrics_path, out / "training_curves.png")
+        if final_acc is not None:
+            n = len(prepared["val_rows"])
+            base_txt = f"{100 * base_acc:.1f}%" if base_acc is not None else "n/a"
+            print(f"\nheld-out accuracy on {n} problems (T={s.val_temperature:g}): base {base_txt} -> "
+                  f"trained {100 * final_acc:.1f}%   [{out}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

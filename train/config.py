@@ -1,0 +1,308 @@
+"""Configuration of a training run: ``SteeringArguments`` (what this project adds) + TRL's ``GRPOConfig`` (the RL
+loop, unchanged), read from a YAML file with ``--key value`` overrides, TRL-style.
+
+Precedence, lowest to highest: dataclass defaults < ``preset`` values < YAML < command line. Unknown keys, in the
+YAML or on the command line, are errors. Every problem is reported as one line naming the key and the fix, with exit
+code 2, before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# The recipe of Sinii et al. (REFERENCE §2). GRPOTrainer's "dapo" loss divides the summed token losses by the number
+# of completion tokens in the whole global batch; with scale_rewards="none" its advantage is r_i - mean_j r_j, which
+# the "rloo" estimator rescales by G/(G-1) into the leave-one-out r_i - mean_{j!=i} r_j. num_iterations=1 with
+# steps_per_generation = gradient_accumulation_steps (TRL's default) is one on-policy step per batch, so the ratio
+# clip never binds; beta=0 drops the reference model.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "advantage_estimator": "rloo",
+        "reward_style": "pm1",
+        "loss_type": "dapo",
+        "scale_rewards": "none",
+        "beta": 0.0,
+        "num_iterations": 1,
+        "optim": "adamw_torch",
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "weight_decay": 0.0,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 0.03,  # a float < 1 is a fraction of the total steps
+        "max_grad_norm": 2.0,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "num_train_epochs": 1.0,
+        "mask_truncated_completions": False,
+    },
+}
+
+ADAPTERS = ("steering", "lora", "full")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo")
+REWARD_STYLES = ("pm1", "binary")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the key and the fix."""
+
+
+@dataclass
+class SteeringArguments:
+    """What a steering-vector run needs beyond TRL's ``GRPOConfig``. Every field can be set in YAML or as
+    ``--field value`` on the command line."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model: a Hub id (e.g. Qwen/Qwen2.5-Math-1.5B) or a local directory."})
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "Dtype of the frozen base: bfloat16, float16 or float32. Steering vectors are always fp32."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "transformers attention backend (sdpa, flash_attention_2, eager, …)."})
+    preset: str | None = field(
+        default=None,
+        metadata={"help": f"Named recipe applied before the YAML and the command line: {sorted(PRESETS)}. 'paper' is "
+                          "Sinii et al.: RLOO, ±1 rewards, no std scaling, global token-mean loss, β=0, constant LR "
+                          "with 3% warmup, max grad norm 2, T=1."})
+    adapter: str = field(
+        default="steering",
+        metadata={"help": "What is trained: 'steering' (one vector per layer), 'lora' (PEFT LoRA baseline) or 'full' "
+                          "(full fine-tuning baseline; use a DeepSpeed launch config)."})
+    layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Decoder layers (0-based) that get a steering vector; default all. One layer = the "
+                          "single-layer ablation.", "nargs": "+"})
+    layer_lr: dict | str | None = field(
+        default=None,
+        metadata={"help": "Per-layer learning rates, e.g. '{\"27\": 0.1}' (JSON on the command line); other layers "
+                          "use learning_rate."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Start the vectors from this steering checkpoint (e.g. DiffMean vectors) instead of zero."})
+    init_scale: Any = field(
+        default=1.0,
+        metadata={"help": "Multiplier for init_from vectors: a number, or a per-layer JSON mapping {layer: scale}."})
+    token_scaling: bool = field(
+        default=False,
+        metadata={"help": "Train per-token magnitudes s_l·α_l(t) with a learned gate (see analysis token-scaling)."})
+    lora_r: int = field(default=1, metadata={"help": "LoRA rank (adapter=lora). The papers' baseline is rank 1."})
+    lora_alpha: int = field(default=2, metadata={"help": "LoRA alpha (adapter=lora)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["down_proj"],
+        metadata={"help": "LoRA target modules (adapter=lora); the papers' baseline uses down_proj.", "nargs": "+"})
+    advantage_estimator: str = field(
+        default="grpo",
+        metadata={"help": "'grpo': TRL's group-mean baseline (scaled per scale_rewards). 'rloo': leave-one-out "
+                          "baseline r_i - mean_{j≠i} r_j (needs scale_rewards=none)."})
+    reward_style: str = field(default="pm1", metadata={"help": "'pm1': +1 correct / -1 otherwise; 'binary': 1 / 0."})
+    reward_timeout: float = field(default=2.0, metadata={"help": "Seconds allowed per answer check."})
+    template: str = field(
+        default="qwen_math",
+        metadata={"help": "Prompt template: 'qwen_math' (chat, reward reads the last \\boxed{}), 'r1' (plain text, "
+                          "reward reads the last <answer>…</answer>), or a template file (YAML/JSON/TXT)."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a known name (deepscaler, math, gsm8k), any Hub dataset id, a local "
+                          ".json/.jsonl/.parquet file, or 'procedural:<task>' (arithmetic, word, mixed) for offline use."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    question_column: str | None = field(
+        default=None, metadata={"help": "Column holding the problem; default from the known-dataset registry."})
+    answer_column: str | None = field(
+        default=None, metadata={"help": "Column holding the ground truth; default from the known-dataset registry."})
+    answer_parser: str | None = field(
+        default=None,
+        metadata={"help": "How to read the ground truth: 'plain', 'gsm8k' (text after ####), 'boxed' (last \\boxed{} "
+                          "of a solution, as in MATH); default from the registry."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    procedural_size: int = field(default=5000, metadata={"help": "Rows generated for a 'procedural:' dataset."})
+    val_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Validation data (same forms as dataset). Default: val_size rows held out of the training "
+                          "data, never trained on."})
+    val_size: int = field(default=200, metadata={"help": "Validation rows (held out, or taken from val_dataset)."})
+    val_steps: int = field(
+        default=0, metadata={"help": "Evaluate validation accuracy every N optimizer steps (0 = only at start and end)."})
+    val_temperature: float = field(default=0.0, metadata={"help": "Sampling temperature for validation (0 = greedy)."})
+    val_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch during validation."})
+    metrics_file: str = field(
+        default="metrics.jsonl", metadata={"help": "Per-step metrics, one JSON object per line, under output_dir."})
+    plot_curves: bool = field(
+        default=True, metadata={"help": "Write output_dir/training_curves.png at the end of the run."})
+    build_demo_base: bool = field(
+        default=False,
+        metadata={"help": "If model_name_or_path does not exist, build the offline demo base there (train.demo_base)."})
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ConfigError(f"adapter: {self.adapter!r} is not one of {list(ADAPTERS)}")
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ConfigError(f"advantage_estimator: {self.advantage_estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
+        if self.reward_style not in REWARD_STYLES:
+            raise ConfigError(f"reward_style: {self.reward_style!r} is not one of {list(REWARD_STYLES)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"preset: {self.preset!r} is unknown; known presets: {sorted(PRESETS)}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"dtype: {self.dtype!r} must be bfloat16, float16 or float32")
+        self.layer_lr = _parse_mapping(self.layer_lr, "layer_lr")
+        if isinstance(self.init_scale, str):
+            try:
+                self.init_scale = float(self.init_scale)
+            except ValueError:
+                self.init_scale = _parse_mapping(self.init_scale, "init_scale")
+        elif isinstance(self.init_scale, dict):
+            self.init_scale = _parse_mapping(self.init_scale, "init_scale")
+        if self.layer_lr:
+            for layer, lr in self.layer_lr.items():
+                if not lr > 0:
+                    raise ConfigError(f"layer_lr: the learning rate of layer {layer} is {lr}; it must be > 0")
+            if self.layers is not None and set(self.layer_lr) - set(self.layers):
+                raise ConfigError(f"layer_lr: layers {sorted(set(self.layer_lr) - set(self.layers))} are not in "
+                                  f"layers {self.layers}; add them to layers or drop them from layer_lr")
+        if self.layers is not None and any(layer < 0 for layer in self.layers):
+            raise ConfigError(f"layers: {self.layers} has a negative index; layers are 0-based")
+        if self.adapter != "steering" and (self.layers is not None or self.layer_lr or self.init_from):
+            raise ConfigError("layers / layer_lr / init_from apply to adapter=steering only; remove them or set "
+                              "adapter: steering")
+        if self.reward_timeout <= 0:
+            raise ConfigError(f"reward_timeout: {self.reward_timeout} must be > 0 seconds")
+        if self.val_size < 0 or self.val_steps < 0:
+            raise ConfigError("val_size and val_steps must be >= 0")
+        if self.init_from is not None and not Path(self.init_from).is_dir():
+            raise ConfigError(f"init_from: {self.init_from!r} is not a directory; give a steering checkpoint directory")
+
+
+def _parse_mapping(value: Any, key: str) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{key}: {value!r} is not JSON; write it like '{{\"27\": 0.1}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping {{layer: value}}, got {type(value).__name__}")
+    try:
+        return {int(k): float(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: keys must be layer indices and values numbers, got {value!r}") from None
+
+
+def _grpo_config_cls():
+    from trl import GRPOConfig
+
+    return GRPOConfig
+
+
+def field_names() -> tuple[set[str], set[str]]:
+    return {f.name for f in fields(SteeringArguments)}, {f.name for f in fields(_grpo_config_cls())}
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: must be a YAML mapping of key: value")
+    return data
+
+
+def _cli_value(argv: list[str], key: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == f"--{key}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{key}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_config(argv: list[str] | None = None):
+    """Parse ``--config FILE`` plus overrides into ``(SteeringArguments, GRPOConfig)``. Raises ConfigError."""
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config: dict[str, Any] = {}
+    config_path = _cli_value(argv, "config")
+    if config_path is not None:
+        config = _read_yaml(config_path)
+        i = argv.index("--config") if "--config" in argv else next(i for i, a in enumerate(argv) if a.startswith("--config="))
+        del argv[i: i + (2 if argv[i] == "--config" else 1)]
+    env = config.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise ConfigError("env: must be a mapping of environment variables")
+    for k, v in env.items():
+        os.environ[str(k)] = str(v)
+
+    ours, theirs = field_names()
+    unknown = sorted(set(config) - ours - theirs)
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown key(s) {unknown}; see `python -m train --help` for valid keys")
+
+    preset = _cli_value(argv, "preset") or config.get("preset")
+    defaults: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: {preset!r} is unknown; known presets: {sorted(PRESETS)}")
+        defaults.update(PRESETS[preset])
+    defaults.update(config)
+
+    parser = TrlParser([SteeringArguments, _grpo_config_cls()], prog="python -m train",
+                       description=__doc__, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of key: value pairs (any field below); command-line flags win.")
+    parser.set_defaults_with_config(**defaults)
+    try:
+        steering_args, grpo_args, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    _validate_combined(steering_args, grpo_args)
+    return steering_args, grpo_args
+
+
+def build_parser():
+    from trl import TrlParser
+
+    parser = TrlParser([SteeringArguments, _grpo_config_cls()], prog="python -m train", description=__doc__)
+    parser.add_argument("--config", help="YAML file of key: value pairs (any field below); command-line flags win.")
+    return parser
+
+
+def _validate_combined(s: SteeringArguments, g: Any) -> None:
+    if s.model_name_or_path is None:
+        raise ConfigError("model_name_or_path: missing; set it to a Hub id or a local model directory")
+    if s.dataset is None:
+        raise ConfigError("dataset: missing; e.g. deepscaler, gsm8k, math, a .jsonl file, or procedural:arithmetic")
+    if not g.learning_rate > 0:
+        raise ConfigError(f"learning_rate: {g.learning_rate} must be > 0")
+    if s.advantage_estimator == "rloo" and g.scale_rewards != "none":
+        raise ConfigError(f"advantage_estimator: rloo needs scale_rewards: none (got {g.scale_rewards!r}); the "
+                          "leave-one-out baseline is not defined with std scaling")
+    if s.token_scaling and s.adapter != "steering":
+        raise ConfigError("token_scaling: needs adapter: steering")
+
+
+def to_jsonable(*dataclasses: Any) -> dict[str, Any]:
+    """A flat JSON-safe dict of the run configuration, saved into every checkpoint."""
+    out: dict[str, Any] = {}
+    for dc in dataclasses:
+        d = dc.to_dict() if hasattr(dc, "to_dict") else asdict(dc)
+        for k, v in d.items():
+            try:
+                json.dumps(v)
+                out[k] = v
+            except TypeError:
+                out[k] = str(v)
+    return out
