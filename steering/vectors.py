@@ -309,6 +309,9 @@ def save_checkpoint(
     """Write a steering checkpoint atomically: everything goes to a temporary directory that is renamed at the end,
     so a crash never leaves a directory that looks complete. ``steering.json`` is written last."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not is_checkpoint(out_dir):
+        # Only ever replace an older checkpoint, never a directory holding other things (e.g. a run directory).
+        raise CheckpointError(f"{str(out_dir)!r} exists and is not a steering checkpoint; refusing to replace it")
     num_layers, hidden = model_shape(model)
     if base_model is None:
         base_model = model.peft_config[ADAPTER_NAME].base_model_name_or_path

@@ -2,8 +2,8 @@
 
 Reads the configuration (see ``train/config.py``; ``--help`` lists every key), checks everything it can before any
 model loads (bad input: one line on stderr, exit code 2), then trains with ``SteeringGRPOTrainer``, writing
-``output_dir/metrics.jsonl``, ``checkpoint-<step>/`` and, at the end, ``training_curves.png`` and a final checkpoint
-in ``output_dir``. It ends by printing the held-out accuracy of the base and of the trained model.
+``output_dir/metrics.jsonl``, ``checkpoint-<step>/`` and, at the end, ``training_curves.png`` and the final
+checkpoint in ``output_dir/final``. It ends by printing the held-out accuracy of the base and of the trained model.
 """
 
 from __future__ import annotations
@@ -39,7 +39,29 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare(s, g, template)
     except (ConfigError, TemplateError, DataError, sv.SteeringError, FileNotFoundError) as e:
         return _fail(str(e))
-    return run(s, g, template, prepared)
+    run(s, g, template, prepared)
+    return 0
+
+
+def build_trainer(argv: list[str]):
+    """Parse, check and build (no training): ``(trainer, context)``. Raises the configuration errors."""
+    from steering.templates import get_template
+    from train.config import parse_config
+
+    s, g = parse_config(argv)
+    template = get_template(s.template)
+    prepared = prepare(s, g, template)
+    return make_trainer(s, g, template, prepared)
+
+
+def train(argv: list[str]):
+    """Parse, check, build and train; returns the trainer (for tests and notebooks)."""
+    from steering.templates import get_template
+    from train.config import parse_config
+
+    s, g = parse_config(argv)
+    template = get_template(s.template)
+    return run(s, g, template, prepare(s, g, template))
 
 
 def prepare(s: Any, g: Any, template: Any) -> dict[str, Any]:
@@ -123,14 +145,13 @@ def build_model(s: Any, init_vectors: Any):
     return base
 
 
-def run(s: Any, g: Any, template: Any, prepared: dict[str, Any]) -> int:
+def make_trainer(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
     from transformers import AutoTokenizer
 
     from steering import vectors as sv
     from steering.rewards import MathReward
     from train.config import to_jsonable
     from train.data import to_prompt_dataset
-    from train.plots import plot_training_curves
     from train.trainer import (MetricsFileCallback, SteeringGRPOTrainer, ValidationCallback, write_metrics_line)
     from train.validation import Validator
 
@@ -168,8 +189,17 @@ def run(s: Any, g: Any, template: Any, prepared: dict[str, Any]) -> int:
         if s.adapter == "steering":
             n = sum(p.numel() for p in sv.vector_parameters(trainer.model).values())
             logger.info("steering %d layers: %d trainable parameters", len(sv.vector_parameters(trainer.model)), n)
+    return trainer, {"val_callback": val_cb, "metrics_path": metrics_path, "out": out, "prepared": prepared}
+
+
+def run(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
+    from train.plots import plot_training_curves
+    from train.trainer import write_metrics_line
+
+    trainer, ctx = make_trainer(s, g, template, prepared)
+    val_cb, metrics_path, out = ctx["val_callback"], ctx["metrics_path"], ctx["out"]
     trainer.train(resume_from_checkpoint=prepared["resume"])
-    trainer.save_model(str(out))
+    trainer.save_model(str(out / "final"))
     if trainer.is_world_process_zero():
         base_acc, final_acc = val_cb.base_accuracy, (val_cb.history[-1][1] if val_cb.history else None)
         write_metrics_line(metrics_path, {"step": trainer.state.global_step, "event": "final",
@@ -181,7 +211,7 @@ def run(s: Any, g: Any, template: Any, prepared: dict[str, Any]) -> int:
             base_txt = f"{100 * base_acc:.1f}%" if base_acc is not None else "n/a"
             print(f"\nheld-out accuracy on {n} problems (T={s.val_temperature:g}): base {base_txt} -> "
                   f"trained {100 * final_acc:.1f}%   [{out}]")
-    return 0
+    return trainer
 
 
 if __name__ == "__main__":

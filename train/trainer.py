@@ -93,6 +93,11 @@ class SteeringGRPOTrainer(GRPOTrainer):
                     raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step "
                                            f"{self.state.global_step}")
                 logs[f"vector_norm/{layer}"] = float(value.norm())
+            if self.accelerator.num_processes > 1:
+                # DDP must keep every rank's vectors bit-identical; measure it on every log line.
+                flat = torch.cat([p.detach().float().reshape(-1) for p in vectors.values()]).unsqueeze(0)
+                gathered = self.accelerator.gather(flat.to(self.accelerator.device))
+                logs["vector_rank_max_abs_diff"] = float((gathered - gathered[0:1]).abs().max())
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
