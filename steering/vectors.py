@@ -321,6 +321,8 @@ def save_checkpoint(
     model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
     meta = {
         "format_version": FORMAT_VERSION,
+        # Checked on load: a tampered or corrupted weights file fails loudly instead of steering with garbage.
+        "adapter_sha256": _sha256(tmp / ADAPTER_WEIGHTS_FILE),
         "base_model": base_model,
         "model_type": model.config.model_type,
         "layers": steered_layers(model),
@@ -346,6 +348,16 @@ def save_checkpoint(
         os.replace(tmp, out_dir)
     _fsync_dir(out_dir.parent)
     return out_dir
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -382,6 +394,12 @@ def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
     file = path / ADAPTER_WEIGHTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no steering vectors at {str(file)!r}")
+    meta_path = file.parent / META_FILE
+    if meta_path.is_file():
+        expected = read_meta(file.parent).get("adapter_sha256")
+        if expected and _sha256(file) != expected:
+            raise CheckpointError(f"{str(file)!r} does not match the checksum in {META_FILE}: the file was tampered "
+                                  "with or corrupted (truncated or tampered?)")
     if file.suffix != ".safetensors":
         raise CheckpointError(f"{str(file)!r}: steering vectors load from .safetensors files only (never pickle)")
     try:

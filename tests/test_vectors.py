@@ -271,3 +271,22 @@ def test_vectors_are_real_parameters_named_like_peft():
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names == ["base_model.model.model.layers.1.mlp.down_proj.beft_bias.default"]
     assert isinstance(sv.vector_parameters(model)[1], nn.Parameter)
+
+
+def test_tampered_weights_fail_the_checksum(tmp_path):
+    model = sv.attach_steering(tiny_model("qwen2"), layers=[0])
+    sv.set_vectors(model, {0: torch.ones(32)})
+    ck = sv.save_checkpoint(model, tmp_path / "ck", base_model="tiny")
+    data = bytearray((ck / "adapter_model.safetensors").read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # one float changed in place: still a well-formed safetensors file
+    (ck / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(sv.CheckpointError, match="checksum"):
+        sv.load_steered_model(ck, base=tiny_model("qwen2"))
+
+
+def test_save_refuses_to_replace_a_non_checkpoint_directory(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(sv.CheckpointError, match="refusing"):
+        sv.save_checkpoint(sv.attach_steering(tiny_model("qwen2")), tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
