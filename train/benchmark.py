@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import random
@@ -64,6 +63,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 PAD_ID, EOS_ID = 0, 1
+MEMORY_BUDGET_GIB = 79.0
 
 
 def build_config(shape: str):
@@ -114,6 +114,10 @@ def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[str]
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _peak_reserved(device: str) -> float | None:
+    return torch.cuda.max_memory_reserved() / 2**30 if device.startswith("cuda") else None
 
 
 def _peak_memory(device: str) -> float:
@@ -249,8 +253,13 @@ def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
         error = f"CUDA out of memory: {str(e).splitlines()[0]}"
     peak = _peak_memory(device)
     result = summarize(kind, trainer, timer.times, peak, ns)
+    if on_cuda:
+        result["peak_reserved_gib"] = round(_peak_reserved(device), 3)
     if error:
         result["error"] = error
+    from steering.generation import release_static_cache
+
+    release_static_cache(model)
     del trainer, model
     gc.collect()
     if on_cuda:
@@ -417,8 +426,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ns.mode == "generate" and len(results) == 2 and results[0]["decode_tok_per_s"] > 0:
         report["speedup_decode"] = round(results[1]["decode_tok_per_s"] / results[0]["decode_tok_per_s"], 2)
     if ns.memory_check:
-        peak = results[-1]["peak_memory_gib"]
-        report["fits_80gb"] = bool("error" not in results[-1] and peak < 80 * 1e9 / 2**30)
+        # An "80 GB" H100 exposes about 79 GiB to torch; judge the allocator's reserved peak, which is what OOMs.
+        peak = results[-1].get("peak_reserved_gib") or results[-1]["peak_memory_gib"]
+        report["memory_budget_gib"] = MEMORY_BUDGET_GIB
+        report["fits_80gb"] = bool("error" not in results[-1] and peak < MEMORY_BUDGET_GIB)
     print_report(report)
     if ns.out:
         with open(ns.out, "w") as f:

@@ -133,6 +133,16 @@ class SteeringArguments:
         default=0, metadata={"help": "Evaluate validation accuracy every N optimizer steps (0 = only at start and end)."})
     val_temperature: float = field(default=0.0, metadata={"help": "Sampling temperature for validation (0 = greedy)."})
     val_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch during validation."})
+    rollout_backend: str = field(
+        default="hf",
+        metadata={"help": "Rollout generation: 'hf' (TRL's model.generate) or 'static' (static KV cache; torch.compile "
+                          "with CUDA graphs on GPU). Both sample from the same distribution. vLLM: use_vllm."})
+    rollout_compile: bool | None = field(
+        default=None, metadata={"help": "static rollouts: torch.compile the decode step (default: on CUDA only)."})
+    vllm_sync: str = field(
+        default="vectors",
+        metadata={"help": "With use_vllm: 'vectors' pushes all weights once, then only the steering vectors; 'trl' "
+                          "is TRL's own full sync (which cannot merge BEFT biases)."})
     metrics_file: str = field(
         default="metrics.jsonl", metadata={"help": "Per-step metrics, one JSON object per line, under output_dir."})
     plot_curves: bool = field(
@@ -146,6 +156,10 @@ class SteeringArguments:
             raise ConfigError(f"adapter: {self.adapter!r} is not one of {list(ADAPTERS)}")
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             raise ConfigError(f"advantage_estimator: {self.advantage_estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
+        if self.rollout_backend not in ("hf", "static"):
+            raise ConfigError(f"rollout_backend: {self.rollout_backend!r} is not one of ['hf', 'static']")
+        if self.vllm_sync not in ("vectors", "trl"):
+            raise ConfigError(f"vllm_sync: {self.vllm_sync!r} is not one of ['vectors', 'trl']")
         if self.reward_style not in REWARD_STYLES:
             raise ConfigError(f"reward_style: {self.reward_style!r} is not one of {list(REWARD_STYLES)}")
         if self.preset is not None and self.preset not in PRESETS:
@@ -290,6 +304,8 @@ def _validate_combined(s: SteeringArguments, g: Any) -> None:
     if s.advantage_estimator == "rloo" and g.scale_rewards != "none":
         raise ConfigError(f"advantage_estimator: rloo needs scale_rewards: none (got {g.scale_rewards!r}); the "
                           "leave-one-out baseline is not defined with std scaling")
+    if s.rollout_backend == "static" and g.use_vllm:
+        raise ConfigError("rollout_backend: static and use_vllm: true are exclusive; pick one generation path")
     if s.token_scaling and s.adapter != "steering":
         raise ConfigError("token_scaling: needs adapter: steering")
 

@@ -4,9 +4,10 @@ Usage (the trainer module does this)::
 
     class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer): ...
 
-    # and the config class gets
+    # and the config (SteeringArguments, or the GRPOConfig subclass; the mixin reads either) gets
     rollout_backend: str = "hf"      # "hf" = TRL's own model.generate; "static" = steering.generation's static path
     rollout_compile: bool | None = None   # static path: torch.compile + CUDA graphs (None = on CUDA only)
+    vllm_sync: str = "vectors"       # with use_vllm: "vectors" (ours) or "trl" (TRL's full merge-and-push sync)
 
 What it changes, and what it does not:
 
@@ -19,7 +20,7 @@ What it changes, and what it does not:
 * Log-probabilities: TRL >= 1.16 already scores completions through a fused, chunked LM head
   (``trl.trainer.utils.add_fused_lm_head``: tiles of the vocabulary projection, no ``(batch, seq, vocab)`` logits and
   no full-vocab log-softmax), so ``_get_per_token_logps_and_entropies`` is left alone. :func:`check_fused_logprobs`
-  verifies this at construction.
+  checks this at construction (a warning if not).
 * vLLM: when ``use_vllm`` is on, the env var that makes the vLLM plugin (``steering.vllm_plugin``) serve bias-enabled
   Qwen2/Llama classes is set before the engine starts, and TRL's full-model weight sync (which cannot merge a BEFT
   bias into a bias-less ``down_proj``) is replaced by a vectors-only sync. Set ``vllm_sync = "trl"`` on the config to
@@ -28,6 +29,7 @@ What it changes, and what it does not:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -38,6 +40,7 @@ import torch
 from steering.generation import check_backend, cut_at_eos, generate_ids, left_pad
 
 __all__ = ["FastRolloutMixin", "check_fused_logprobs"]
+logger = logging.getLogger(__name__)
 
 
 class FastRolloutMixin:
@@ -46,26 +49,44 @@ class FastRolloutMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         use_vllm = bool(getattr(training_args, "use_vllm", False))
-        if use_vllm and getattr(training_args, "rollout_backend", "hf") == "static":
+        if use_vllm and self._rollout_option("rollout_backend", "hf", training_args) == "static":
             raise ValueError("rollout_backend='static' and use_vllm=True are exclusive: pick one generation path")
-        if use_vllm and getattr(training_args, "vllm_sync", "vectors") == "vectors":
+        if use_vllm and self._rollout_option("vllm_sync", "vectors", training_args) == "vectors":
             # Colocate mode builds the engine in this process (and its workers inherit the environment): the plugin
             # then registers the bias-enabled model classes under the Qwen2/Llama architecture names.
-            from steering.vllm_plugin import PLUGIN_ENV
+            from steering.vllm_plugin import PLUGIN_ENV, register
 
             os.environ.setdefault(PLUGIN_ENV, "1")
+            if getattr(training_args, "vllm_mode", "colocate") == "colocate":
+                # The entry point registers the classes in every vLLM process; registering here too covers an
+                # install without the entry point (colocate builds the model in this process).
+                try:
+                    register()
+                except ImportError:  # no vLLM: TRL raises its own clear error below
+                    pass
         super().__init__(*args, **kwargs)
         check_backend(self._rollout_backend())
+        if not check_fused_logprobs(self):
+            logger.warning("TRL's fused LM head is not active on this model: per-token log-probs may materialise "
+                           "full-vocabulary logits (TRL >= 1.16 adds it in GRPOTrainer.__init__)")
         self.rollout_stats: dict[str, float] = {"seconds": 0.0, "completion_tokens": 0, "calls": 0}
-        if use_vllm and getattr(self.args, "vllm_sync", "vectors") == "vectors":
+        if use_vllm and self._rollout_option("vllm_sync", "vectors") == "vectors":
             from steering.vllm_plugin import install_vectors_only_sync
             from steering.vectors import vector_parameters
 
             if vector_parameters(self.model):
                 install_vectors_only_sync(self.vllm_generation, self.model, accelerator=self.accelerator)
 
+    def _rollout_option(self, name: str, default: Any, training_args: Any = None) -> Any:
+        """A rollout setting from the trainer's ``steering_args`` if it has the field, else from the TRL config."""
+        for source in (getattr(self, "steering_args", None), training_args, getattr(self, "args", None)):
+            if source is not None and hasattr(source, name):
+                value = getattr(source, name)
+                return default if value is None and default is not None else value
+        return default
+
     def _rollout_backend(self) -> str:
-        return getattr(self.args, "rollout_backend", "hf") or "hf"
+        return self._rollout_option("rollout_backend", "hf") or "hf"
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         backend = self._rollout_backend()
@@ -105,7 +126,7 @@ class FastRolloutMixin:
                 attention_mask,
                 self.generation_config,
                 backend="static",
-                compile=getattr(self.args, "rollout_compile", None),
+                compile=self._rollout_option("rollout_compile", None),
             )
         completion_ids, _ = cut_at_eos(sequences[:, input_ids.shape[1]:], self.eos_token_ids)
         self.rollout_stats["seconds"] += time.perf_counter() - start
@@ -116,8 +137,10 @@ class FastRolloutMixin:
 
 def check_fused_logprobs(trainer: Any) -> bool:
     """True when the trainer's policy scores tokens through TRL's fused, chunked LM head (no full-vocab logits)."""
-    from trl.trainer.utils import add_fused_lm_head  # noqa: F401  (import error = a TRL without the fused head)
-
+    try:
+        from trl.trainer.utils import add_fused_lm_head  # noqa: F401
+    except ImportError:  # a TRL without the fused head
+        return False
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     func = getattr(getattr(base, "forward", None), "__func__", None)

@@ -12,6 +12,8 @@ Changes to ``GRPOTrainer`` and why:
 - Steering checkpoints are written in the core format (a PEFT BEFT adapter + steering.json) with the optimizer,
   scheduler and RNG state in safetensors/JSON (never pickle), atomically, followed by a ``latest`` marker; resuming
   reads them back. LoRA / full fine-tuning baselines keep the stock Trainer checkpoints.
+- Rollouts can take the static-KV-cache path (``rollout_backend: static``; CUDA graphs on GPU) and, with vLLM,
+  only the vectors are synced after the first step (``train/rollout.py``).
 - Validation accuracy on held-out problems and per-layer vector norms are logged, and every log line also goes to
   ``output_dir/metrics.jsonl``.
 """
@@ -31,6 +33,7 @@ from trl import GRPOTrainer
 
 from steering import vectors as sv
 from train import checkpointing as ckpt_io
+from train.rollout import FastRolloutMixin
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class TrainingDiverged(RuntimeError):
     """NaN/Inf in the loss, the gradients or the vectors."""
 
 
-class SteeringGRPOTrainer(GRPOTrainer):
+class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
     def __init__(self, *args: Any, steering_args: Any, reward_fn: Any = None, validator: Any = None,
                  run_config: dict | None = None, **kwargs: Any):
         self.steering_args = steering_args
@@ -68,8 +71,23 @@ class SteeringGRPOTrainer(GRPOTrainer):
                                            eps=a.adam_epsilon, weight_decay=a.weight_decay)
         return self.optimizer
 
+    # ------------------------------------------------------------------------------------------------ resume
+    def _run_epoch(self, *args, **kwargs):
+        # transformers takes one optimizer step before it checks max_steps, so resuming a finished run (a requeued
+        # job, a restart loop) would train past max_steps and change the result. Nothing is left to do: stop.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     # ------------------------------------------------------------------------------------------------ NaN guard
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.steering_args.adapter == "steering":
+            # Before the rollouts: sampling from NaN logits would fail with an obscure error instead.
+            for layer, p in sv.vector_parameters(self.model).items():
+                if not torch.isfinite(p.detach()).all():
+                    raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step "
+                                           f"{self.state.global_step + 1} (before its rollouts)")
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}")
@@ -115,9 +133,16 @@ class SteeringGRPOTrainer(GRPOTrainer):
         step = self.state.global_step
         run_dir = Path(self._get_output_dir(trial=trial))
         final = run_dir / f"checkpoint-{step}"
+        for layer, p in sv.vector_parameters(self.model).items():
+            # Never publish a poisoned checkpoint (it would become `latest`), whatever logging_steps is.
+            if not torch.isfinite(p.detach()).all():
+                raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step {step}; not saving "
+                                       f"{final.name}")
         per_rank = gather_object([ckpt_io.rng_state()])  # every rank's RNG, written by rank 0 only
         if self.args.should_save:
             tmp = final.with_name(f".{final.name}.tmp-{__import__('os').getpid()}")
+            if tmp.exists():  # left by a killed process with the same pid (containers reuse pids across restarts)
+                __import__("shutil").rmtree(tmp)
             sv.save_checkpoint(self.accelerator.unwrap_model(self.model), tmp,
                                base_model=self.steering_args.model_name_or_path, step=step,
                                training_config=self.run_config)
@@ -238,7 +263,12 @@ class ValidationCallback(TrainerCallback):
         from transformers import Trainer
 
         # Trainer.log, not GRPOTrainer.log: TRL's log would fold (and clear) its pending train metrics into this line.
+        # Trainer.log also clears control.should_log, which would drop this step's train line (called from
+        # on_step_end, before the trainer logs the step): keep it.
+        control = self.trainer.control
+        should_log = control.should_log
         Trainer.log(self.trainer, {key: value, f"{key}_n": float(len(self.validator.rows))})
+        control.should_log = self.trainer.control.should_log = should_log
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.validator.rows:
