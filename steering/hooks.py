@@ -10,6 +10,8 @@ Every analysis reads and patches the model through these names, so they all read
     blocks.{l}.attn.hook_v        v_proj output                               (batch, seq, n_kv_heads * d_head)
     blocks.{l}.attn.hook_z        per-head attention output, input of o_proj  (batch, seq, n_heads * d_head)
     blocks.{l}.hook_attn_out      self_attn output (after o_proj)
+    blocks.{l}.hook_resid_mid     hook_resid_pre + hook_attn_out = input of post_attention_layernorm (replacing it
+                                  changes what the MLP reads, not the residual carried past the MLP)
     blocks.{l}.ln2.hook_normalized  post_attention_layernorm output = what the MLP reads
     blocks.{l}.hook_mlp_out       MLP output, *including* the steering vector s_l (it is down_proj's bias)
     blocks.{l}.hook_resid_post    output of decoder layer l = hidden_states[l + 1]
@@ -41,6 +43,7 @@ _LAYER_POINTS: dict[str, tuple[str, str]] = {
     "attn.hook_v": ("self_attn.v_proj", "fwd"),
     "attn.hook_z": ("self_attn.o_proj", "pre"),
     "hook_attn_out": ("self_attn", "fwd"),
+    "hook_resid_mid": ("post_attention_layernorm", "pre"),
     "ln2.hook_normalized": ("post_attention_layernorm", "fwd"),
     "hook_mlp_out": ("mlp", "fwd"),
     "hook_resid_post": ("", "fwd"),

@@ -1,0 +1,403 @@
+"""``python -m analysis layer-ablation {make,collect}``: one RL run per layer, training only that layer's vector.
+
+``make`` writes, under ``--out``:
+
+- ``configs/layer_XX.yaml``: one training config per layer -- the ``--config`` recipe (or a minimal paper-preset
+  one) with ``layers: [l]``, ``learning_rate: lr_l`` (that layer's own rate), ``output_dir: RUNS/layer_XX`` and
+  ``run_name: ...-layerXX``. Extra ``--set key=value`` pairs are applied to every config.
+- ``launch.sh``: runs them one after the other with ``accelerate launch [--config_file F] -m train --config ...``
+  (``bash launch.sh 3 7`` runs layers 3 and 7 only).
+- ``sweep.yaml``: a W&B sweep (grid over the config files) whose ``command`` is the same ``accelerate launch -m train``.
+- ``runs.json``: the manifest ``collect`` reads (layer, learning rate, config, output_dir per run).
+- ``lr_schedule.png`` and ``result.json`` (the same manifest plus the schedule).
+
+The default per-layer learning rates follow the paper (REFERENCE §4): log-linear interpolation over the relative depth
+``f = l / (L − 1)`` between anchors -- Qwen ``0:3e-3, 0.6:1e-2, 1:0.1`` (3e-3..1e-2 early, rising to 0.1 at the
+end), Llama ``0:5e-4, 1:7e-3``. ``--schedule`` picks one (default from the model's family), ``--lr-anchors`` gives
+your own, ``--constant-lr`` one rate for all, and ``--lr L=RATE`` overrides single layers.
+
+``collect`` evaluates every run's final checkpoint (``latest`` marker, else the highest ``checkpoint-N``, or the
+output dir itself) greedily (T = 0) and at ``--temperature`` (default 1), plus the unsteered base and, with
+``--all-layers DIR``, all-layer steering; it writes ``result.json`` and ``accuracy_per_layer.png`` (accuracy per
+layer at both temperatures, with base and all-layer lines). Runs without a checkpoint are reported as missing.
+
+result.json (collect)::
+
+    {"command": "layer-ablation collect", "base_model", "runs_file",
+     "layers": [...], "temperatures": [0.0, T],
+     "runs": [{"layer", "learning_rate", "output_dir", "checkpoint" | null,
+               "accuracy": {"T=0": x, "T=1.0": y} | null, "detail": {...}}],
+     "base": {"T=0": x, "T=1.0": y}, "all_layers": null | {"checkpoint", "T=0": x, "T=1.0": y},
+     "settings", "plots"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from analysis import _common as C
+from analysis import plots
+from analysis.cli import UsageError, check_checkpoint_arg, prepare_out, write_json
+from steering import vectors as sv
+
+SCHEDULES: dict[str, list[tuple[float, float]]] = {
+    "qwen": [(0.0, 3e-3), (0.6, 1e-2), (1.0, 1e-1)],
+    "llama": [(0.0, 5e-4), (1.0, 7e-3)],
+}
+FAMILY_SCHEDULE = {"qwen2": "qwen", "llama": "llama"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def parse_anchors(text: str) -> list[tuple[float, float]]:
+    """``"0:3e-3,0.6:1e-2,1:0.1"`` -> sorted (relative depth, learning rate) anchors."""
+    anchors = []
+    for part in text.split(","):
+        try:
+            f, lr = part.split(":")
+            anchors.append((float(f), float(lr)))
+        except ValueError:
+            raise UsageError(f"--lr-anchors {text}: write depth:rate pairs like 0:3e-3,0.6:1e-2,1:0.1") from None
+    anchors.sort()
+    if not anchors or anchors[0][0] > 0 or anchors[-1][0] < 1 or any(not 0 <= f <= 1 for f, _ in anchors):
+        raise UsageError(f"--lr-anchors {text}: depths must lie in [0, 1] and include 0 and 1")
+    if any(lr <= 0 for _, lr in anchors):
+        raise UsageError(f"--lr-anchors {text}: learning rates must be > 0")
+    return anchors
+
+
+def schedule(num_layers: int, anchors: list[tuple[float, float]]) -> list[float]:
+    """Per-layer learning rates, log-linear between the anchors over the relative depth l / (L − 1)."""
+    out = []
+    for layer in range(num_layers):
+        f = layer / (num_layers - 1) if num_layers > 1 else 0.0
+        for (f0, a), (f1, b) in zip(anchors, anchors[1:]):
+            if f0 <= f <= f1:
+                w = 0.0 if f1 == f0 else (f - f0) / (f1 - f0)
+                out.append(float(math.exp((1 - w) * math.log(a) + w * math.log(b))))
+                break
+        else:
+            out.append(anchors[-1][1] if f > anchors[-1][0] else anchors[0][1])
+    return [float(f"{x:.4g}") for x in out]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finding a run's checkpoint
+
+
+def find_final_checkpoint(run_dir: Path) -> Path | None:
+    """The run's final complete steering checkpoint: the dir itself, the ``latest`` marker, or the highest
+    ``checkpoint-N``; None if there is none."""
+    run_dir = Path(run_dir)
+    if sv.is_checkpoint(run_dir):
+        return run_dir
+    if not run_dir.is_dir():
+        return None
+    marker = run_dir / "latest"
+    if marker.is_file():
+        try:
+            name = json.loads(marker.read_text())["checkpoint"]
+            if sv.is_checkpoint(run_dir / name):
+                return run_dir / name
+        except (json.JSONDecodeError, KeyError, TypeError, OSError):
+            pass
+    best = None
+    for d in run_dir.iterdir():
+        m = re.match(r"^checkpoint-(\d+)$", d.name)
+        if m and sv.is_checkpoint(d) and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), d)
+    for name in ("final", "checkpoint-final"):
+        if best is None and sv.is_checkpoint(run_dir / name):
+            return run_dir / name
+    return None if best is None else best[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# make
+
+
+def _yaml_scalar_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def run_make(args: argparse.Namespace) -> int:
+    import yaml
+
+    base_cfg: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config {args.config}: no such file")
+        try:
+            base_cfg = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(base_cfg, dict):
+            raise UsageError(f"--config {args.config}: must be a YAML mapping")
+    model = args.model or base_cfg.get("model_name_or_path")
+    if not model:
+        raise UsageError("no model: pass --model BASE or a --config with model_name_or_path")
+    if base_cfg.get("adapter", "steering") != "steering":
+        raise UsageError(f"--config {args.config}: adapter is {base_cfg.get('adapter')!r}; single-layer runs need "
+                         "adapter: steering")
+    if not base_cfg:
+        if not args.dataset:
+            raise UsageError("without --config, pass --dataset (e.g. deepscaler, or procedural:mixed)")
+        base_cfg = {"preset": "paper", "adapter": "steering", "template": "qwen_math"}
+    base_cfg["model_name_or_path"] = model
+    if args.dataset:
+        base_cfg["dataset"] = args.dataset
+    for item in args.set:
+        if "=" not in item:
+            raise UsageError(f"--set {item}: write key=value")
+        k, v = item.split("=", 1)
+        base_cfg[k.strip()] = _yaml_scalar_value(v)
+    for k in ("layer_lr", "init_from"):
+        base_cfg.pop(k, None)
+
+    if args.num_layers:
+        num_layers = args.num_layers
+        model_type = None
+    else:
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(model)
+        except Exception as e:  # offline Hub id: one clear line
+            raise UsageError(f"cannot read the config of {model!r} ({type(e).__name__}); pass --num-layers N") from None
+        num_layers, model_type = int(cfg.num_hidden_layers), getattr(cfg, "model_type", None)
+    if args.constant_lr is not None:
+        anchors, sched_name = [(0.0, args.constant_lr), (1.0, args.constant_lr)], "constant"
+    elif args.lr_anchors:
+        anchors, sched_name = parse_anchors(args.lr_anchors), "anchors"
+    else:
+        sched_name = args.schedule or FAMILY_SCHEDULE.get(model_type or "", None)
+        if sched_name is None:
+            raise UsageError(f"no default schedule for model type {model_type!r}; pass --schedule qwen|llama, "
+                             "--lr-anchors or --constant-lr")
+        anchors = SCHEDULES[sched_name]
+    lrs = schedule(num_layers, anchors)
+    for item in args.lr:
+        m = re.match(r"^(-?\d+)=(.+)$", item)
+        if not m:
+            raise UsageError(f"--lr {item}: write LAYER=RATE")
+        layer, rate = int(m.group(1)), float(m.group(2))
+        if not 0 <= layer < num_layers or rate <= 0:
+            raise UsageError(f"--lr {item}: layer must be in 0..{num_layers - 1} and the rate > 0")
+        lrs[layer] = rate
+    layers = C.parse_layers(args.layers, num_layers) if args.layers else list(range(num_layers))
+
+    out = prepare_out(args.out)
+    (out / "configs").mkdir(exist_ok=True)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else Path(base_cfg.get("output_dir", "runs/layer-ablation"))
+    run_name = base_cfg.get("run_name") or Path(str(model)).name
+    width = max(2, len(str(num_layers - 1)))
+    runs = []
+    for layer in layers:
+        cfg = dict(base_cfg)
+        tag = f"layer_{layer:0{width}d}"
+        cfg.update({"layers": [layer], "learning_rate": lrs[layer], "output_dir": str(runs_dir / tag),
+                    "run_name": f"{run_name}-layer{layer:0{width}d}"})
+        path = out / "configs" / f"{tag}.yaml"
+        header = (f"# Single-layer steering run: only layer {layer} of {num_layers} is trained, at its own learning "
+                  f"rate.\n# Written by `python -m analysis layer-ablation make` ({sched_name} schedule).\n")
+        path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
+        runs.append({"layer": layer, "learning_rate": lrs[layer], "config": str(path), "output_dir": cfg["output_dir"]})
+
+    launch_prefix = ["accelerate", "launch"] + (["--config_file", args.accelerate_config]
+                                                 if args.accelerate_config else [])
+    lines = ["#!/usr/bin/env bash",
+             "# One single-layer steering run per layer, one after the other (layer-ablation make).",
+             "# Usage: bash launch.sh            # every layer",
+             "#        bash launch.sh 3 7       # only layers 3 and 7",
+             "set -euo pipefail", "declare -A CONFIGS=("]
+    lines += [f"  [{r['layer']}]={shlex.quote(r['config'])}" for r in runs]
+    every = " ".join(str(r["layer"]) for r in runs)
+    lines += [")", "LAYERS=(\"$@\")", f"[ ${{#LAYERS[@]}} -gt 0 ] || LAYERS=({every})",
+              "for l in \"${LAYERS[@]}\"; do",
+              "  cfg=${CONFIGS[$l]:-}",
+              "  if [ -z \"$cfg\" ]; then echo \"no config for layer $l\" >&2; exit 2; fi",
+              "  echo \"=== layer $l: $cfg\"",
+              f"  {' '.join(shlex.quote(x) for x in launch_prefix)} -m train --config \"$cfg\"",
+              "done", ""]
+    (out / "launch.sh").write_text("\n".join(lines))
+    os.chmod(out / "launch.sh", 0o755)
+    sweep = {"program": "train", "method": "grid", "name": f"{run_name}-layer-ablation",
+             "metric": {"name": "eval_accuracy", "goal": "maximize"},
+             "parameters": {"config": {"values": [r["config"] for r in runs]}},
+             "command": launch_prefix + ["-m", "train", "${args}"]}
+    (out / "sweep.yaml").write_text(
+        "# W&B sweep over the single-layer configs: wandb sweep sweep.yaml, then wandb agent <id>.\n"
+        "# ${args} expands to --config=<file>, which python -m train reads like --config <file>.\n"
+        + yaml.safe_dump(sweep, sort_keys=False))
+    manifest = {"model": model, "dataset": base_cfg.get("dataset"), "num_layers": num_layers,
+                "schedule": sched_name, "anchors": anchors, "runs": runs}
+    write_json(out / "runs.json", manifest)
+    files = [plots.line_plot(out / "lr_schedule.png", list(range(num_layers)), {"learning rate": lrs},
+                             title=f"per-layer learning rate ({sched_name})", xlabel="layer",
+                             ylabel="learning rate").name]
+    validated = _validate(runs) if args.validate else None
+    write_json(out / "result.json", {"command": "layer-ablation make", **manifest, "launch": "launch.sh",
+                                     "sweep": "sweep.yaml", "validated": validated, "plots": files})
+    print(f"layer-ablation make: {len(runs)} configs in {out / 'configs'}; run them with bash {out / 'launch.sh'} "
+          f"or wandb sweep {out / 'sweep.yaml'}")
+    return 0
+
+
+def _validate(runs: list[dict[str, Any]]) -> bool:
+    """Check every config's keys against python -m train's own (SteeringArguments + GRPOConfig fields). Values are
+    left to the trainer, which checks them against the machine it runs on (bf16, GPUs)."""
+    import yaml
+
+    try:
+        from train.config import field_names
+    except ImportError:
+        return False
+    ours, theirs = field_names()
+    for r in runs:
+        keys = set(yaml.safe_load(Path(r["config"]).read_text()) or {})
+        unknown = sorted(keys - ours - theirs - {"env"})
+        if unknown:
+            raise UsageError(f"{r['config']}: keys {unknown} are unknown to python -m train")
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# collect
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    runs_file = Path(args.runs)
+    if runs_file.is_dir():
+        runs_file = runs_file / "runs.json"
+    if not runs_file.is_file():
+        raise UsageError(f"--runs {args.runs}: no runs.json (written by layer-ablation make)")
+    try:
+        manifest = json.loads(runs_file.read_text())
+        runs = manifest["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f"--runs {runs_file}: not a runs.json of layer-ablation make") from None
+    if args.all_layers:
+        check_checkpoint_arg(args.all_layers)
+    found = []
+    for r in runs:
+        out_dir = Path(r["output_dir"])
+        if not out_dir.is_absolute() and not out_dir.exists() and (runs_file.parent / out_dir).exists():
+            out_dir = runs_file.parent / out_dir
+        ck = find_final_checkpoint(out_dir)
+        found.append((r, ck))
+    cks = [str(ck) for _, ck in found if ck is not None]
+    if not args.benchmarks and str(manifest.get("dataset") or "").startswith("procedural:"):
+        args.benchmarks = [f"procedural:{manifest['dataset'].split(':')[1]}"]
+    refs = cks + ([args.all_layers] if args.all_layers else [])
+    C.check_args(args, refs)
+    args.model = args.model or manifest.get("model")
+    base_id = C.base_model_id(args, refs[0] if refs else None)
+    benches = C.load_benchmarks(args, refs)
+    out = prepare_out(args.out)
+    model, tokenizer = C.load_steerable(base_id, args)
+    tmpl = C.template(args, refs)
+    temps = [("T=0", True)] + ([(f"T={args.temperature:g}", False)] if args.temperature > 0 else [])
+
+    def evaluate(vectors) -> tuple[dict[str, float], dict[str, Any]]:
+        acc, det = {}, {}
+        with C.use_vectors(model, vectors):
+            for key, greedy in temps:
+                a = C.accuracy(model, tokenizer, benches, args, tmpl, greedy=greedy)
+                acc[key], det[key] = a.accuracy, a.per_benchmark
+        return acc, det
+
+    bar = C.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect", args=args)
+    base_acc, base_det = evaluate({})
+    bar.update(1)
+    all_row = None
+    if args.all_layers:
+        a, d = evaluate(C.checkpoint_vectors(args.all_layers, model))
+        all_row = {"checkpoint": args.all_layers, **a, "detail": d}
+        bar.update(1)
+    rows = []
+    for r, ck in found:
+        row = {"layer": r["layer"], "learning_rate": r.get("learning_rate"), "output_dir": r["output_dir"],
+               "checkpoint": None if ck is None else str(ck), "accuracy": None, "detail": None}
+        if ck is not None:
+            vecs = C.checkpoint_vectors(ck, model)
+            if sorted(vecs) != [r["layer"]]:
+                raise UsageError(f"{ck}: steers layers {sorted(vecs)}, but the manifest says layer {r['layer']}")
+            row["accuracy"], row["detail"] = evaluate(vecs)
+        rows.append(row)
+        bar.update(1)
+    bar.close()
+    layers = [r["layer"] for r in rows]
+    series = {key: [None if r["accuracy"] is None else r["accuracy"][key] for r in rows] for key, _ in temps}
+    hl: dict[str, float | None] = {f"base {k}": base_acc[k] for k, _ in temps}
+    if all_row:
+        hl.update({f"all layers {k}": all_row[k] for k, _ in temps})
+    files = [plots.line_plot(out / "accuracy_per_layer.png", layers, series, hlines=hl, xlabel="steered layer",
+                             ylabel="accuracy", title="single-layer steering: accuracy per layer").name]
+    missing = [r["layer"] for r in rows if r["checkpoint"] is None]
+    result = {"command": "layer-ablation collect", "base_model": base_id, "runs_file": str(runs_file),
+              "layers": layers, "temperatures": [0.0] + ([args.temperature] if args.temperature > 0 else []),
+              "runs": rows,
+              "base": {**base_acc, "detail": base_det}, "all_layers": all_row, "missing": missing,
+              "settings": C.sampling_settings(args), "plots": files}
+    write_json(out / "result.json", result)
+    print(f"layer-ablation collect: {len(rows) - len(missing)} runs evaluated"
+          + (f", {len(missing)} without a checkpoint (layers {missing})" if missing else "")
+          + f"; wrote {out / 'result.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "layer-ablation", help="single-layer steering: make one training config per layer (make), then evaluate "
+                               "every run against base and all-layer steering (collect)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", metavar="{make,collect}", required=True)
+    mk = sub.add_parser("make", help="write per-layer training configs, a launch script and a W&B sweep",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mk.add_argument("--model", default=None, metavar="BASE", help="base model (default: the --config's)")
+    mk.add_argument("--config", default=None, metavar="YAML", help="training recipe to copy (e.g. configs/*.yaml)")
+    mk.add_argument("--dataset", default=None, help="training dataset (overrides the --config's)")
+    mk.add_argument("--out", required=True, metavar="DIR", help="where configs/, launch.sh, sweep.yaml go")
+    mk.add_argument("--runs-dir", default=None, metavar="DIR",
+                    help="parent of the runs' output_dir (default: the --config's output_dir, else "
+                         "runs/layer-ablation)")
+    mk.add_argument("--layers", default=None, help="layers to make runs for (default all), e.g. 0,4,8-12")
+    mk.add_argument("--num-layers", type=int, default=None, help="number of layers (default: read the model config)")
+    mk.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
+                    help="learning-rate schedule (default: from the model family)")
+    mk.add_argument("--lr-anchors", default=None, metavar="F:LR,...",
+                    help="own schedule: relative depth:rate anchors, log-linear between, e.g. 0:3e-3,0.6:1e-2,1:0.1")
+    mk.add_argument("--constant-lr", type=float, default=None, help="one learning rate for every layer")
+    mk.add_argument("--lr", action="append", default=[], metavar="LAYER=RATE", help="override one layer's rate")
+    mk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a training config key in every config (YAML value), e.g. --set max_steps=200")
+    mk.add_argument("--accelerate-config", default="launch/single_gpu.yaml", metavar="YAML",
+                    help="accelerate --config_file for the launches (default launch/single_gpu.yaml; '' for none)")
+    mk.add_argument("--validate", action="store_true",
+                    help="check every config's keys against python -m train's (imports trl)")
+    mk.set_defaults(func=run_make)
+
+    co = sub.add_parser("collect", help="evaluate every run at T=0 and T=1 against base and all-layer steering",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    co.add_argument("--runs", required=True, metavar="RUNS_JSON", help="runs.json of make (or its --out dir)")
+    co.add_argument("--all-layers", default=None, metavar="DIR", help="all-layer steering checkpoint (reference line)")
+    C.add_args(co, checkpoint="none")
+    co.set_defaults(func=run_collect)

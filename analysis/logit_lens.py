@@ -1,0 +1,241 @@
+"""``python -m analysis logit-lens``: read each steering vector, and the shift it causes in the final residual, through
+the unembedding.
+
+For every steered layer ``l`` the vector ``s_l`` is mapped to vocabulary scores by the *lens* (default ``norm``: the
+model's final norm, then ``lm_head`` -- exactly how the model reads its last residual, so the lens of the last
+layer's residual is the model's own logits). The top-k and bottom-k tokens are reported, and, among them, the share of
+non-English / non-Latin tokens (the paper's finding: mid-layer vectors push such tokens *down*).
+
+Unless ``--no-shift``, the same readout is made of the *steering-induced shift of the final residual*: the token-mean
+of ``resid_post_{L-1}(steered) − resid_post_{L-1}(unsteered)`` (before the final norm) over sampled prompt+completion
+tokens, with all the checkpoint's vectors on.
+
+Token classes (of each token's decoded text): *non-Latin* = has a letter of a non-Latin script (CJK, Cyrillic,
+Arabic, ...) or is an incomplete UTF-8 piece (byte-level BPE fragments of such characters decode to U+FFFD);
+*non-English* = non-Latin, or has any letter outside ASCII a-z/A-Z (accented Latin). Ids beyond the tokenizer's
+vocabulary (padding rows of the embedding matrix) are never ranked.
+
+result.json::
+
+    {"command": "logit-lens", "checkpoint", "base_model", "lens", "k",
+     "vocab": {"size", "non_latin_share", "non_english_share"},      # baseline over the whole vocabulary
+     "layers": [{"layer", "vector_norm",
+                 "top": [{"token_id", "token", "value"}, ...k],  "bottom": [...k],   # bottom[0] = lowest
+                 "top_non_latin_share", "top_non_english_share",
+                 "bottom_non_latin_share", "bottom_non_english_share"}, ...],
+     "final_shift": null | {"num_sequences", "num_tokens", "positions", "norm", "top", "bottom", *shares},
+     "plots": [...]}
+
+Plots: ``top_tokens.png`` / ``bottom_tokens.png`` (layer × rank tables coloured by lens value),
+``non_latin_share.png`` (per-layer share of non-Latin / non-English tokens among the bottom and top k, against the
+vocabulary baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis import _common as C
+from analysis import plots
+from analysis.cli import UsageError, prepare_out, write_json
+from steering import hooks as H
+from steering import vectors as sv
+
+LENSES = ("norm", "raw", "cosine")
+_ASCII_LETTERS = set(string.ascii_letters)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Library
+
+
+def lens(model: nn.Module, x: torch.Tensor, mode: str = "norm") -> torch.Tensor:
+    """Vocabulary scores of residual-stream vector(s) ``x`` (``(..., d_model)`` -> ``(..., vocab)``).
+
+    ``norm``: final norm then ``lm_head`` (:func:`steering.hooks.unembed`; on the last layer's residual this *is* the
+    model's output logits). ``raw``: ``lm_head`` only (projection onto the unembedding rows). ``cosine``: cosine
+    similarity with each unembedding row."""
+    if mode == "norm":
+        return H.unembed(model, x, apply_norm=True)
+    if mode == "raw":
+        return H.unembed(model, x, apply_norm=False)
+    if mode == "cosine":
+        w = H.causal_lm(model).lm_head.weight.float()
+        xf = x.float()
+        return (xf @ w.T) / (xf.norm(dim=-1, keepdim=True).clamp_min(1e-12) * w.norm(dim=-1).clamp_min(1e-12))
+    raise ValueError(f"unknown lens {mode!r}; use one of {LENSES}")
+
+
+def token_class(text: str) -> tuple[bool, bool]:
+    """``(non_latin, non_english)`` of a token's text (see the module docstring)."""
+    fragment = "\ufffd" in text
+    letters = [c for c in text if unicodedata.category(c).startswith("L")]
+    non_latin = fragment or any(not unicodedata.name(c, "").startswith("LATIN") for c in letters)
+    non_english = non_latin or any(c not in _ASCII_LETTERS for c in letters)
+    return non_latin, non_english
+
+
+class Vocab:
+    """Decoded token texts and their classes, computed once per tokenizer."""
+
+    def __init__(self, tokenizer: Any, vocab_rows: int):
+        self.size = min(len(tokenizer), vocab_rows)
+        self.rows = vocab_rows
+        self.texts = tokenizer.batch_decode([[i] for i in range(self.size)])
+        classes = [token_class(t) for t in self.texts]
+        self.non_latin = [c[0] for c in classes]
+        self.non_english = [c[1] for c in classes]
+
+    def shares(self) -> dict[str, float]:
+        return {"size": self.size, "non_latin_share": sum(self.non_latin) / max(self.size, 1),
+                "non_english_share": sum(self.non_english) / max(self.size, 1)}
+
+    def mask_invalid(self, scores: torch.Tensor, fill: float) -> torch.Tensor:
+        if scores.shape[-1] > self.size:
+            scores = scores.clone()
+            scores[..., self.size:] = fill
+        return scores
+
+
+def readout(scores: torch.Tensor, vocab: Vocab, k: int) -> dict[str, Any]:
+    """Top-k and bottom-k tokens of a ``(vocab,)`` score vector, and the non-Latin / non-English shares among them."""
+    scores = scores.detach().float().reshape(-1).cpu()
+    k = min(k, vocab.size)
+    top = torch.topk(vocab.mask_invalid(scores, float("-inf")), k)
+    bottom = torch.topk(-vocab.mask_invalid(scores, float("inf")), k)
+
+    def rows(ids: torch.Tensor) -> list[dict[str, Any]]:
+        return [{"token_id": int(i), "token": vocab.texts[int(i)], "value": float(scores[int(i)])} for i in ids]
+
+    out: dict[str, Any] = {"top": rows(top.indices), "bottom": rows(bottom.indices)}
+    for name, ids in (("top", top.indices), ("bottom", bottom.indices)):
+        out[f"{name}_non_latin_share"] = sum(vocab.non_latin[int(i)] for i in ids) / k
+        out[f"{name}_non_english_share"] = sum(vocab.non_english[int(i)] for i in ids) / k
+    return out
+
+
+@torch.no_grad()
+def final_shift(model: nn.Module, seqs: C.Sequences, *, positions: str = "all", batch_size: int = 8,
+                pad: int = 0, args: argparse.Namespace | None = None) -> tuple[torch.Tensor, int]:
+    """Token-mean of ``resid_post_{L-1}(steered) − resid_post_{L-1}(unsteered)`` with the model's current vectors."""
+    last = f"blocks.{H.num_layers(model) - 1}.hook_resid_post"
+    device = next(model.parameters()).device
+    total, count = None, 0
+    for batch in C.progress(seqs.batches(batch_size, device, pad), desc="final shift",
+                            total=-(-len(seqs) // batch_size), args=args):
+        _, steered = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      names=[last], logits_to_keep=1)
+        with sv.steering_disabled(model):
+            _, base = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       names=[last], logits_to_keep=1)
+        mask = batch.positions(positions)
+        delta = (steered[last].float() - base[last].float())[mask]
+        s = delta.sum(0)
+        total = s if total is None else total + s
+        count += int(mask.sum())
+    if total is None or count == 0:
+        raise UsageError("no tokens to average the final-residual shift over")
+    return total / count, count
+
+
+def share_plot(path: Any, labels: Sequence[Any], entries: Sequence[dict[str, Any]], vocab: Vocab, k: int,
+               title: str) -> Any:
+    base = vocab.shares()
+    return plots.line_plot(
+        path, list(labels),
+        {f"bottom-{k} non-Latin": [e["bottom_non_latin_share"] for e in entries],
+         f"bottom-{k} non-English": [e["bottom_non_english_share"] for e in entries],
+         f"top-{k} non-Latin": [e["top_non_latin_share"] for e in entries]},
+        hlines={"vocabulary non-Latin": base["non_latin_share"], "vocabulary non-English": base["non_english_share"]},
+        title=title, xlabel="layer", ylabel="share of tokens", ylim=(-0.02, 1.02))
+
+
+def token_tables(out: Any, labels: Sequence[str], entries: Sequence[dict[str, Any]], k: int, what: str,
+                 value_label: str) -> list[str]:
+    files = []
+    for side in ("top", "bottom"):
+        rows = [(label, [(t["token"], t["value"]) for t in e[side][:k]]) for label, e in zip(labels, entries)]
+        path = plots.token_table(out / f"{side}_tokens.png", rows, value_label=value_label,
+                                 title=f"{side}-{k} tokens of {what}")
+        files.append(path.name)
+    return files
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "logit-lens", help="each layer's vector (and the final-residual shift) through the unembedding: top/bottom "
+                           "tokens, non-English share",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_args(p, forward_batch=True)
+    p.add_argument("--k", type=int, default=20, help="top / bottom tokens per layer (default 20)")
+    p.add_argument("--lens", choices=LENSES, default="norm", help="norm: final norm + lm_head (default); raw: lm_head "
+                   "only; cosine: cosine with the unembedding rows")
+    p.add_argument("--layers", default=None, help="layers to read (default: every steered layer), e.g. 0,5,10-12")
+    p.add_argument("--no-shift", action="store_true", help="skip the final-residual shift (needs no problems)")
+    p.add_argument("--positions", choices=["all", "prompt", "completion"], default="all",
+                   help="tokens the final-residual shift is averaged over (default all)")
+    p.set_defaults(func=run, max_new_tokens=512)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise UsageError(f"--k must be >= 1, got {args.k}")
+    if args.no_shift:
+        args.benchmarks = args.benchmarks or ["procedural:arithmetic:1"]  # never loaded
+    C.check_args(args)
+    base_id = C.base_model_id(args)
+    benches = None if args.no_shift else C.load_benchmarks(args)
+    out = prepare_out(args.out)
+    model, tokenizer = C.load_steerable(base_id, args)
+    vectors = C.checkpoint_vectors(args.checkpoint, model)
+    num_layers = H.num_layers(model)
+    layers = C.parse_layers(args.layers, num_layers) or sorted(vectors)
+    missing = [layer for layer in layers if layer not in vectors]
+    if missing:
+        raise UsageError(f"--layers {args.layers}: the checkpoint has no vector at layers {missing} "
+                         f"(it has {sorted(vectors)})")
+    vocab = Vocab(tokenizer, H.causal_lm(model).lm_head.weight.shape[0])
+    device = next(model.parameters()).device
+
+    entries = []
+    with torch.no_grad():
+        for layer in C.progress(layers, desc="logit lens", args=args):
+            v = vectors[layer].to(device)
+            entries.append({"layer": layer, "vector_norm": float(vectors[layer].norm()),
+                            **readout(lens(model, v, args.lens), vocab, args.k)})
+
+    shift_entry = None
+    if not args.no_shift:
+        tmpl = C.template(args)
+        problems = C.problems_of(benches)
+        with C.use_vectors(model, vectors):
+            seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args)
+            shift, count = final_shift(model, seqs, positions=args.positions, batch_size=args.forward_batch_size,
+                                       pad=C.pad_id(tokenizer), args=args)
+        with torch.no_grad():
+            shift_entry = {"num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
+                           "norm": float(shift.norm()), **readout(lens(model, shift, args.lens), vocab, args.k)}
+
+    labels = [f"L{e['layer']}" for e in entries] + (["shift"] if shift_entry else [])
+    files = token_tables(out, labels, entries + ([shift_entry] if shift_entry else []), min(args.k, 12),
+                         "each layer's vector" + (" and the final-residual shift" if shift_entry else ""),
+                         f"{args.lens} lens")
+    files.append(share_plot(out / "non_latin_share.png", [e["layer"] for e in entries], entries, vocab, args.k,
+                            f"non-Latin / non-English share among each vector's top/bottom-{args.k} tokens").name)
+    result = {"command": "logit-lens", "checkpoint": str(args.checkpoint), "base_model": base_id, "lens": args.lens,
+              "k": args.k, "vocab": vocab.shares(), "layers": entries, "final_shift": shift_entry,
+              "settings": C.sampling_settings(args) if shift_entry else None, "plots": files}
+    write_json(out / "result.json", result)
+    print(f"logit-lens: {len(entries)} layers; wrote {out / 'result.json'}")
+    return 0

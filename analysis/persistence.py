@@ -1,0 +1,222 @@
+"""``python -m analysis persistence``: how the shift caused by one layer's vector persists through later layers.
+
+Steer only layer ``i`` (its vector from the checkpoint, every other vector off). On the same prompt+completion tokens
+(sampled once, with the whole checkpoint steering), take each later layer ``j``'s output minus the unsteered one::
+
+    Δ_j(t) = resid_post_j(steered at i only) − resid_post_j(unsteered)        for j >= i
+
+and report, averaged over tokens ``t``:
+
+- ``cos_to_vector[i][j]`` = mean_t cos(Δ_j(t), s_j), with ``s_j`` the checkpoint's vector at ``j`` (null if it has
+  none). For ``j = i``, Δ_i(t) = s_i at every token, so the diagonal is 1 (up to float rounding).
+- ``cos_to_mean[i][j]`` = mean_t cos(Δ_j(t), mean_t' Δ_j(t')): how consistent the shift is across tokens.
+- ``delta_norm[i][j]`` = mean_t ‖Δ_j(t)‖, and ``mean_shift_cos_to_vector[i][j]`` = cos(mean_t Δ_j, s_j).
+
+The paper's finding: the shift stays consistent across tokens (high ``cos_to_mean``) but is not aligned with the later
+layers' own vectors (low ``cos_to_vector`` off the diagonal). Means are exact and one-pass:
+mean_t cos(Δ(t), m) = (Σ_t Δ(t)/‖Δ(t)‖) · m/‖m‖ / T.
+
+result.json::
+
+    {"command": "persistence", "checkpoint", "base_model", "steer_layers": [i...], "target_layers": [0..L-1],
+     "cos_to_vector": [[...L] per i], "cos_to_mean": [...], "delta_norm": [...], "mean_shift_cos_to_vector": [...],
+     # rows follow steer_layers, columns target_layers; null where j < i (or no s_j)
+     "vector_norms": {layer: norm}, "num_sequences", "num_tokens", "positions", "completions_from", "settings",
+     "plots"}
+
+Plots: ``cos_to_vector.png`` and ``cos_to_mean.png`` (heatmaps over (i, j)), ``persistence_curves.png`` (one curve per
+steering layer i over target layers j, as in the paper's Figure 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis import _common as C
+from analysis import plots
+from analysis.cli import UsageError, prepare_out, write_json
+from steering import hooks as H
+
+
+@dataclass
+class ShiftStats:
+    """Running sums for one (steering layer i, target layer j) over tokens."""
+
+    sum_delta: torch.Tensor  # Σ Δ(t)             (d,) fp64
+    sum_unit: torch.Tensor  # Σ Δ(t)/‖Δ(t)‖      (d,) fp64
+    sum_norm: float = 0.0
+    count: int = 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum_delta / max(self.count, 1)
+
+    def mean_cos_to(self, direction: torch.Tensor) -> float:
+        """mean_t cos(Δ(t), direction)."""
+        d = direction.double().reshape(-1)
+        n = float(d.norm())
+        if self.count == 0 or n == 0.0:
+            return float("nan")
+        return float(self.sum_unit @ d) / n / self.count
+
+    def cos_of_mean_to(self, direction: torch.Tensor) -> float:
+        d, m = direction.double().reshape(-1), self.mean
+        den = float(d.norm() * m.norm())
+        return float(m @ d) / den if den > 0 else float("nan")
+
+
+@torch.no_grad()
+def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch.Tensor], steer_layers: Sequence[int],
+                target_layers: Sequence[int] | None = None, *, positions: str = "all", batch_size: int = 8,
+                pad: int = 0, args: argparse.Namespace | None = None) -> dict[int, dict[int, ShiftStats]]:
+    """``stats[i][j]`` for every steering layer ``i`` and target layer ``j >= i`` (``target_layers``: default all).
+
+    ``model`` must carry a steering vector on every layer (:func:`analysis._common.load_steerable`); it is steered
+    with ``{i: vectors[i]}`` alone for each ``i``."""
+    num_layers = H.num_layers(model)
+    targets = sorted(set(range(num_layers) if target_layers is None else target_layers))
+    device = next(model.parameters()).device
+    hidden = int(H.causal_lm(model).config.hidden_size)
+    stats: dict[int, dict[int, ShiftStats]] = {
+        i: {j: ShiftStats(torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64))
+            for j in targets if j >= i} for i in steer_layers}
+    n_batches = -(-len(seqs) // batch_size)
+    bar = C.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), args=args, unit="pass")
+    for batch in seqs.batches(batch_size, device, pad):
+        mask = batch.positions(positions)
+        lo = min(steer_layers)
+        names = [f"blocks.{j}.hook_resid_post" for j in targets if j >= lo]
+        with C.use_vectors(model, {}):
+            _, base = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       names=names, logits_to_keep=1)
+        bar.update(1)
+        for i in steer_layers:
+            want = [f"blocks.{j}.hook_resid_post" for j in targets if j >= i]
+            with C.use_vectors(model, {i: vectors[i]}):
+                _, steered = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                              names=want, logits_to_keep=1)
+            for name in want:
+                j = int(name.split(".")[1])
+                delta = (steered[name].double() - base[name].double())[mask]  # (T, d)
+                norms = delta.norm(dim=-1)
+                unit = delta / norms.clamp_min(1e-30).unsqueeze(-1)
+                st = stats[i][j]
+                st.sum_delta += delta.sum(0).cpu()
+                st.sum_unit += unit.sum(0).cpu()
+                st.sum_norm += float(norms.sum())
+                st.count += int(delta.shape[0])
+            del steered
+            bar.update(1)
+        del base
+    bar.close()
+    return stats
+
+
+def _clean(x: float | None) -> float | None:
+    return None if x is None or x != x else float(x)
+
+
+def matrices(stats: Mapping[int, Mapping[int, ShiftStats]], vectors: Mapping[int, torch.Tensor],
+             steer_layers: Sequence[int], targets: Sequence[int]) -> dict[str, list[list[float | None]]]:
+    out: dict[str, list[list[float | None]]] = {"cos_to_vector": [], "cos_to_mean": [], "delta_norm": [],
+                                                "mean_shift_cos_to_vector": []}
+    for i in steer_layers:
+        rows = {k: [] for k in out}
+        for j in targets:
+            st = stats[i].get(j)
+            if st is None or st.count == 0:
+                for k in rows:
+                    rows[k].append(None)
+                continue
+            has_vec = j in vectors and float(vectors[j].norm()) > 0
+            rows["cos_to_vector"].append(_clean(st.mean_cos_to(vectors[j])) if has_vec else None)
+            rows["cos_to_mean"].append(_clean(st.mean_cos_to(st.mean)))
+            rows["delta_norm"].append(st.sum_norm / st.count)
+            rows["mean_shift_cos_to_vector"].append(_clean(st.cos_of_mean_to(vectors[j])) if has_vec else None)
+        for k in out:
+            out[k].append(rows[k])
+    return out
+
+
+def add_sequence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--positions", choices=["all", "prompt", "completion"], default="all",
+                   help="tokens averaged over (default: all prompt + completion tokens)")
+    p.add_argument("--completions-from", choices=["steered", "base"], default="steered",
+                   help="which model samples the completions (default: the checkpoint, all vectors on)")
+    p.add_argument("--samples-per-problem", type=int, default=1, help="completions per problem (default 1)")
+
+
+def sample_for_analysis(model: nn.Module, tokenizer: Any, vectors: Mapping[int, torch.Tensor], args: argparse.Namespace,
+                        benches: Sequence[Any]) -> C.Sequences:
+    tmpl = C.template(args)
+    with C.use_vectors(model, vectors if args.completions_from == "steered" else {}):
+        return C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, args,
+                                  num_samples=args.samples_per_problem)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "persistence", help="per-token output change at later layers when steering one layer: cosine to the later "
+                            "vectors and to its own mean",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_args(p, forward_batch=True)
+    p.add_argument("--layers", default=None,
+                   help="steering layers i (default: every layer the checkpoint steers), e.g. 0,4,8-10")
+    add_sequence_args(p)
+    p.set_defaults(func=run, max_new_tokens=512)
+
+
+def run(args: argparse.Namespace) -> int:
+    C.check_args(args)
+    if args.samples_per_problem < 1:
+        raise UsageError(f"--samples-per-problem must be >= 1, got {args.samples_per_problem}")
+    base_id = C.base_model_id(args)
+    benches = C.load_benchmarks(args)
+    out = prepare_out(args.out)
+    model, tokenizer = C.load_steerable(base_id, args)
+    vectors = C.checkpoint_vectors(args.checkpoint, model)
+    num_layers = H.num_layers(model)
+    steer = C.parse_layers(args.layers, num_layers) or sorted(vectors)
+    missing = [i for i in steer if i not in vectors]
+    if missing:
+        raise UsageError(f"--layers {args.layers}: the checkpoint has no vector at layers {missing} "
+                         f"(it has {sorted(vectors)})")
+    seqs = sample_for_analysis(model, tokenizer, vectors, args, benches)
+    targets = list(range(num_layers))
+    stats = shift_stats(model, seqs, vectors, steer, targets, positions=args.positions,
+                        batch_size=args.forward_batch_size, pad=C.pad_id(tokenizer), args=args)
+    mats = matrices(stats, vectors, steer, targets)
+    files = []
+    titles = {"cos_to_vector": "mean_t cos(Δ_j(t), s_j)", "cos_to_mean": "mean_t cos(Δ_j(t), mean Δ_j)"}
+    for key, title in titles.items():
+        files.append(plots.heatmap(out / f"{key}.png", mats[key], steer, targets, title=title,
+                                   xlabel="target layer j", ylabel="steering layer i", cmap="RdBu_r", vmin=-1,
+                                   vmax=1).name)
+    fig_series = {}
+    for name, key in (("vs mean", "cos_to_mean"), ("vs s_j", "cos_to_vector")):
+        for row, i in enumerate(steer):
+            fig_series[f"i={i} {name}"] = mats[key][row]
+    files.append(plots.line_plot(out / "persistence_curves.png", targets,
+                                 {k: v for k, v in fig_series.items() if "vs mean" in k},
+                                 title="cos(Δ_j(t), mean_t Δ_j) per steering layer i", xlabel="target layer j",
+                                 ylabel="mean cosine", cmap="coolwarm", ylim=(-1.05, 1.05)).name)
+    files.append(plots.line_plot(out / "persistence_vector_curves.png", targets,
+                                 {k: v for k, v in fig_series.items() if "vs s_j" in k},
+                                 title="cos(Δ_j(t), s_j) per steering layer i", xlabel="target layer j",
+                                 ylabel="mean cosine", cmap="coolwarm", ylim=(-1.05, 1.05)).name)
+    count = next(iter(stats[steer[0]].values())).count
+    result = {"command": "persistence", "checkpoint": str(args.checkpoint), "base_model": base_id,
+              "steer_layers": steer, "target_layers": targets, **mats,
+              "vector_norms": {str(k): float(v.norm()) for k, v in vectors.items()},
+              "num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
+              "completions_from": args.completions_from, "settings": C.sampling_settings(args), "plots": files}
+    write_json(out / "result.json", result)
+    print(f"persistence: {len(steer)} steering layers x {num_layers} targets over {count} tokens; "
+          f"wrote {out / 'result.json'}")
+    return 0

@@ -1,0 +1,179 @@
+"""``python -m analysis transfer``: copy trained vectors, unchanged, into other base models of the same shape.
+
+Every donor checkpoint's vectors (same layer indices, same values) are set on every recipient base and evaluated.
+For donor ``d`` and recipient ``r``::
+
+    score(d, r) = (acc(d's vectors on r) − acc(r)) / (acc(r's self-trained vectors on r) − acc(r))
+
+1 = as good as the recipient's own steering, 0 = no gain over the recipient base (null without a self-trained
+checkpoint for ``r``, or when it gives no gain). Donors are ``--checkpoint`` and ``--donors``; recipients are
+``--recipients`` (default: the donors' own base models); the self-trained checkpoint of a recipient is given with
+``--self-trained BASE=DIR`` (default: the first donor trained on that base). A donor whose vectors do not fit a
+recipient (other hidden size, or a layer the recipient lacks) is a clear error, found before any model loads, unless
+``--skip-incompatible`` (then its cells are null). A donor evaluated on its own base reproduces its own evaluation
+exactly (zero vectors on the other layers are bit-identical to none). Accuracy comes from ``analysis.evaluate``.
+
+result.json::
+
+    {"command": "transfer", "donors": [{"label", "path", "base_model", "layers", "hidden_size"}],
+     "recipients": [{"label", "model", "num_hidden_layers", "hidden_size", "base_accuracy", "self_trained",
+                     "self_trained_accuracy"}],
+     "accuracy": [[...recipients] per donor],      # null where incompatible
+     "score": [[...recipients] per donor],
+     "incompatible": [{"donor", "recipient", "reason"}],
+     "detail": {"donor|recipient": per-benchmark accuracies}, "settings", "plots"}
+
+Plots: ``score.png`` (donors × recipients), ``accuracy.png`` (with the recipient base and self-trained rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+from pathlib import Path
+from typing import Any
+
+from analysis import _common as C
+from analysis import plots
+from analysis.cli import UsageError, check_checkpoint_arg, prepare_out, write_json
+from steering import vectors as sv
+
+
+def _label(path_or_id: str) -> str:
+    p = Path(path_or_id)
+    if p.name.startswith("checkpoint-") and p.parent.name:
+        return f"{p.parent.name}/{p.name}"
+    return p.name or str(path_or_id)
+
+
+def fits(meta: dict[str, Any], num_layers: int, hidden: int) -> str | None:
+    """None if a checkpoint's vectors fit a model of this shape, else the reason."""
+    if int(meta["hidden_size"]) != hidden:
+        return f"hidden size {meta['hidden_size']} != {hidden}"
+    if max(meta["layers"]) >= num_layers:
+        return f"layers {meta['layers']} need >= {max(meta['layers']) + 1} layers, the recipient has {num_layers}"
+    return None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "transfer", help="copy vectors from donor checkpoints into recipient bases of the same shape and evaluate",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_args(p, checkpoint="optional")
+    p.add_argument("--donors", nargs="+", default=[], metavar="DIR", help="donor steering checkpoints")
+    p.add_argument("--recipients", nargs="+", default=None, metavar="BASE",
+                   help="recipient base models (Hub ids or dirs); default: the donors' base models")
+    p.add_argument("--self-trained", nargs="+", default=[], metavar="BASE=DIR",
+                   help="each recipient's own steering checkpoint (for the score's denominator)")
+    p.add_argument("--skip-incompatible", action="store_true",
+                   help="leave donor/recipient pairs of different shapes empty instead of failing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    donors = ([args.checkpoint] if args.checkpoint else []) + list(args.donors)
+    if not donors:
+        raise UsageError("no donors: give --checkpoint DIR and/or --donors DIR ...")
+    donor_meta = []
+    for d in donors:
+        check_checkpoint_arg(d)
+        donor_meta.append(sv.read_meta(d))
+    C.check_args(args, donors)
+    if args.model and not args.recipients:
+        args.recipients = [args.model]
+    recipients = list(args.recipients) if args.recipients else list(dict.fromkeys(
+        m.get("base_model") for m in donor_meta if m.get("base_model")))
+    if not recipients:
+        raise UsageError("no recipients: pass --recipients BASE ... (the donors record no base model)")
+    self_trained: dict[str, str] = {}
+    for item in args.self_trained:
+        m = re.match(r"^(.+?)=(.+)$", item)
+        if not m:
+            raise UsageError(f"--self-trained {item}: write BASE=DIR")
+        if m.group(1) not in recipients:
+            raise UsageError(f"--self-trained {item}: {m.group(1)} is not a recipient ({recipients})")
+        check_checkpoint_arg(m.group(2))
+        self_trained[m.group(1)] = m.group(2)
+    for r in recipients:
+        if r not in self_trained:
+            own = [d for d, meta in zip(donors, donor_meta) if meta.get("base_model") == r]
+            if own:
+                self_trained[r] = own[0]
+    shapes = {r: C.model_num_layers(r) for r in recipients}
+    incompatible = []
+    for d, meta in zip(donors, donor_meta):
+        for r in recipients:
+            why = fits(meta, *shapes[r])
+            if why:
+                incompatible.append({"donor": d, "recipient": r, "reason": why})
+    for r, ck in self_trained.items():
+        why = fits(sv.read_meta(ck), *shapes[r])
+        if why:
+            raise UsageError(f"--self-trained {r}={ck}: does not fit {r}: {why}")
+    if incompatible and not args.skip_incompatible:
+        first = incompatible[0]
+        raise UsageError(f"donor {first['donor']} does not fit recipient {first['recipient']} "
+                         f"({shapes[first['recipient']][0]} layers x hidden size {shapes[first['recipient']][1]}): "
+                         f"{first['reason']}; transfer needs the same shape (or pass --skip-incompatible)")
+    bad = {(x["donor"], x["recipient"]) for x in incompatible}
+    benches = C.load_benchmarks(args, donors)
+    out = prepare_out(args.out)
+
+    acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
+    score_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
+    rec_rows, detail = [], {}
+    bar = C.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", args=args)
+    for c, r in enumerate(recipients):
+        bar.set_postfix_str(f"loading {_label(r)}")
+        model, tokenizer = C.load_steerable(r, args)
+        tmpl = C.template(args, donors)
+        with C.use_vectors(model, {}):
+            base = C.accuracy(model, tokenizer, benches, args, tmpl)
+        bar.update(1)
+        detail[f"base|{r}"] = base.per_benchmark
+        cache: dict[str, C.Accuracy] = {}
+        for d_i, d in enumerate(donors):
+            if (d, r) in bad:
+                bar.update(1)
+                continue
+            with C.use_vectors(model, C.checkpoint_vectors(d, model)):
+                cache[d] = C.accuracy(model, tokenizer, benches, args, tmpl)
+            detail[f"{d}|{r}"] = cache[d].per_benchmark
+            acc_m[d_i][c] = cache[d].accuracy
+            bar.update(1)
+        own = self_trained.get(r)
+        own_acc = None
+        if own is not None:
+            if own not in cache:
+                with C.use_vectors(model, C.checkpoint_vectors(own, model)):
+                    cache[own] = C.accuracy(model, tokenizer, benches, args, tmpl)
+                detail[f"{own}|{r}"] = cache[own].per_benchmark
+            own_acc = cache[own].accuracy
+        bar.update(1)
+        for d_i, d in enumerate(donors):
+            score_m[d_i][c] = C.relative_score(acc_m[d_i][c], base.accuracy, own_acc)
+        rec_rows.append({"label": _label(r), "model": r, "num_hidden_layers": shapes[r][0], "hidden_size": shapes[r][1],
+                         "base_accuracy": base.accuracy, "self_trained": own, "self_trained_accuracy": own_acc})
+        del model, tokenizer
+        gc.collect()
+    bar.close()
+    d_labels = [_label(d) for d in donors]
+    r_labels = [row["label"] for row in rec_rows]
+    files = [plots.heatmap(out / "score.png", score_m, d_labels, r_labels, cmap="RdBu_r", center=0.0,
+                           title="(x − recipient base) / (recipient self-trained − recipient base)",
+                           xlabel="recipient", ylabel="donor").name,
+             plots.heatmap(out / "accuracy.png",
+                           acc_m + [[row["base_accuracy"] for row in rec_rows],
+                                    [row["self_trained_accuracy"] for row in rec_rows]],
+                           d_labels + ["(recipient base)", "(self-trained)"], r_labels, cmap="viridis",
+                           title="accuracy of donor vectors on each recipient", xlabel="recipient",
+                           ylabel="donor").name]
+    result = {"command": "transfer",
+              "donors": [{"label": _label(d), "path": d, "base_model": m.get("base_model"), "layers": m["layers"],
+                          "hidden_size": m["hidden_size"]} for d, m in zip(donors, donor_meta)],
+              "recipients": rec_rows, "accuracy": acc_m, "score": score_m, "incompatible": incompatible,
+              "detail": detail, "settings": C.sampling_settings(args), "plots": files}
+    write_json(out / "result.json", result)
+    print(f"transfer: {len(donors)} donors x {len(recipients)} recipients; wrote {out / 'result.json'}")
+    return 0
