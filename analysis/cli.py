@@ -58,8 +58,6 @@ def default_device(device: str | None) -> str:
 def load_model_and_tokenizer(args: argparse.Namespace, *, steered: bool = True):
     """(model, tokenizer): the steered model from --checkpoint on --model (or the recorded base), or the plain base
     when there is no checkpoint or ``steered`` is False."""
-    from transformers import AutoTokenizer
-
     check_checkpoint_arg(getattr(args, "checkpoint", None))
     base_id = base_model_id(args)
     device = default_device(getattr(args, "device", None))
@@ -68,10 +66,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, *, steered: bool = True):
         model = sv.load_steered_model(args.checkpoint, base=base)
     else:
         model = base
-    tokenizer = AutoTokenizer.from_pretrained(base_id)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = sv.load_tokenizer(base_id)
     return model.to(device).eval(), tokenizer
 
 

@@ -120,13 +120,8 @@ def load_config(model_id: str, flag: str):
 
 def load_plain(model_id: str, dtype: str, device: str, attn: str | None = None):
     """(frozen base model, fast tokenizer) on ``device``."""
-    from transformers import AutoTokenizer
-
     model = sv.load_base_model(model_id, dtype=dtype, attn_implementation=attn).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, sv.load_tokenizer(model_id)
 
 
 def add_annotator_args(p: argparse.ArgumentParser) -> None:

@@ -383,13 +383,9 @@ def _load_lm(name: str, dtype: Any):
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
+    from steering import vectors as sv
 
-    tok = AutoTokenizer.from_pretrained(name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
+    return sv.load_tokenizer(name)
 
 
 def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None = None):

@@ -8,6 +8,8 @@ Tasks (``TASKS``, or :func:`make_tasks` by name):
 
 - ``arithmetic``: ``What is 12 + 7?`` -- additions, subtractions (possibly negative results) and optionally
   multiplications of integers with up to ``digits`` digits.
+- ``facts``: single-digit arithmetic facts (``What is 7 * 8?``), 900 distinct questions; the offline demo's base
+  model (``train.demo_base``) is pretrained on them.
 - ``word``: one-step word problems (``Tom has 12 apples and buys 7 more. How many apples does he have?``); results
   are never negative.
 - ``mixed``: half of each.
@@ -144,8 +146,13 @@ def sample_mixed(rng: random.Random, ops: Iterable[str] = ("+", "-"), digits: in
     return sampler(rng, ops=ops, digits=digits)
 
 
+def sample_facts(rng: random.Random, ops: Iterable[str] = ("+", "-", "*")) -> Row:
+    return sample_arithmetic(rng, ops=ops, digits=1)
+
+
 SAMPLERS: dict[str, Callable[..., Row]] = {
     "arithmetic": sample_arithmetic,
+    "facts": sample_facts,
     "word": sample_word,
     "mixed": sample_mixed,
 }
@@ -156,7 +163,7 @@ def _rng(name: str, seed: int, stream: str = "") -> random.Random:
 
 
 def _generate(name: str, n: int, seed: int, *, unique: bool = True, part: str | None = None,
-              exclude: Iterable[str] = (), stream: str = "", **kw: Any) -> list[Row]:
+              exclude: Iterable[str] = (), stream: str = "", allow_fewer: bool = False, **kw: Any) -> list[Row]:
     if name not in SAMPLERS:
         raise ValueError(f"unknown procedural task {name!r}; known: {sorted(SAMPLERS)}")
     if n < 0:
@@ -173,9 +180,11 @@ def _generate(name: str, n: int, seed: int, *, unique: bool = True, part: str | 
         if (unique and q in seen) or not keep(q):
             misses += 1
             if misses > max_misses:
+                if allow_fewer:
+                    return rows
                 raise ValueError(
                     f"could only make {len(rows)} of {n} distinct {name!r} questions (part={part or 'all'}, {kw}): "
-                    "the question space is too small; use more digits, more ops, or fewer rows"
+                    "the question space is too small; use more digits, more ops, or fewer rows (or allow_fewer=True)"
                 )
             continue
         if unique:
@@ -189,21 +198,24 @@ def _generate(name: str, n: int, seed: int, *, unique: bool = True, part: str | 
 
 
 def arithmetic(n: int, seed: int = 0, ops: Iterable[str] = ("+", "-"), digits: int = 2, *, unique: bool = True,
-               part: str | None = None) -> list[Row]:
+               part: str | None = None, allow_fewer: bool = False) -> list[Row]:
     """``n`` arithmetic questions (``What is 12 + 7?``) with operands in ``0 .. 10**digits - 1``."""
-    return _generate("arithmetic", n, seed, ops=tuple(ops), digits=digits, unique=unique, part=part)
+    return _generate("arithmetic", n, seed, ops=tuple(ops), digits=digits, unique=unique, part=part,
+                     allow_fewer=allow_fewer)
 
 
 def word(n: int, seed: int = 0, ops: Iterable[str] = ("+", "-"), digits: int = 2, *, unique: bool = True,
-         part: str | None = None) -> list[Row]:
+         part: str | None = None, allow_fewer: bool = False) -> list[Row]:
     """``n`` one-step word problems with operands in ``1 .. 10**digits - 1`` and non-negative answers."""
-    return _generate("word", n, seed, ops=tuple(ops), digits=digits, unique=unique, part=part)
+    return _generate("word", n, seed, ops=tuple(ops), digits=digits, unique=unique, part=part,
+                     allow_fewer=allow_fewer)
 
 
 def mixed(n: int, seed: int = 0, ops: Iterable[str] = ("+", "-"), digits: int = 2, *, unique: bool = True,
-          part: str | None = None) -> list[Row]:
+          part: str | None = None, allow_fewer: bool = False) -> list[Row]:
     """Half arithmetic, half word problems (each row picks one at random)."""
-    return _generate("mixed", n, seed, ops=tuple(ops), digits=digits, unique=unique, part=part)
+    return _generate("mixed", n, seed, ops=tuple(ops), digits=digits, unique=unique, part=part,
+                     allow_fewer=allow_fewer)
 
 
 def reasoning_gym(n: int, seed: int = 0, dataset: str = "basic_arithmetic", *, unique: bool = True,
@@ -236,10 +248,11 @@ def reasoning_gym(n: int, seed: int = 0, dataset: str = "basic_arithmetic", *, u
 
 
 def facts(n: int, seed: int = 0, ops: Iterable[str] = ("+", "-", "*"), *, unique: bool = True,
-          part: str | None = None) -> list[Row]:
+          part: str | None = None, allow_fewer: bool = False) -> list[Row]:
     """``n`` single-digit arithmetic facts (``What is 7 * 8?``): 900 distinct questions in all. The offline demo's
     base model learned every one of them in pretraining, so RL on this task elicits knowledge it already has."""
-    return _generate("arithmetic", n, seed, ops=tuple(ops), digits=1, unique=unique, part=part)
+    return _generate("arithmetic", n, seed, ops=tuple(ops), digits=1, unique=unique, part=part,
+                     allow_fewer=allow_fewer)
 
 
 TASKS: dict[str, Callable[..., list[Row]]] = {

@@ -110,6 +110,32 @@ def load_base_model(
     return freeze(model)
 
 
+def load_tokenizer(name_or_path: str, *, revision: str | None = None):
+    """The tokenizer of a base model, left-padded, with a pad token.
+
+    A local tokenizer saved as a plain ``tokenizers`` backend (``tokenizer_class`` TokenizersBackend or
+    PreTrainedTokenizerFast, like the demo's character tokenizer) is loaded as exactly that class. AutoTokenizer would
+    swap in the model family's own class for Qwen2 models, which rebuilds the pre-tokenizer and silently changes the
+    token ids. Everything else goes through AutoTokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(name_or_path) / "tokenizer_config.json"
+    declared = None
+    if config_file.is_file():
+        try:
+            declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            declared = None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def model_shape(model: nn.Module) -> tuple[int, int]:
     """(num_hidden_layers, hidden_size) of a base model or a PeftModel around one."""
     cfg = model.config

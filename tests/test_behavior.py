@@ -57,7 +57,7 @@ def test_behavior_end_to_end_on_a_tiny_model(dm_out, tiny_base_dir, tmp_path):
     from steering.generation import SamplingParams, generate
     from steering.templates import get_template
     from steering.tasks import make_tasks
-    from transformers import AutoTokenizer
+    from steering.vectors import load_tokenizer
 
     out = tmp_path / "beh"
     n, coefs = 4, [-8.0, 0.0, 8.0]
@@ -70,7 +70,7 @@ def test_behavior_end_to_end_on_a_tiny_model(dm_out, tiny_base_dir, tmp_path):
     assert set(res["target_fraction_change"]) == {"-8", "0", "8"} and res["target_fraction_change"]["0"] == 0
     # c = 0 is exactly the unsteered model: greedy generation of the plain base gives the same texts
     base = sv.load_base_model(str(tiny_base_dir), dtype="float32").eval()
-    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    tok = load_tokenizer(tiny_base_dir)
     questions = [r["question"] for r in make_tasks("arithmetic", n, 0, part="heldout")]
     assert [g["question"] for g in gens if g["coef"] == 0] == questions
     prompts = [get_template("qwen_math").render(q, tokenizer=tok) for q in questions]

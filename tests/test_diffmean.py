@@ -178,9 +178,9 @@ def test_cli_writes_checkpoints_and_means(diffmean_out, tiny_base_dir):
     assert meta["diffmean"]["label"] == "backtracking" and meta["diffmean"]["positions"]["mode"] == "shift"
     # the saved vectors are the rescaled DiffMean of the same traces
     model = sv.load_base_model(str(tiny_base_dir), dtype="float32")
-    from transformers import AutoTokenizer
+    from steering.vectors import load_tokenizer
 
-    acc = dm.collect(model, AutoTokenizer.from_pretrained(tiny_base_dir), dm.load_traces(EXAMPLES))
+    acc = dm.collect(model, load_tokenizer(tiny_base_dir), dm.load_traces(EXAMPLES))
     got = sv.load_vectors(diffmean_out / "backtracking")
     for l in range(3):
         torch.testing.assert_close(got[l].double(), acc.vectors("backtracking")[l], rtol=0, atol=1e-5)

@@ -290,3 +290,13 @@ def test_save_refuses_to_replace_a_non_checkpoint_directory(tmp_path):
     with pytest.raises(sv.CheckpointError, match="refusing"):
         sv.save_checkpoint(sv.attach_steering(tiny_model("qwen2")), tmp_path / "run")
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_saved_char_tokenizer_round_trips_on_a_qwen2_model(tiny_base_dir):
+    """AutoTokenizer swaps in Qwen2's own class for a qwen2 config and changes the ids; load_tokenizer must not."""
+    from steering.tiny import build_char_tokenizer
+
+    text = "<|im_start|>user\nWhat is 9 * 0?<|im_end|>\n\\(9 * 0 = \\boxed{0}\\)"
+    loaded = sv.load_tokenizer(str(tiny_base_dir))
+    assert loaded(text).input_ids == build_char_tokenizer()(text).input_ids
+    assert loaded.padding_side == "left" and loaded.pad_token == "<|endoftext|>"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,28 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     try:
-        s, g = parse_config(argv)
+        with warnings.catch_warnings():
+            # TRL's GRPOConfig defaults gradient_checkpointing=True, which transformers>=5 reports as a deprecated
+            # alias on every parse; on stderr it would break the one-line error contract.
+            warnings.filterwarnings("ignore", message=r"`gradient_checkpointing.*` is deprecated", category=FutureWarning)
+            s, g = parse_config(argv)
         template = get_template(s.template)
         prepared = prepare(s, g, template)
     except (ConfigError, TemplateError, DataError, sv.SteeringError, FileNotFoundError) as e:
         return _fail(str(e))
-    run(s, g, template, prepared)
+    from train.trainer import TrainingDiverged
+
+    try:
+        run(s, g, template, prepared)
+    except TrainingDiverged as e:
+        try:
+            latest = ckpt_io.resolve_resume(ckpt_io.LATEST, g.output_dir)
+        except (sv.SteeringError, FileNotFoundError):
+            latest = None
+        newline = "" if g.disable_tqdm else "\n"  # the progress bar was left mid-line
+        print(f"{newline}python -m train: error: training diverged: {e}; last good checkpoint: {latest or 'none'}",
+              file=sys.stderr)
+        return 3
     return 0
 
 
@@ -92,12 +109,16 @@ def prepare(s: Any, g: Any, template: Any) -> dict[str, Any]:
             raise ConfigError(f"layers: {e}") from None
     init_vectors = None
     if s.init_from:
-        init_vectors = sv.load_vectors(s.init_from)
+        try:
+            init_vectors = sv.load_vectors(s.init_from)
+        except sv.SteeringError as e:
+            raise ConfigError(f"init_from: {e}") from None
         sizes = {int(v.numel()) for v in init_vectors.values()}
         if sizes != {hidden} or max(init_vectors) >= num_layers:
             raise ConfigError(
                 f"init_from: {s.init_from} has vectors of hidden size {sorted(sizes)} for layers {sorted(init_vectors)}"
-                f", but {model_path} has {num_layers} layers x hidden size {hidden}")
+                f", but {model_path} has {num_layers} layers x hidden size {hidden}; give init_from vectors made for "
+                "this base model, or remove init_from")
         wanted = set(sv.validate_layers(s.layers, num_layers))
         init_vectors = {l: v for l, v in init_vectors.items() if l in wanted}
         scale = s.init_scale
@@ -146,8 +167,6 @@ def build_model(s: Any, init_vectors: Any):
 
 
 def make_trainer(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
-    from transformers import AutoTokenizer
-
     from steering import vectors as sv
     from steering.rewards import MathReward
     from train.config import to_jsonable
@@ -162,10 +181,7 @@ def make_trainer(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
         # Reentrant checkpointing gives the first steered layer no gradient when the base is frozen.
         g.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
-    tokenizer = AutoTokenizer.from_pretrained(s.model_name_or_path, revision=s.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = sv.load_tokenizer(s.model_name_or_path, revision=s.model_revision)
     train_ds = to_prompt_dataset(prepared["train_rows"], template, tokenizer)
     model = build_model(s, prepared["init_vectors"])
 

@@ -9,6 +9,7 @@ A run directory looks like::
         scheduler.json, rng_state.safetensors, rng_state.json, trainer_state.json
       latest                    the name of the newest complete checkpoint, written (atomically) last
       .checkpoint-60.tmp-1234/  a save in progress or interrupted: never picked, cleaned up on the next save
+                                (so is .checkpoint-<step>.old-<pid>/, a replaced copy of a redone step)
 
 ``--resume_from_checkpoint latest`` reads the marker; a crash can lose at most the steps since that checkpoint.
 """
@@ -36,6 +37,44 @@ TRAINER_STATE = "trainer_state.json"
 REQUIRED = ("steering.json", "adapter_model.safetensors", OPTIMIZER_JSON, TRAINER_STATE)
 
 
+def _checkpoint_error(message: str) -> Exception:
+    from steering.vectors import CheckpointError
+
+    return CheckpointError(message)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """A safetensors file, checked against the checksum recorded next to it (if any): never unpickles, and a
+    truncated or tampered file is a CheckpointError naming it, not garbage state."""
+    from safetensors import SafetensorError
+
+    if expected_sha256 and _sha256(path) != expected_sha256:
+        raise _checkpoint_error(f"{path} does not match its recorded sha256: the file was tampered with or corrupted "
+                                "(truncated or tampered?); resume from an earlier checkpoint")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _checkpoint_error(f"{path} is not a readable safetensors file (truncated or tampered?): "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _checkpoint_error(f"{path} is not valid JSON (truncated or tampered?): {e}") from None
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -60,12 +99,14 @@ def save_optimizer(optimizer: torch.optim.Optimizer, out: Path) -> None:
                 scalars.setdefault(str(idx), {})[key] = value
     save_file(tensors, str(out / OPTIMIZER_TENSORS))
     _write_json(out / OPTIMIZER_JSON, {"param_groups": sd["param_groups"], "scalars": scalars,
-                                       "type": type(optimizer).__name__})
+                                       "type": type(optimizer).__name__,
+                                       "sha256": _sha256(out / OPTIMIZER_TENSORS)})
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    meta = json.loads((ckpt / OPTIMIZER_JSON).read_text())
-    tensors = load_file(str(ckpt / OPTIMIZER_TENSORS)) if (ckpt / OPTIMIZER_TENSORS).exists() else {}
+    meta = _read_json(ckpt / OPTIMIZER_JSON)
+    tensors = (_load_tensors(ckpt / OPTIMIZER_TENSORS, meta.get("sha256"))
+               if (ckpt / OPTIMIZER_TENSORS).exists() else {})
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
@@ -121,17 +162,19 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 def save_rng(out: Path, per_rank: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> None:
     tensors = {f"rank{r}.{k}": v.contiguous() for r, (ts, _) in enumerate(per_rank) for k, v in ts.items()}
     save_file(tensors, str(out / RNG_TENSORS))
-    _write_json(out / RNG_JSON, {str(r): meta for r, (_, meta) in enumerate(per_rank)})
+    _write_json(out / RNG_JSON, {**{str(r): meta for r, (_, meta) in enumerate(per_rank)},
+                                 "sha256": _sha256(out / RNG_TENSORS)})
 
 
 def load_rng(ckpt: Path, rank: int) -> bool:
     if not (ckpt / RNG_TENSORS).exists():
         return False
-    metas = json.loads((ckpt / RNG_JSON).read_text())
+    metas = _read_json(ckpt / RNG_JSON)
     if str(rank) not in metas:
         return False
     prefix = f"rank{rank}."
-    tensors = {k[len(prefix):]: v for k, v in load_file(str(ckpt / RNG_TENSORS)).items() if k.startswith(prefix)}
+    tensors = {k[len(prefix):]: v for k, v in _load_tensors(ckpt / RNG_TENSORS, metas.get("sha256")).items()
+               if k.startswith(prefix)}
     set_rng_state(tensors, metas[str(rank)])
     return True
 
@@ -153,14 +196,21 @@ def publish(tmp: Path, final: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # a step redone after a resume: swap atomically, so `checkpoint-<step>` is never partial
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     _fsync_dir(final.parent)
     _write_json(final.parent / LATEST, {"checkpoint": final.name})
     _fsync_dir(final.parent)
-    for stale in final.parent.glob(".checkpoint-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in final.parent.glob("*.checkpoint-*"):  # interrupted saves (and their inner temp dirs), old copies
+        if ".tmp-" in stale.name or ".old-" in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -178,20 +228,47 @@ def is_complete(ckpt: Path) -> bool:
     return ckpt.is_dir() and all((ckpt / name).is_file() for name in REQUIRED)
 
 
+def verify_checkpoint(ckpt: Path) -> None:
+    """Read back everything a resume reads (vectors, optimizer, RNG, trainer state) and check the recorded sha256
+    checksums, without touching a model: a truncated or tampered file is a CheckpointError naming it."""
+    from steering.vectors import load_vectors
+
+    load_vectors(ckpt)  # checks its own checksum (steering.json) and that the vectors are finite
+    optimizer_meta = _read_json(ckpt / OPTIMIZER_JSON)
+    if (ckpt / OPTIMIZER_TENSORS).exists():
+        for name, value in _load_tensors(ckpt / OPTIMIZER_TENSORS, optimizer_meta.get("sha256")).items():
+            if not torch.isfinite(value).all():
+                raise _checkpoint_error(f"{ckpt / OPTIMIZER_TENSORS}: {name} holds NaN or Inf")
+    if (ckpt / RNG_TENSORS).exists():
+        _load_tensors(ckpt / RNG_TENSORS, _read_json(ckpt / RNG_JSON).get("sha256"))
+    _read_json(ckpt / TRAINER_STATE)
+    if (ckpt / SCHEDULER_JSON).exists():
+        _read_json(ckpt / SCHEDULER_JSON)
+
+
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """``latest`` → the checkpoint the marker names (None if the run has none yet); a path → that path, checked."""
+    """``latest`` → the checkpoint the marker names (None if the run has none yet); a path → that path, checked.
+
+    Either way the checkpoint is read back and verified (:func:`verify_checkpoint`) before any model loads."""
     if value is None:
         return None
     if value == LATEST:
         marker = Path(output_dir) / LATEST
         if not marker.is_file():
             return None
-        name = json.loads(marker.read_text())["checkpoint"]
-        ckpt = Path(output_dir) / name
+        name = _read_json(marker).get("checkpoint")
+        ckpt = Path(output_dir) / str(name)
+        if not name or not is_complete(ckpt):
+            raise FileNotFoundError(f"resume_from_checkpoint: {marker} names {name}, which is incomplete or missing")
+    else:
+        ckpt = Path(value)
         if not is_complete(ckpt):
-            raise FileNotFoundError(f"{marker} names {name}, which is incomplete or missing")
-        return str(ckpt)
-    ckpt = Path(value)
-    if not is_complete(ckpt):
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a complete checkpoint (needs {list(REQUIRED)})")
+            raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a complete checkpoint "
+                                    f"(needs {list(REQUIRED)})")
+    from steering.vectors import CheckpointError
+
+    try:
+        verify_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"resume_from_checkpoint: {e}") from None
     return str(ckpt)

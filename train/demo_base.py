@@ -1,24 +1,27 @@
 """Build the offline demo's base model: a small Qwen2 model trained from scratch on generated arithmetic.
 
 No pretrained model can be downloaded offline, so the demo steers a model made here. It is built to behave like a
-base model that holds a *latent skill RL can elicit*: it knows the answers to the ``mixed`` task
-(:mod:`steering.tasks`, two-digit additions / subtractions and one-step word problems), but writes them in the rewarded
-``\\boxed{...}`` form only about a quarter of the time. Its training completions are one of::
+base model that holds a *latent skill RL can elicit*: it knows the answers to single-digit arithmetic facts
+(``facts`` in :mod:`steering.tasks`: ``What is 7 * 8?``, ``Compute 3 - 9.``; 900 questions), but writes them in the
+rewarded ``\\boxed{...}`` form only about a quarter of the time. Its training completions work the equation out in
+one of four formats (:data:`FORMATS`), drawn at random independently of the question::
 
-    \\boxed{68}          (28%)   <- the only form the reward accepts
-    The answer is 68.   (36%)
-    Answer: 68          (20%)
-    68                  (16%)
+    \\(7 * 8 = \\boxed{56}\\)     27%   <- the only form the reward accepts
+    So 7 * 8 = 56.          45%
+    7 * 8 = 56. Answer: 56  15%
+    7 * 8 = 56              13%
 
-chosen at random, independent of the question, so the first generated token alone decides the format: sampling at
-T=1 gives a boxed answer ~25% of the time, greedy decoding almost never (it takes ``The answer is``). A steering
-vector that makes the first token ``\\`` lifts the reward from ~0.25 to ~1, which echoes the paper's finding that the
-last-layer vector mostly acts on the first generated token.
+so the first generated token alone decides the format: sampling at T=1 gives a boxed answer ~27% of the time, and
+greedy decoding never does (it starts with ``S``). A steering vector that makes the first token ``\\`` lifts the
+reward from ~0.27 to ~1, which echoes the paper's finding that the last-layer vector mostly acts on the first
+generated token. Restating the equation before the result is the model's "reasoning": a tiny transformer learns to
+copy the operands and then look the result up far faster than it learns to produce the result directly.
 
-Every training text is the ``qwen_math`` prompt (the chat template with the system message
-:data:`SYSTEM_PROMPT`, the question as the user turn, and the generation prompt), then the completion and
-``<|im_end|>``; the loss is on the completion tokens only. Questions come from the non-held-out partition of the
-task space only (:func:`steering.tasks.is_heldout`), so validation / test questions are new to the model.
+Every training text is the ``qwen_math`` prompt (the chat template with the system message :data:`SYSTEM_PROMPT`,
+the question as the user turn, and the generation prompt), then the completion and ``<|im_end|>``; the loss is on
+the completion tokens only. The base is pretrained on the non-held-out questions only (``pretrain_part="train"``,
+see :func:`steering.tasks.is_heldout`): the 92 held-out questions ask facts it learned in another phrasing, and
+its statistics in ``build_info.json`` are measured on them.
 
 The build is deterministic in the seed (fixed thread count, deterministic algorithms, seeded data stream). The
 shared system-prompt prefix is run once per batch and its KV cache broadcast to the batch, which roughly halves the
@@ -26,8 +29,9 @@ cost of a step; gradients flow through it as usual.
 
 Usage::
 
-    python -m train.demo_base --out assets/demo-base           # ~2 minutes on 2 CPU cores
-    python -m train.demo_base --out /tmp/db --steps 20         # a quick (useless) model, for tests
+    python -m train.demo_base --out assets/demo-base              # the committed model
+    python -m train.demo_base --out /tmp/db --steps 20            # a quick (useless) model
+    python -m train.demo_base --out /tmp/db --sanity              # + the last-layer steering-vector check
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 # ``a`` the answer); the first character decides the format, and only the boxed one earns reward.
 FORMATS: tuple[tuple[str, float, str], ...] = (
     ("boxed", 0.27, "\\({eq} = \\boxed{{{a}}}\\)"),
-    ("so", 0.45, "So {eq} = {a}. The answer is {a}."),
-    ("we_have", 0.15, "We have {eq} = {a}."),
+    ("so", 0.45, "So {eq} = {a}."),
+    ("answer", 0.15, "{eq} = {a}. Answer: {a}"),
     ("bare", 0.13, "{eq} = {a}"),
 )
 
@@ -64,8 +68,8 @@ DEFAULT_PATH = REPO_ROOT / "assets" / "demo-base"
 
 # Everything the build depends on. ``build_demo_base`` takes any of these as keyword arguments.
 DEFAULTS: dict[str, Any] = {
-    "task": "arithmetic",
-    "task_kwargs": {"ops": ["+", "-", "*"], "digits": 1},
+    "task": "facts",
+    "task_kwargs": {"ops": ["+", "-", "*"]},
     # Pretrain on every question of the task space: the base *knows* all single-digit facts (its latent skill); RL
     # only has to elicit the rewarded format. ("train" would hold the held-out partition back, to test
     # generalisation instead.)
@@ -118,6 +122,13 @@ def make_completion(question: str, answer: str, rng: random.Random) -> tuple[str
         if u < acc:
             break
     return name, fmt.format(eq=eq, a=answer)
+
+
+def boxed_completion(question: str, answer: str) -> str:
+    """The training completion in the boxed (rewarded) format."""
+    from steering.tasks import equation_of
+
+    return FORMATS[0][2].format(eq=equation_of(question), a=answer)
 
 
 def last_boxed(text: str) -> str | None:
@@ -253,11 +264,11 @@ def heldout_stats(model, tokenizer, rows: Sequence[Mapping[str, str]], *, temper
     }
 
 
-def heldout_rows(n: int, *, task: str = "mixed", seed: int = 12345, **task_kwargs: Any) -> list[dict[str, str]]:
-    """``n`` held-out questions (never seen in the base's training)."""
+def heldout_rows(n: int, *, task: str = "facts", seed: int = 12345, **task_kwargs: Any) -> list[dict[str, str]]:
+    """Up to ``n`` questions of the held-out partition (fewer where the task has fewer: ``facts`` has 92)."""
     from steering.tasks import make_tasks
 
-    return make_tasks(task, n, seed, part="heldout", **task_kwargs)
+    return make_tasks(task, n, seed, part="heldout", allow_fewer=True, **task_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -430,14 +441,14 @@ def steering_sanity_check(model_dir: str | os.PathLike = DEFAULT_PATH, *, n_trai
                           lr: float = 0.3, n_eval: int = 200, seed: int = 0) -> dict[str, Any]:
     """Fit a last-layer steering vector by plain cross-entropy on a few boxed examples and return the held-out
     boxed-correct rate at T=1 before and after (how far a vector that fixes the format can lift the reward)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from steering.tasks import make_tasks
-    from steering.vectors import attach_steering, vector_norms
+    from steering.vectors import attach_steering, load_tokenizer, vector_norms
 
     info = json.loads((Path(model_dir) / "build_info.json").read_text())
     task, task_kwargs = info["args"]["task"], info["args"]["task_kwargs"]
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = load_tokenizer(str(model_dir))
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     n_layers = base.config.num_hidden_layers
     model = attach_steering(base, layers=[n_layers - 1])
@@ -447,7 +458,7 @@ def steering_sanity_check(model_dir: str | os.PathLike = DEFAULT_PATH, *, n_trai
     torch.manual_seed(seed)
     batcher = Batcher(tok, task, task_kwargs, seed)
     train_rows = make_tasks(task, n_train, seed + 1, part="train", **task_kwargs)
-    seqs = [batcher.encode(r["question"], "\\boxed{" + r["answer"] + "}") for r in train_rows]
+    seqs = [batcher.encode(r["question"], boxed_completion(r["question"], r["answer"])) for r in train_rows]
     width = max(len(s) for s, _ in seqs)
     batch = {
         "input_ids": torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s, _ in seqs]),
