@@ -84,13 +84,13 @@ def training_config(checkpoint: str | None) -> dict[str, Any]:
 
 
 def benchmark_specs(args: argparse.Namespace, checkpoints: Sequence[str | None] = ()) -> list[str]:
-    """``--benchmarks``, else ``procedural:TASK`` of the (first) checkpoint's procedural training dataset."""
+    """``--benchmarks``, else 64 held-out problems of the (first) checkpoint's procedural training task."""
     if getattr(args, "benchmarks", None):
         return list(args.benchmarks)
     for ck in [getattr(args, "checkpoint", None), *checkpoints]:
         ds = str(training_config(ck).get("dataset") or "")
         if ds.startswith("procedural:"):
-            return [f"procedural:{ds.split(':')[1]}"]
+            return [f"procedural:{ds.split(':')[1]}:64"]
     raise UsageError("--benchmarks is required (the checkpoint does not record a procedural training dataset); "
                      "e.g. --benchmarks six, or procedural:mixed:64")
 

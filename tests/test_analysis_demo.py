@@ -1,6 +1,6 @@
 """Every analysis command on the offline demo checkpoint, when one exists (skipped otherwise).
 
-The demo checkpoint is looked for at ``$STEERING_DEMO_CHECKPOINT``, else ``assets/demo-checkpoint``. The problems are
+The demo checkpoint is ``assets/demo-checkpoint`` (committed; made by ``python -m train --config configs/demo.yaml``). The problems are
 the demo's own procedural task (recorded in the checkpoint), 16 of them, so each command takes seconds on CPU.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = Path(os.environ.get("STEERING_DEMO_CHECKPOINT", REPO / "assets" / "demo-checkpoint"))
+DEMO = REPO / "assets" / "demo-checkpoint"
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (DEMO / "steering.json").is_file(), reason=f"no demo checkpoint at {DEMO}")]
