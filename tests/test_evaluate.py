@@ -383,15 +383,25 @@ def test_table_relative_columns():
 
 
 @pytest.mark.skipif(not (DEMO_BASE / "config.json").is_file(), reason="assets/demo-base not built")
-def test_demo_base_evaluates(tmp_path):
+def test_demo_base_and_demo_checkpoint_evaluate(tmp_path):
+    """The committed demo base and demo checkpoint, on procedural facts and a local JSONL: the steered row wins."""
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
+                            for a, b in [(2, 3), (7, 8), (9, 9), (4, 0), (6, 5), (1, 8)]))
     out = tmp_path / "demo"
-    code = main(["evaluate", "--model", str(DEMO_BASE), "--benchmarks", "procedural:mixed:16", "-k", "4",
-                 "--max-new-tokens", "24", "--out", str(out), "--no-progress"])
+    code = main(["evaluate", "--model", str(DEMO_BASE), "--include-base",
+                 "--checkpoint", f"steering={DEMO_BASE.parent / 'demo-checkpoint'}",
+                 "--benchmarks", "procedural:facts:16", f"file:{data}", "--temperature", "0",
+                 "--max-new-tokens", "32", "--out", str(out), "--no-progress"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     _check_consistency(out, results)
-    # the demo base answers in \boxed{} about a quarter of the time at T=1, and knows the answers
-    assert results["rows"][0]["results"]["procedural:mixed:16"]["accuracy"] > 0
+    base, steered = results["rows"][0]["results"], results["rows"][1]["results"]
+    assert len(base) == len(steered) == 2
+    for bench in base:
+        # greedy, the base never boxes its (right) answers; the RL-trained vectors make it box them
+        assert base[bench]["accuracy"] == 0.0 and steered[bench]["accuracy"] >= 0.8, (bench, base, steered)
+    assert (out / "table.md").read_text().count("|") > 10
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -163,3 +163,21 @@ def test_two_processes_under_accelerate_keep_identical_vectors(tmp_path):
     assert all(r["vector_rank_max_abs_diff"] == 0.0 for r in train_rows)
     assert ckpt_io.is_complete(tmp_path / "ddp" / "checkpoint-2")
     assert any(v.abs().max() > 0 for v in sv.load_vectors(tmp_path / "ddp" / "checkpoint-2").values())
+
+
+def test_token_scaling_trains_through_the_same_trainer(tmp_path):
+    """token_scaling: true trains gates alpha_l(t) next to the vectors and checkpoints them in safetensors."""
+    from steering import token_scaling as ts
+    from train.__main__ import train
+
+    trainer = train(["--config", str(small_config(tmp_path, "ts", learning_rate=0.05, val_size=0)),
+                     "--token_scaling", "true"])
+    ck = tmp_path / "ts" / "checkpoint-2"
+    assert (ck / "token_gates.safetensors").is_file() and sv.read_meta(ck)["token_scaling"]["layers"] == [0, 1, 2]
+    moved = [p for p in ts.gate_parameters(trainer.model) if p.detach().abs().max() > 0]
+    assert moved, "no gate parameter moved"
+    loaded = ts.load_token_scaled_model(ck, base=AutoModelForCausalLM.from_pretrained(DEMO_BASE))
+    x = torch.randint(4, 100, (2, 11))
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, trainer.model(x).logits.cpu())

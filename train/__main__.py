@@ -154,7 +154,12 @@ def build_model(s: Any, init_vectors: Any):
     base = sv.load_base_model(s.model_name_or_path, dtype=s.dtype, revision=s.model_revision,
                               attn_implementation=s.attn_implementation)
     if s.adapter == "steering":
-        return sv.attach_steering(base, layers=s.layers, init=init_vectors, base_model_id=s.model_name_or_path)
+        model = sv.attach_steering(base, layers=s.layers, init=init_vectors, base_model_id=s.model_name_or_path)
+        if s.token_scaling:
+            from steering import token_scaling as ts
+
+            ts.attach_token_scaling(model)  # s_l * alpha_l(t); the gates start at alpha = 1 (plain steering)
+        return model
     if s.adapter == "lora":
         from peft import LoraConfig, get_peft_model
 

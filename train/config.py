@@ -308,6 +308,9 @@ def _validate_combined(s: SteeringArguments, g: Any) -> None:
         raise ConfigError("rollout_backend: static and use_vllm: true are exclusive; pick one generation path")
     if s.token_scaling and s.adapter != "steering":
         raise ConfigError("token_scaling: needs adapter: steering")
+    if s.token_scaling and g.use_vllm:
+        raise ConfigError("token_scaling: the per-token gate is a forward hook that vLLM does not run; set "
+                          "use_vllm: false")
 
 
 def to_jsonable(*dataclasses: Any) -> dict[str, Any]:

@@ -437,6 +437,13 @@ def ensure_demo_base(path: str | os.PathLike = DEFAULT_PATH, **kwargs: Any) -> P
 # Steering sanity check
 
 
+def built_task(model_dir: str | os.PathLike = DEFAULT_PATH) -> tuple[str, dict[str, Any]]:
+    """``(task, task_kwargs)`` the base at ``model_dir`` was pretrained on (from its ``build_info.json``)."""
+    info_path = Path(model_dir) / "build_info.json"
+    args = json.loads(info_path.read_text())["args"] if info_path.is_file() else DEFAULTS
+    return args["task"], dict(args["task_kwargs"])
+
+
 def steering_sanity_check(model_dir: str | os.PathLike = DEFAULT_PATH, *, n_train: int = 32, steps: int = 40,
                           lr: float = 0.3, n_eval: int = 200, seed: int = 0) -> dict[str, Any]:
     """Fit a last-layer steering vector by plain cross-entropy on a few boxed examples and return the held-out
@@ -446,8 +453,7 @@ def steering_sanity_check(model_dir: str | os.PathLike = DEFAULT_PATH, *, n_trai
     from steering.tasks import make_tasks
     from steering.vectors import attach_steering, load_tokenizer, vector_norms
 
-    info = json.loads((Path(model_dir) / "build_info.json").read_text())
-    task, task_kwargs = info["args"]["task"], info["args"]["task_kwargs"]
+    task, task_kwargs = built_task(model_dir)
     tok = load_tokenizer(str(model_dir))
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     n_layers = base.config.num_hidden_layers
@@ -475,7 +481,7 @@ def steering_sanity_check(model_dir: str | os.PathLike = DEFAULT_PATH, *, n_trai
         opt.step()
     model.eval()
     after = heldout_stats(model, tok, rows, temperature=1.0, seed=seed)
-    return {"layer": n_layers - 1, "steps": steps, "lr": lr, "n_train": n_train, "final_loss": float(loss),
+    return {"layer": n_layers - 1, "steps": steps, "lr": lr, "n_train": n_train, "final_loss": loss.item(),
             "vector_norm": vector_norms(model)[n_layers - 1], "before": before, "after": after}
 
 

@@ -31,6 +31,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from steering import token_scaling as ts
 from steering import vectors as sv
 from train import checkpointing as ckpt_io
 from train.rollout import FastRolloutMixin
@@ -63,10 +64,12 @@ class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
     # ------------------------------------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
         s = self.steering_args
-        if s.adapter != "steering" or not s.layer_lr or self.optimizer is not None:
+        if s.adapter != "steering" or not (s.layer_lr or s.token_scaling) or self.optimizer is not None:
             return super().create_optimizer()
         a = self.args
         groups = sv.param_groups(self.model, a.learning_rate, s.layer_lr, weight_decay=a.weight_decay)
+        if s.token_scaling:
+            groups += ts.param_groups(self.model, a.learning_rate, weight_decay=a.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                            eps=a.adam_epsilon, weight_decay=a.weight_decay)
         return self.optimizer
@@ -143,9 +146,7 @@ class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
             tmp = final.with_name(f".{final.name}.tmp-{__import__('os').getpid()}")
             if tmp.exists():  # left by a killed process with the same pid (containers reuse pids across restarts)
                 __import__("shutil").rmtree(tmp)
-            sv.save_checkpoint(self.accelerator.unwrap_model(self.model), tmp,
-                               base_model=self.steering_args.model_name_or_path, step=step,
-                               training_config=self.run_config)
+            self._save_steering(tmp, step)
             ckpt_io.save_optimizer(self.optimizer, tmp)
             ckpt_io.save_scheduler(self.lr_scheduler, tmp)
             ckpt_io.save_rng(tmp, per_rank)
@@ -165,9 +166,16 @@ class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
         if self.steering_args.adapter != "steering":
             return super()._save(output_dir, state_dict)
         if self.args.should_save:
-            sv.save_checkpoint(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir,
-                               base_model=self.steering_args.model_name_or_path, step=self.state.global_step,
-                               training_config=self.run_config)
+            self._save_steering(Path(output_dir or self.args.output_dir), self.state.global_step)
+
+    def _save_steering(self, out: Path, step: int) -> None:
+        """The core checkpoint (vectors + steering.json), plus the token gates when token_scaling is on."""
+        model = self.accelerator.unwrap_model(self.model)
+        gated = ts.has_token_scaling(model)
+        sv.save_checkpoint(model, out, base_model=self.steering_args.model_name_or_path, step=step,
+                           training_config=self.run_config, extra=ts.checkpoint_extra(model) if gated else None)
+        if gated:
+            ts.save_token_gates(model, out)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self._uses_core_checkpoints():
@@ -176,6 +184,8 @@ class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
         vectors = sv.load_vectors(resume_from_checkpoint)
         sv.check_fits(vectors, target, source=f"checkpoint {resume_from_checkpoint}")
         sv.set_vectors(target, vectors)
+        if ts.has_token_scaling(target):
+            ts.load_token_gates(target, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None or not self._uses_core_checkpoints():
