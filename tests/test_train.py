@@ -23,7 +23,7 @@ def small_config(tmp_path, name="run", **overrides):
     """configs/demo.yaml shrunk to a few seconds a step."""
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     cfg.update(model_name_or_path=str(DEMO_BASE), build_demo_base=False, procedural_size=300, val_size=16,
-               val_steps=0, num_generations=4, per_device_train_batch_size=16, max_completion_length=12,
+               val_steps=0, num_generations=4, per_device_train_batch_size=16, max_completion_length=24,
                max_steps=2, save_steps=1, output_dir=str(tmp_path / name), plot_curves=False)
     cfg.update(overrides)
     path = tmp_path / f"{name}.yaml"
@@ -111,18 +111,28 @@ def test_paper_preset_advantages_and_loss_by_hand(tmp_path):
     out = trainer._generate_and_score_completions(batch)
     torch.testing.assert_close(out["advantages"].cpu(), expected)
 
-    # Loss: -sum_i A_i sum_t logp_it / (completion tokens of the whole batch), ratio = 1 on-policy.
+    # Loss: -sum_i A_i sum_t logp_it / (completion tokens of the whole batch). On-policy the PPO ratio is exp(logp -
+    # logp.detach()) = 1, so TRL's loss *value* is -sum_i A_i n_i / N while its *gradient* is the paper's; compare both.
     mask = out["completion_mask"]
-    out["num_items_in_batch"] = mask.sum()
+    n_tokens = mask.sum()
+    out["num_items_in_batch"] = n_tokens
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by the train loop
+    params = sv.vector_parameters(trainer.model)
+    sv.set_vectors(trainer.model, {l: 0.3 * torch.randn(p.numel()) for l, p in params.items()})
     loss = trainer._compute_loss(trainer.model, out)
-    with torch.no_grad():
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        att = torch.cat([out["prompt_mask"], mask], 1)
-        logits = trainer.model(input_ids=ids, attention_mask=att).logits[:, out["prompt_ids"].size(1) - 1:-1]
-        logp = torch.log_softmax(logits.float() / trainer.temperature, -1).gather(
-            -1, out["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    by_hand = -(expected.unsqueeze(1) * logp * mask).sum() / mask.sum()
-    torch.testing.assert_close(loss.detach(), by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), -(expected.unsqueeze(1) * mask).sum() / n_tokens, rtol=1e-5, atol=1e-6)
+    trl_grads = torch.autograd.grad(loss, list(params.values()))
+
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    att = torch.cat([out["prompt_mask"], mask], 1)
+    logits = trainer.model(input_ids=ids, attention_mask=att).logits[:, out["prompt_ids"].size(1) - 1:-1]
+    logp = torch.log_softmax(logits.float() / trainer.temperature, -1).gather(
+        -1, out["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    by_hand = -(expected.unsqueeze(1) * logp * mask).sum() / n_tokens
+    hand_grads = torch.autograd.grad(by_hand, list(params.values()))
+    for a, b in zip(trl_grads, hand_grads):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
