@@ -70,27 +70,57 @@ DEFAULT_PATH = REPO_ROOT / "assets" / "demo-base"
 DEFAULTS: dict[str, Any] = {
     "task": "facts",
     "task_kwargs": {"ops": ["+", "-", "*"]},
-    # Pretrain on every question of the task space: the base *knows* all single-digit facts (its latent skill); RL
-    # only has to elicit the rewarded format. ("train" would hold the held-out partition back, to test
-    # generalisation instead.)
-    "pretrain_part": "all",
-    "hidden_size": 96,
+    # Pretrain on the non-held-out questions ("all" would also train on the 92 held-out ones). Every held-out question
+    # asks a fact the base learned in another phrasing, so it knows the answers to validation / test questions without
+    # having seen them verbatim.
+    "pretrain_part": "train",
+    "hidden_size": 64,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "intermediate_size": 384,
+    "intermediate_size": 256,
     "max_position_embeddings": 512,
     "steps": 800,
     "batch_size": 64,
-    "lr": 3e-3,
+    "lr": 6e-3,
     "min_lr_ratio": 0.05,
     "warmup_steps": 30,
     "weight_decay": 0.01,
     "betas": [0.9, 0.98],
     "grad_clip": 1.0,
+    # One thread: faster than two on a shared 2-core machine, and the same reduction order everywhere.
     "threads": 1,
-    "eval_size": 80,
+    "eval_size": 200,  # capped at the held-out questions that exist (92 for facts)
 }
+
+# AutoTokenizer ignores tokenizer_class for qwen2 models and rebuilds a Qwen2Tokenizer from tokenizer.json, which
+# silently changes this character tokenizer's ids. An ``auto_map`` entry makes it load tokenizer.json as is (as a
+# TokenizersBackend, or with trust_remote_code=True as this trivial subclass).
+_TOKENIZER_MODULE = "tokenization_char"
+_TOKENIZER_CODE = '''"""The demo base's character-level tokenizer: exactly what tokenizer.json describes (one token per character).
+
+Only here so that ``AutoTokenizer.from_pretrained(path, trust_remote_code=True)`` keeps these ids too; without
+trust_remote_code, AutoTokenizer loads the same tokenizer.json as a plain ``TokenizersBackend``."""
+
+from transformers import PreTrainedTokenizerFast
+
+
+class CharTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+
+
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
+    """Save the character tokenizer so that ``AutoTokenizer.from_pretrained(out_dir)`` gives back the same ids."""
+    out = Path(out_dir)
+    tokenizer.save_pretrained(str(out))
+    (out / f"{_TOKENIZER_MODULE}.py").write_text(_TOKENIZER_CODE)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, f"{_TOKENIZER_MODULE}.CharTokenizer"]}
+    cfg["padding_side"] = "left"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
 
 _BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 _INT_RE = re.compile(r"-?\d+")
@@ -376,7 +406,7 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
         wall = time.perf_counter() - t0
         info = {
             "script": "python -m train.demo_base",
@@ -506,6 +536,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           batch_size=args.batch_size, lr=args.lr, threads=args.threads, eval_size=args.eval_size)
     if args.sanity:
         res = steering_sanity_check(out)
+        info_path = out / "build_info.json"
+        info = json.loads(info_path.read_text())
+        info["steering_sanity_check"] = res
+        tmp = info_path.with_name(f".{info_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, info_path)
         b, a = res["before"], res["after"]
         print(f"steering sanity check (layer {res['layer']}, {res['steps']} Adam steps at lr {res['lr']}, "
               f"|v|={res['vector_norm']:.2f}): boxed & correct at T=1 {b['boxed_correct']:.2f} -> "
