@@ -158,23 +158,6 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     del ref_opt
 
 
-@pytest.mark.slow
-def test_two_processes_under_accelerate_keep_identical_vectors(tmp_path):
-    cfg = small_config(tmp_path, "ddp", per_device_train_batch_size=8, val_size=8)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "train", "--config", str(cfg)],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_metrics(tmp_path / "ddp")
-    train_rows = [r for r in rows if "reward" in r]
-    assert [r["step"] for r in train_rows] == [1, 2], "only rank 0 writes metrics, one line per step"
-    assert all(r["vector_rank_max_abs_diff"] == 0.0 for r in train_rows)
-    assert ckpt_io.is_complete(tmp_path / "ddp" / "checkpoint-2")
-    assert any(v.abs().max() > 0 for v in sv.load_vectors(tmp_path / "ddp" / "checkpoint-2").values())
-
-
 def test_token_scaling_trains_through_the_same_trainer(tmp_path):
     """token_scaling: true trains gates alpha_l(t) next to the vectors and checkpoints them in safetensors."""
     from steering import token_scaling as ts
