@@ -58,8 +58,8 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 # ``a`` the answer); the first character decides the format, and only the boxed one earns reward.
 FORMATS: tuple[tuple[str, float, str], ...] = (
     ("boxed", 0.27, "\\({eq} = \\boxed{{{a}}}\\)"),
-    ("so", 0.45, "So {eq} = {a}."),
-    ("answer", 0.15, "{eq} = {a}. Answer: {a}"),
+    ("so", 0.45, "So {eq} = {a}. The answer is {a}."),
+    ("we_have", 0.15, "We have {eq} = {a}."),
     ("bare", 0.13, "{eq} = {a}"),
 )
 
@@ -68,21 +68,21 @@ DEFAULT_PATH = REPO_ROOT / "assets" / "demo-base"
 
 # Everything the build depends on. ``build_demo_base`` takes any of these as keyword arguments.
 DEFAULTS: dict[str, Any] = {
-    "task": "facts",
-    "task_kwargs": {"ops": ["+", "-", "*"]},
-    # Pretrain on the non-held-out questions ("all" would also train on the 92 held-out ones). Every held-out question
-    # asks a fact the base learned in another phrasing, so it knows the answers to validation / test questions without
-    # having seen them verbatim.
-    "pretrain_part": "train",
-    "hidden_size": 64,
+    # Single-digit facts (+, -, *): 900 distinct questions. The base pretrains on all of them, so it *knows* every
+    # answer (its latent skill) and RL only has to elicit the rewarded format. The committed assets/demo-base was
+    # built with exactly these values (its build_info.json records them).
+    "task": "arithmetic",
+    "task_kwargs": {"ops": ["+", "-", "*"], "digits": 1},
+    "pretrain_part": "all",
+    "hidden_size": 96,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "intermediate_size": 256,
+    "intermediate_size": 384,
     "max_position_embeddings": 512,
     "steps": 800,
     "batch_size": 64,
-    "lr": 6e-3,
+    "lr": 3e-3,
     "min_lr_ratio": 0.05,
     "warmup_steps": 30,
     "weight_decay": 0.01,
@@ -90,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
     # One thread: faster than two on a shared 2-core machine, and the same reduction order everywhere.
     "threads": 1,
-    "eval_size": 200,  # capped at the held-out questions that exist (92 for facts)
+    "eval_size": 80,
 }
 
 # AutoTokenizer ignores tokenizer_class for qwen2 models and rebuilds a Qwen2Tokenizer from tokenizer.json, which
@@ -379,7 +379,7 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if step % 10 == 0 or step == cfg["steps"] - 1:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{_lr_at(step, cfg):.1e}")
         bar.close()
