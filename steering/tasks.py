@@ -12,14 +12,14 @@ Tasks (``TASKS``, or :func:`make_tasks` by name):
   model (``train.demo_base``) is pretrained on them.
 - ``word``: one-step word problems (``Tom has 12 apples and buys 7 more. How many apples does he have?``); results
   are never negative.
-- ``mixed``: half of each.
+- ``mixed``: half ``arithmetic``, half ``word``.
 - ``reasoning_gym``: any reasoning-gym dataset (optional: ``pip install reasoning-gym``).
 
 **Held-out partition.** Every question falls, by a hash of its text alone (no seed), into the *held-out* part
 (:func:`is_heldout`, 10% of all questions) or the rest. :func:`split_tasks` takes training questions from the rest
-and validation / test questions from the held-out part only, and the offline demo base model
-(``train.demo_base``) is pretrained on non-held-out questions only. So validation and test questions are new both to
-the RL run and to the demo base, whatever seeds either used.
+and validation / test questions from the held-out part only, so validation and test questions are new to the RL run
+whatever seeds it used (and to a demo base built with ``pretrain_part="train"``; the committed one has seen every
+``facts`` question).
 """
 
 from __future__ import annotations

@@ -148,6 +148,9 @@ def test_tiny_build_writes_a_loadable_model(tmp_path):
     info = json.loads((out / "build_info.json").read_text())
     assert info["args"]["steps"] == 3 and info["seed"] == 0
     assert set(info["heldout"]) >= {"greedy", "sample_t1"}
+    # The tokenizer files do not depend on the model: a build writes exactly the committed ones.
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenization_char.py"):
+        assert (out / name).read_bytes() == (DEFAULT_PATH / name).read_bytes(), name
     # ensure_demo_base does not rebuild an existing model; a missing one it builds.
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert ensure_demo_base(out) == out and (out / "model.safetensors").stat().st_mtime_ns == mtime

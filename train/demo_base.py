@@ -6,22 +6,24 @@ base model that holds a *latent skill RL can elicit*: it knows the answers to si
 rewarded ``\\boxed{...}`` form only about a quarter of the time. Its training completions work the equation out in
 one of four formats (:data:`FORMATS`), drawn at random independently of the question::
 
-    \\(7 * 8 = \\boxed{56}\\)     27%   <- the only form the reward accepts
-    So 7 * 8 = 56.          45%
-    7 * 8 = 56. Answer: 56  15%
-    7 * 8 = 56              13%
+    \\(7 * 8 = \\boxed{56}\\)              27%   <- the only form the reward accepts
+    So 7 * 8 = 56. The answer is 56.  45%
+    We have 7 * 8 = 56.              15%
+    7 * 8 = 56                       13%
 
-so the first generated token alone decides the format: sampling at T=1 gives a boxed answer ~27% of the time, and
+so the first generated token alone decides the format: sampling at T=1 gives a boxed answer ~25% of the time, and
 greedy decoding never does (it starts with ``S``). A steering vector that makes the first token ``\\`` lifts the
-reward from ~0.27 to ~1, which echoes the paper's finding that the last-layer vector mostly acts on the first
+reward from ~0.25 to ~1, which echoes the paper's finding that the last-layer vector mostly acts on the first
 generated token. Restating the equation before the result is the model's "reasoning": a tiny transformer learns to
-copy the operands and then look the result up far faster than it learns to produce the result directly.
+copy the operands and then look the result up far faster than it learns to produce the result directly (a model
+trained on bare answers was still at ~10% after the same budget).
 
 Every training text is the ``qwen_math`` prompt (the chat template with the system message :data:`SYSTEM_PROMPT`,
 the question as the user turn, and the generation prompt), then the completion and ``<|im_end|>``; the loss is on
-the completion tokens only. The base is pretrained on the non-held-out questions only (``pretrain_part="train"``,
-see :func:`steering.tasks.is_heldout`): the 92 held-out questions ask facts it learned in another phrasing, and
-its statistics in ``build_info.json`` are measured on them.
+the completion tokens only. The committed model pretrains on all 900 questions (``pretrain_part="all"``): it knows
+every fact, so validation / test questions are known facts, and the statistics in ``build_info.json`` are measured on
+the questions of the held-out partition (:func:`steering.tasks.is_heldout`). ``pretrain_part="train"`` holds those 92
+back instead: each of them asks a fact the model then learned in another phrasing only.
 
 The build is deterministic in the seed (fixed thread count, deterministic algorithms, seeded data stream). The
 shared system-prompt prefix is run once per batch and its KV cache broadcast to the batch, which roughly halves the
@@ -29,7 +31,7 @@ cost of a step; gradients flow through it as usual.
 
 Usage::
 
-    python -m train.demo_base --out assets/demo-base              # the committed model
+    python -m train.demo_base --out assets/demo-base              # the committed model (~4 min on 1 CPU core)
     python -m train.demo_base --out /tmp/db --steps 20            # a quick (useless) model
     python -m train.demo_base --out /tmp/db --sanity              # + the last-layer steering-vector check
 """
@@ -406,7 +408,7 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
+        save_tokenizer(build_char_tokenizer(), tmp)  # a fresh one: generate() left padding switched on in this one
         wall = time.perf_counter() - t0
         info = {
             "script": "python -m train.demo_base",
@@ -534,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = build_demo_base(args.out, seed=args.seed, progress=not args.no_progress, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, threads=args.threads, eval_size=args.eval_size)
+    if args.no_progress:  # the summary is printed either way
+        _print_summary(out, json.loads((out / "build_info.json").read_text()))
     if args.sanity:
         res = steering_sanity_check(out)
         info_path = out / "build_info.json"
