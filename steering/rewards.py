@@ -17,7 +17,7 @@ What a call does, in order:
    deadline, and a worker that has not answered by then (stuck in C code that never sees the signal) is
    SIGKILLed and replaced. Either way the sample scores as incorrect with ``timed_out=True``.
 
-The pool (``NUM_WORKERS`` processes, 2 by default, env ``STEERING_REWARD_WORKERS``) starts on the first sample
+The pool (``NUM_WORKERS`` processes, 2 by default; ``start_workers(n)`` sets another size) starts on the first sample
 that needs math-verify. Workers are plain ``subprocess`` children running ``python -c``, not ``multiprocessing``
 ones: that works from threads, from daemonic ``multiprocessing.Pool`` workers (which may not have
 ``multiprocessing`` children), after ``fork`` and under ``spawn``, and never re-imports the user's ``__main__``.
@@ -63,7 +63,7 @@ REWARD_STYLES = {"pm1": (1.0, -1.0), "binary": (1.0, 0.0)}  # style -> (correct,
 MAX_ANSWER_CHARS = 500
 MAX_NESTING = 20
 
-NUM_WORKERS = max(1, int(os.environ.get("STEERING_REWARD_WORKERS", "2")))
+NUM_WORKERS = 2
 STARTUP_TIMEOUT_S = 60.0  # a fresh worker imports sympy + math-verify; on a loaded machine that can take a while
 WORKER_ALARM_MARGIN_S = 0.05  # how long before the deadline a worker interrupts its own work
 
@@ -507,9 +507,18 @@ def _get_pool() -> _WorkerPool:
         return _POOL
 
 
-def start_workers(wait: bool = True) -> None:
+def start_workers(wait: bool = True, num_workers: int | None = None) -> None:
     """Start the math-verify workers now (otherwise the first sample that needs them does) and, with ``wait``,
-    block until all of them are ready. Optional: it takes the few seconds of start-up out of the first samples."""
+    block until all of them are ready. Optional: it takes the few seconds of start-up out of the first samples.
+    ``num_workers`` sets the pool size for this process (before the pool exists; default ``NUM_WORKERS``)."""
+    global NUM_WORKERS
+    if num_workers is not None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        with _POOL_LOCK:
+            if _POOL is not None and num_workers != NUM_WORKERS:
+                raise RuntimeError("the reward worker pool is already running; set num_workers before first use")
+            NUM_WORKERS = num_workers
     pool = _get_pool()
     if wait and not pool.wait_ready(STARTUP_TIMEOUT_S):
         raise RuntimeError(f"math-verify workers did not start within {STARTUP_TIMEOUT_S} s; see the log")
