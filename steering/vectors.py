@@ -310,7 +310,8 @@ def _atomic_dir(out_dir: Path) -> Path:
     return tmp
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (best effort where the OS allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -348,7 +349,7 @@ def save_checkpoint(
     meta = {
         "format_version": FORMAT_VERSION,
         # Checked on load: a tampered or corrupted weights file fails loudly instead of steering with garbage.
-        "adapter_sha256": _sha256(tmp / ADAPTER_WEIGHTS_FILE),
+        "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS_FILE),
         "base_model": base_model,
         "model_type": model.config.model_type,
         "layers": steered_layers(model),
@@ -364,7 +365,7 @@ def save_checkpoint(
         json.dump(meta, f, indent=2, default=str)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
@@ -372,11 +373,12 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     return out_dir
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (checkpoints record it; loading checks it)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -423,7 +425,7 @@ def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
     meta_path = file.parent / META_FILE
     if meta_path.is_file():
         expected = read_meta(file.parent).get("adapter_sha256")
-        if expected and _sha256(file) != expected:
+        if expected and sha256_file(file) != expected:
             raise CheckpointError(f"{str(file)!r} does not match the checksum in {META_FILE}: the file was tampered "
                                   "with or corrupted (truncated or tampered?)")
     if file.suffix != ".safetensors":

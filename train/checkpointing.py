@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from steering.vectors import fsync_dir, sha256_file
+
 LATEST = "latest"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
@@ -43,22 +45,12 @@ def _checkpoint_error(message: str) -> Exception:
     return CheckpointError(message)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
     """A safetensors file, checked against the checksum recorded next to it (if any): never unpickles, and a
     truncated or tampered file is a CheckpointError naming it, not garbage state."""
     from safetensors import SafetensorError
 
-    if expected_sha256 and _sha256(path) != expected_sha256:
+    if expected_sha256 and sha256_file(path) != expected_sha256:
         raise _checkpoint_error(f"{path} does not match its recorded sha256: the file was tampered with or corrupted "
                                 "(truncated or tampered?); resume from an earlier checkpoint")
     try:
@@ -100,7 +92,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, out: Path) -> None:
     save_file(tensors, str(out / OPTIMIZER_TENSORS))
     _write_json(out / OPTIMIZER_JSON, {"param_groups": sd["param_groups"], "scalars": scalars,
                                        "type": type(optimizer).__name__,
-                                       "sha256": _sha256(out / OPTIMIZER_TENSORS)})
+                                       "sha256": sha256_file(out / OPTIMIZER_TENSORS)})
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
@@ -163,7 +155,7 @@ def save_rng(out: Path, per_rank: list[tuple[dict[str, torch.Tensor], dict[str, 
     tensors = {f"rank{r}.{k}": v.contiguous() for r, (ts, _) in enumerate(per_rank) for k, v in ts.items()}
     save_file(tensors, str(out / RNG_TENSORS))
     _write_json(out / RNG_JSON, {**{str(r): meta for r, (_, meta) in enumerate(per_rank)},
-                                 "sha256": _sha256(out / RNG_TENSORS)})
+                                 "sha256": sha256_file(out / RNG_TENSORS)})
 
 
 def load_rng(ckpt: Path, rank: int) -> bool:
@@ -205,23 +197,12 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     _write_json(final.parent / LATEST, {"checkpoint": final.name})
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     for stale in final.parent.glob("*.checkpoint-*"):  # interrupted saves (and their inner temp dirs), old copies
         if ".tmp-" in stale.name or ".old-" in stale.name:
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def is_complete(ckpt: Path) -> bool:
