@@ -141,7 +141,7 @@ def progress(iterable: Iterable[Any] | None = None, *, desc: str = "", total: in
 def load_steerable(base_id: str, args: argparse.Namespace):
     """``(model, tokenizer)``: the frozen base with a zero steering vector on every layer (bit-identical to the base
     until :func:`use_vectors` sets some), on ``--device`` in ``--dtype``."""
-    from analysis.evaluate import load_tokenizer
+    from steering.vectors import load_tokenizer
 
     device, dtype = device_and_dtype(args)
     base = sv.load_base_model(base_id, dtype=dtype)
@@ -152,7 +152,7 @@ def load_steerable(base_id: str, args: argparse.Namespace):
 
 def load_plain(base_id: str, args: argparse.Namespace):
     """``(model, tokenizer)``: the frozen base without adapters (for analyses that steer through hooks)."""
-    from analysis.evaluate import load_tokenizer
+    from steering.vectors import load_tokenizer
 
     device, dtype = device_and_dtype(args)
     model = sv.load_base_model(base_id, dtype=dtype)

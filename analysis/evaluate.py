@@ -382,12 +382,6 @@ def _load_lm(name: str, dtype: Any):
     return sv.freeze(model).eval()
 
 
-def load_tokenizer(name: str):
-    from steering import vectors as sv
-
-    return sv.load_tokenizer(name)
-
-
 def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None = None):
     """(model, tokenizer) for a row: the base, a steering checkpoint on its base, a LoRA adapter (PeftModel) on its
     base, or a full model dir."""
@@ -405,7 +399,7 @@ def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None =
         model = _load_lm(row.path, dtype)
     else:
         raise ValueError(f"unknown row kind {row.kind!r}")
-    tokenizer = load_tokenizer(row.tokenizer)
+    tokenizer = sv.load_tokenizer(row.tokenizer)
     return model.to(default_device(device)).eval(), tokenizer
 
 

@@ -94,7 +94,8 @@ def eval_args(toy, max_new=14):
 
 def evaluate(toy, vectors=None, base_dir=None, max_new=14):
     """Independent greedy evaluation: a freshly loaded model with exactly these vectors (None: the plain base)."""
-    from analysis.evaluate import evaluate_model, load_tokenizer
+    from analysis.evaluate import evaluate_model
+    from steering.vectors import load_tokenizer
     from steering.generation import SamplingParams
     from steering.templates import get_template
 

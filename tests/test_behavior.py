@@ -15,14 +15,6 @@ EXAMPLES = ROOT / "examples" / "traces.jsonl"
 DEMO_BASE = ROOT / "assets" / "demo-base"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dm_out(tiny_base_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("beh") / "dm"

@@ -36,15 +36,6 @@ WINDOW = [[("B", [4, 5]), ("A", [7, 8])],                               # A at t
 NEG = [list(range(2, 12)), list(range(0, 7))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: thread synchronisation costs more than it saves on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hidden_states(model, tok, trace):
     ids = tok(trace.get("prompt", ""))["input_ids"] + tok(trace["text"], add_special_tokens=False)["input_ids"]
     # plain forward hooks on the decoder layers (independent of steering.hooks): the output of each layer

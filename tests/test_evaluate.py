@@ -19,17 +19,6 @@ DEMO_BASE = REPO / "assets" / "demo-base"
 # Fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared); restored afterwards."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def local_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "local.jsonl"

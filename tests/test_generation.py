@@ -19,15 +19,6 @@ ARCHS = ["qwen2", "llama"]
 PROMPTS = ["a", "hello world", "the quick brown fox", "1+1=", "Why?"]  # different lengths: left padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (10-50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return build_char_tokenizer()

@@ -9,17 +9,6 @@ from analysis.__main__ import main
 from analysis.select import find_checkpoints, pick_best, read_val_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared); restored afterwards."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tiny_base_dir, tmp_path_factory):
     """A training run: checkpoint-10/20/30 (steering), plus an interrupted save and a non-checkpoint dir."""

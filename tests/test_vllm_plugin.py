@@ -20,14 +20,6 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM installed")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def steered(arch, seed=0):
     model = sv.attach_steering(tiny_model(arch, seed=seed))
     g = torch.Generator().manual_seed(seed)
