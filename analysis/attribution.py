@@ -52,6 +52,7 @@ from torch import nn
 
 from analysis.cli import UsageError, default_device, prepare_out, write_json
 from steering import diffmean as dm
+from steering import compat
 from steering import hooks as H
 
 ESTIMATES = ("fisher", "logprob", "exact")
@@ -113,8 +114,8 @@ def make_examples(tokenizer: Any, traces: Iterable[Mapping[str, Any]], label: st
 def eager_attention(model: nn.Module):
     """Forward-mode AD has no formula for the fused SDPA kernels: run eager attention inside the block."""
     lm = H.causal_lm(model)
-    old = getattr(lm.config, "_attn_implementation", None)
-    if old in (None, "eager") or not hasattr(lm, "set_attn_implementation"):
+    old = compat.attn_implementation(lm)
+    if old in (None, "eager"):
         yield
         return
     lm.set_attn_implementation("eager")

@@ -19,9 +19,11 @@ steered residual and the unsteered one, and mix them per path:
 
 The unsteered values are computed *online*, in the same forward pass: layers before ``T`` are the same in both runs
 except for ``s`` itself, so the unsteered input of ``T`` is ``hook_resid_mid_ℓ + (MLP output of ℓ without s)``,
-bit-identical to an unsteered run; Q/K/V come from ``T``'s own projections on it, and per-head attention outputs from
-a second ("shadow") evaluation of ``T``'s attention with its own KV cache. So the same patching works in a
-teacher-forced pass and inside generation (KV cache) -- which is how accuracy is measured. It needs ``--backend hf``.
+bit-identical to an unsteered run; Q/K/V come from ``T``'s own projections on it. Per-head attention outputs of the
+other run come from a second ("shadow") forward of the decoder under that run's variant, with its own
+``transformers.DynamicCache`` during generation. Everything goes through the model's own forward and the hook
+vocabulary, so the same patching works in a teacher-forced pass and inside generation (KV cache) -- which is how
+accuracy is measured. It needs ``--backend hf``.
 
 Metrics per variant: ``kl_to_full``, the mean per-token KL(p_full ‖ p_variant) over the positions that predict the
 completion tokens of completions sampled from ``full``; and ``accuracy`` (via ``analysis.evaluate``) for the summary
@@ -54,10 +56,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from analysis import _common as C
 from analysis import plots
 from analysis.cli import UsageError, prepare_out, write_json
+from steering import compat
 from steering import hooks as H
 
 PROJECTIONS = ("q", "k", "v")
@@ -111,31 +115,18 @@ def build_variants(n_heads: int, n_kv: int) -> tuple[list[Variant], list[Variant
     return summary, per_head
 
 
-class _ShadowKV:
-    """The minimal KV cache the shadow attention call needs (``update`` only), for one layer."""
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.pad_to: int | None = None
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
-        self.k = key if self.k is None else torch.cat([self.k, key], dim=-2)
-        self.v = value if self.v is None else torch.cat([self.v, value], dim=-2)
-        k, v = self.k, self.v
-        if self.pad_to is not None and k.shape[-2] < self.pad_to:  # a preallocated live cache: match its mask width
-            pad = self.pad_to - k.shape[-2]
-            k = torch.cat([k, k.new_zeros(*k.shape[:-2], pad, k.shape[-1])], dim=-2)
-            v = torch.cat([v, v.new_zeros(*v.shape[:-2], pad, v.shape[-1])], dim=-2)
-        return k, v
-
-
 class Patcher:
     """Applies the path-patching variants of the vector ``vector`` at layer ``layer`` to the block after it.
 
     ``model`` is the plain base (or a steered model whose vectors are all zero): the vector is added through the hook
     vocabulary at ``blocks.{layer}.hook_mlp_out`` with BEFT's exact arithmetic, so ``full`` is bit-identical to the
-    checkpoint's vector loaded as a real parameter."""
+    checkpoint's vector loaded as a real parameter.
+
+    Everything goes through the model's own forward: hooks of the hook vocabulary read and replace activations, and
+    the per-head ``z`` variants get the other run's attention outputs from a second ("shadow") forward of the decoder
+    under the other variant (``skip-attn`` for remove-z, ``full`` for inject-z), started from a forward pre-hook on the
+    decoder with the same inputs and, during generation, its own ``transformers.DynamicCache``. No attention module is
+    ever called by hand, so nothing depends on the keyword names of its forward."""
 
     def __init__(self, model: nn.Module, layer: int, vector: torch.Tensor):
         num = H.num_layers(model)
@@ -147,23 +138,22 @@ class Patcher:
         self.target = layer + 1
         self.vector = vector.detach().float().reshape(-1)
         self.n_heads, self.n_kv, self.d_head = H.attention_shape(model)
-        block = H.causal_lm(model).model.layers[self.target]
-        self.block = block
-        self._state: dict[str, Any] = {}
+        self.decoder = H.causal_lm(model).model
+        self.block = self.decoder.layers[self.target]
         self._in_shadow = False
-        self._shadow_live: Any = None
-        self._shadow_cache: _ShadowKV | None = None
+        self._shadow_cache: Any = None
+        self._live_cache: Any = None
 
     # ------------------------------------------------------------------------------------------------ online values
-    def _clean_ln1(self) -> torch.Tensor:
-        st = self._state
+    def _clean_ln1(self, st: dict[str, Any]) -> torch.Tensor:
         if "clean_ln1" not in st:
+            # .forward, not __call__: this is a second evaluation of the norm, and must not fire its hook point again
             st["clean_ln1"] = self.block.input_layernorm.forward(st["clean_pre"])
         return st["clean_ln1"]
 
-    def _hooks(self, v: Variant) -> list[tuple[str, H.HookFn]]:
+    def _hooks(self, v: Variant, st: dict[str, Any], shadow: dict[str, Any]) -> list[tuple[str, H.HookFn]]:
+        """The hooks of variant ``v``; ``st`` is this run's state, ``shadow`` the state of the shadow run (``z``)."""
         L, T = self.layer, self.target
-        st = self._state
         s = self.vector
 
         def mid(t: torch.Tensor, name: str) -> None:
@@ -182,89 +172,75 @@ class Patcher:
             out.append((f"blocks.{T}.hook_resid_pre", lambda t, n: st["clean_pre"]))
             out.append((f"blocks.{T}.hook_resid_post", lambda t, n: (t + s.to(t.device)).to(t.dtype)))
             return out
-
-        def ln1(t: torch.Tensor, name: str) -> torch.Tensor | None:
-            if self._in_shadow:
-                return None
-            st["steered_ln1"] = t
-            return self._clean_ln1() if v.skip_attn else None
-
-        out.append((f"blocks.{T}.ln1.hook_normalized", ln1))
+        if v.skip_attn:
+            out.append((f"blocks.{T}.ln1.hook_normalized", lambda t, n: self._clean_ln1(st)))
         for p in PROJECTIONS:
             heads = v.clean_heads.get(p)
             if heads:
                 proj = getattr(self.block.self_attn, f"{p}_proj")
 
-                def fn(t: torch.Tensor, name: str, _proj=proj, _heads=heads) -> torch.Tensor | None:
-                    if self._in_shadow:
-                        return None
-                    clean = _proj.forward(self._clean_ln1())
+                def fn(t: torch.Tensor, name: str, _proj=proj, _heads=heads) -> torch.Tensor:
+                    clean = _proj.forward(self._clean_ln1(st))  # .forward: no second firing of this hook point
                     return H.patch_heads(clean, _heads, self.d_head)(t, name)
 
                 out.append((f"blocks.{T}.attn.hook_{p}", fn))
         if v.z_mode:
-            def z(t: torch.Tensor, name: str) -> torch.Tensor | None:
-                if self._in_shadow:
-                    st["shadow_z"] = t
-                    return None
-                return H.patch_heads(st["shadow_z"], v.z_heads, self.d_head)(t, name)
-
-            out.append((f"blocks.{T}.attn.hook_z", z))
+            out.append((f"blocks.{T}.attn.hook_z", lambda t, n: H.patch_heads(shadow["z"], v.z_heads, self.d_head)(t, n)))
         return out
 
-    def _shadow_pre_hook(self, v: Variant):
-        """Forward pre-hook on block T's self_attn: evaluate it once more on the other input (unsteered for remove-z,
-        steered for inject-z), with its own KV cache, to get that run's per-head outputs (captured at hook_z)."""
-
-        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._in_shadow:
-                return None
-            st = self._state
-            other = self._clean_ln1() if v.z_mode == "remove" else st["steered_ln1"]
-            live = kwargs.get("past_key_values")
-            cache = None
-            if live is not None:
-                restart = live is not self._shadow_live
-                try:
-                    restart = restart or live.get_seq_length(self.target) == 0
-                except Exception:  # a cache type without per-layer lengths
-                    pass
-                if restart or self._shadow_cache is None:
-                    self._shadow_cache, self._shadow_live = _ShadowKV(), live
-                cache = self._shadow_cache
-                mask = kwargs.get("attention_mask")
-                cache.pad_to = int(mask.shape[-1]) if isinstance(mask, torch.Tensor) and mask.dim() == 4 else None
-            kw = {k: val for k, val in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-            self._in_shadow = True
-            try:
-                mod.forward(other, past_key_values=cache, **kw)
-            finally:
-                self._in_shadow = False
+    def _run_shadow(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the decoder: run it once more, under the shadow variant, on the same inputs."""
+        if self._in_shadow:
             return None
-
-        return pre
+        key = compat.cache_kwarg(decoder)
+        live = kwargs.get(key)
+        cache = None
+        if live is not None:
+            if not isinstance(live, DynamicCache):
+                raise UsageError(f"path patching of per-head outputs needs a dynamic KV cache during generation, got "
+                                 f"{type(live).__name__}; generate with the default cache (--backend hf)")
+            if live is not self._live_cache or live.get_seq_length() == 0:  # a new generation: a new shadow cache
+                self._live_cache, self._shadow_cache = live, DynamicCache(config=H.causal_lm(self.model).config)
+            cache = self._shadow_cache
+        self._in_shadow = True
+        try:
+            decoder(*args, **{**kwargs, key: cache})
+        finally:
+            self._in_shadow = False
+        return None
 
     @contextmanager
     def apply(self, v: Variant) -> Iterator[None]:
         """Inside the block, every forward pass of the model (teacher-forced or generating) runs variant ``v``."""
+        state: dict[str, Any] = {}
+        shadow: dict[str, Any] = {}
+        hooks = _only_when(self._hooks(v, state, shadow), lambda: not self._in_shadow)
         handle = None
-        self._state.clear()
-        self._shadow_live, self._shadow_cache = None, None
+        if v.z_mode:
+            other = Variant("full") if v.z_mode == "inject" else Variant("skip-attn", skip_attn=True)
+            capture = (f"blocks.{self.target}.attn.hook_z", lambda t, n: shadow.__setitem__("z", t))
+            hooks += _only_when(self._hooks(other, {}, {}) + [capture], lambda: self._in_shadow)
+        self._shadow_cache = self._live_cache = None
         try:
             if v.z_mode:
-                handle = self.block.self_attn.register_forward_pre_hook(self._shadow_pre_hook(v), with_kwargs=True)
-            with H.hooks(self.model, self._hooks(v)):
+                handle = self.decoder.register_forward_pre_hook(self._run_shadow, with_kwargs=True)
+            with H.hooks(self.model, hooks):
                 yield
         finally:
             if handle is not None:
                 handle.remove()
-            self._state.clear()
-            self._shadow_live, self._shadow_cache = None, None
+            self._shadow_cache = self._live_cache = None
 
     @torch.no_grad()
     def logits(self, v: Variant, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         with self.apply(v):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _only_when(hooks: list[tuple[str, H.HookFn]], active) -> list[tuple[str, H.HookFn]]:
+    """The same hooks, acting only while ``active()`` is true (the main run's hooks stay out of the shadow run's way,
+    and the other way round)."""
+    return [(name, (lambda t, n, _fn=fn: _fn(t, n) if active() else None)) for name, fn in hooks]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -479,7 +479,7 @@ def save_vectors_checkpoint(
             raise sv.SteeringError(f"vector for layer {layer} holds NaN or Inf")
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config)
-    base.config._name_or_path = base_model
+    base.config.name_or_path = base_model
     model = sv.attach_steering(base, layers=layers, base_model_id=base_model)
     for name, module in model.named_modules():
         bias = getattr(module, "beft_bias", None)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from steering import compat
 
 BACKENDS = ("hf", "static")
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
@@ -333,9 +334,12 @@ def static_decode(
         return input_ids
 
     do_sample = bool(generation_config.do_sample)
-    pad_token = getattr(generation_config, "_pad_token_tensor", None)  # set by generate's special-token step
-    if pad_token is None and generation_config.pad_token_id is not None:
-        pad_token = torch.tensor(generation_config.pad_token_id, device=device)
+    # The pad token of transformers' own loop: pad_token_id, else the first EOS token (generate's special-token rule).
+    pad_id = generation_config.pad_token_id
+    if pad_id is None and generation_config.eos_token_id is not None:
+        eos = generation_config.eos_token_id
+        pad_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad_token = None if pad_id is None else torch.tensor(int(pad_id), device=device)
     has_eos_stopping = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     if has_eos_stopping and pad_token is None:
         raise GenerationError("pad_token_id is needed to pad finished rows; set it in the generation config")
@@ -462,8 +466,7 @@ class StaticDecoder:
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
         self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
-        module = sys.modules[type(attn).__module__]
-        self._rope = getattr(module, "apply_rotary_pos_emb")
+        self._rope = compat.rotary_embedding_function(attn)
         self.compile_requested = compile
         self.kv_block = int(kv_block) if kv_block else 256
         self.keys: list[torch.Tensor] = []
@@ -495,7 +498,7 @@ class StaticDecoder:
         self.valid = torch.ones((batch, need), dtype=torch.bool, device=device)
         self._slots = torch.arange(need, dtype=torch.long, device=device)  # slot indices, no host->device copies
         for t in (*self.keys, *self.values, self.valid):
-            _mark_static(t)
+            compat.mark_static_address(t)
         self.batch, self.capacity = batch, need
 
     def release(self) -> None:
@@ -595,22 +598,10 @@ class StaticDecoder:
             return self._decode_step(tokens, positions, slot_t, kv_len)
         if self._compiled is None:
             self._compiled = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False)
-        mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
-        if mark is not None and tokens.device.type == "cuda":
-            mark()
+        if tokens.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
         # Clone: a CUDA-graph output is overwritten by the next replay.
         return self._compiled(tokens, positions, slot_t, kv_len).clone()
-
-
-def _mark_static(t: torch.Tensor) -> None:
-    """Tell dynamo/cudagraphs the buffer keeps its address (unguarded: a new buffer re-records, never recompiles)."""
-    fn = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
-    if fn is None:
-        return
-    try:
-        fn(t, guard=False)
-    except TypeError:  # very old signature
-        fn(t)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -73,5 +73,5 @@ def tiny_model(arch: str = "qwen2", seed: int = 0, dtype: torch.dtype = torch.fl
     config = tiny_config(arch, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config._name_or_path = f"tiny-{arch}"
+    model.config.name_or_path = f"tiny-{arch}"
     return model.eval()

@@ -186,7 +186,7 @@ def attach_steering(
     freeze(model)
     config = BeftConfig(target_modules=target_regex(layers))
     if base_model_id is None:
-        base_model_id = getattr(model.config, "_name_or_path", None) or None
+        base_model_id = model.config.name_or_path or None
     with warnings.catch_warnings():
         # BEFT warns that the base down_proj has no bias to merge into; we never merge.
         warnings.filterwarnings("ignore", message=".*no bias term.*")
@@ -288,14 +288,16 @@ def steering_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Gradient checkpointing that still gives the first steered layer a gradient.
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing that still gives the first steered layer a gradient.
 
     Reentrant checkpointing drops gradients when no *input* of a checkpointed block requires grad, which is the case
     for every layer up to the first steered one when the base is frozen. Non-reentrant checkpointing has no such
     restriction, so we always use it.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from steering import compat
+
+    compat.enable_activation_checkpointing(model, {"use_reentrant": False})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -339,33 +341,13 @@ def save_checkpoint(
     if out_dir.exists() and not is_checkpoint(out_dir):
         # Only ever replace an older checkpoint, never a directory holding other things (e.g. a run directory).
         raise CheckpointError(f"{str(out_dir)!r} exists and is not a steering checkpoint; refusing to replace it")
-    num_layers, hidden = model_shape(model)
     if base_model is None:
         base_model = model.peft_config[ADAPTER_NAME].base_model_name_or_path
     tmp = _atomic_dir(out_dir)
     model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_model
     # save_embedding_layers=False: the embeddings are frozen, and "auto" would look the base up on the Hub.
     model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        # Checked on load: a tampered or corrupted weights file fails loudly instead of steering with garbage.
-        "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS_FILE),
-        "base_model": base_model,
-        "model_type": model.config.model_type,
-        "layers": steered_layers(model),
-        "hidden_size": hidden,
-        "num_hidden_layers": num_layers,
-        "step": step,
-        "vector_norms": {str(k): v for k, v in vector_norms(model).items()},
-        "training_config": dict(training_config) if training_config is not None else None,
-    }
-    if extra:
-        meta.update(extra)
-    with open(tmp / META_FILE, "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
+    write_meta(tmp, model, base_model=base_model, step=step, training_config=training_config, extra=extra)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
@@ -375,6 +357,48 @@ def save_checkpoint(
         os.replace(tmp, out_dir)
     fsync_dir(out_dir.parent)
     return out_dir
+
+
+def write_meta(
+    out_dir: str | os.PathLike,
+    model: nn.Module,
+    *,
+    base_model: str | None,
+    step: int | None = None,
+    training_config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``steering.json`` next to an ``adapter_model.safetensors`` already in ``out_dir``. What it records about
+    the vectors is read back from that file (so it is right under DeepSpeed ZeRO-3 too, where the live parameters are
+    shards); the model only gives its shape."""
+    out_dir = Path(out_dir)
+    weights = out_dir / ADAPTER_WEIGHTS_FILE
+    if (out_dir / META_FILE).exists():
+        raise CheckpointError(f"{out_dir / META_FILE} exists: remove it before rewriting the checkpoint")
+    vectors = load_vectors(weights)
+    num_layers, hidden = model_shape(model)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        # Checked on load: a tampered or corrupted weights file fails loudly instead of steering with garbage.
+        "adapter_sha256": sha256_file(weights),
+        "base_model": base_model,
+        "model_type": model.config.model_type,
+        "layers": sorted(vectors),
+        "hidden_size": hidden,
+        "num_hidden_layers": num_layers,
+        "step": step,
+        "vector_norms": {str(k): float(v.norm()) for k, v in vectors.items()},
+        "training_config": dict(training_config) if training_config is not None else None,
+    }
+    if extra:
+        meta.update(extra)
+    tmp = out_dir / f".{META_FILE}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / META_FILE)
+    fsync_dir(out_dir)
 
 
 def sha256_file(path: Path) -> str:
@@ -480,7 +504,7 @@ def load_steered_model(
         base = meta.get("base_model")
         if not base:
             raise CheckpointError(f"{str(ckpt_dir)!r} records no base model; pass the base model explicitly")
-    base_id = base if isinstance(base, str) else getattr(base.config, "_name_or_path", None)
+    base_id = base if isinstance(base, str) else base.config.name_or_path
     if isinstance(base, str):
         from transformers import AutoConfig
 

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from steering import compat
+
 PLUGIN_ENV = "STEERING_VLLM"
 # Our class name -> (stock vLLM architecture name, module of vLLM's implementation).
 STEERING_ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -180,6 +182,18 @@ def override_enabled() -> bool:
     return os.environ.get(PLUGIN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def prepare_engine_processes(vllm_mode: str) -> None:
+    """Before TRL builds its vLLM engine: make the engine's processes (which inherit this environment) serve the
+    bias-enabled classes under the stock architecture names, and in colocate mode (engine in this process) register
+    them here too, which covers an install without the entry point."""
+    os.environ.setdefault(PLUGIN_ENV, "1")
+    if vllm_mode == "colocate":
+        try:
+            register()
+        except ImportError:  # no vLLM: TRL raises its own clear error when it builds the engine
+            pass
+
+
 def register() -> None:
     """vLLM general-plugin entry point: register the bias-enabled classes (lazily, by import path)."""
     from vllm import ModelRegistry
@@ -206,7 +220,7 @@ class VectorsOnlySync:
             raise ValueError("VectorsOnlySync needs a model with steering vectors (BEFT biases on down_proj)")
         self.vg = vllm_generation
         self.model = model
-        self.accelerator = accelerator if accelerator is not None else getattr(vllm_generation, "accelerator", None)
+        self.accelerator = accelerator if accelerator is not None else vllm_generation.accelerator
         self.full_pending = bool(full_first)
         self.history: list[tuple[bool, list[str]]] = []
 
@@ -214,23 +228,22 @@ class VectorsOnlySync:
         return list(full_weights(self.model)) if full else vector_weights(self.model)
 
     def _gather(self, full: bool):
-        dist = getattr(self.vg, "_dist", None)
-        if dist is None or not hasattr(dist, "gather_params"):
+        if self.accelerator is None:
             return nullcontext()
         params = list(self.model.parameters()) if full else list(_vector_params(self.model).values())
-        return dist.gather_params(params)
+        return compat.gather_params(self.accelerator, params)
 
     def __call__(self) -> None:
         vg = self.vg
-        mode = getattr(vg, "mode", "colocate")
+        mode = vg.mode
         full = self.full_pending
-        if mode == "colocate" and getattr(vg, "enable_sleep_mode", False):
+        if mode == "colocate" and vg.enable_sleep_mode:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             vg.llm.wake_up(tags=["weights"])
             # Sleep level 2 discards the weights: waking up maps empty memory, so everything must be pushed.
-            full = full or bool(getattr(vg, "_llm_weights_sleeping", True))
-            vg._llm_weights_sleeping = False
+            full = full or compat.vllm_weights_sleeping(vg)
+            compat.mark_vllm_weights_awake(vg)
         is_main = self.accelerator is None or self.accelerator.is_main_process
         with self._gather(full):
             entries = self.entries(full)
@@ -239,8 +252,7 @@ class VectorsOnlySync:
                     metadata = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in entries]
                     vg.vllm_client.update_named_params(metadata, iter(entries))
             elif mode == "colocate":
-                vllm_model = vg.llm.llm_engine.model_executor.driver_worker.model_runner.model
-                vllm_model.load_weights(entries)
+                compat.colocated_vllm_model(vg).load_weights(entries)
             else:
                 raise ValueError(f"unknown vLLM mode {mode!r}")
         if mode == "server" and is_main:

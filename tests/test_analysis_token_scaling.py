@@ -115,7 +115,7 @@ def test_gate_gradients_with_gradient_checkpointing():
         randomize_gates(model, scale=0.5)
         model.train()
         if checkpointing:
-            sv.enable_gradient_checkpointing(model)
+            sv.enable_activation_checkpointing(model)
         model(x, labels=x).loss.backward()
         grads.append([p.grad.clone() for p in ts.gate_parameters(model)])
     assert grads[0][0].abs().sum() > 0

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from analysis import attribution as at
 from analysis.__main__ import main as analysis_main
+from steering import compat
 from steering import diffmean as dm
 from steering.tiny import build_char_tokenizer, tiny_model
 
@@ -91,11 +92,11 @@ def test_per_example_agreement_and_quadratic_scaling(setup64):
 
 def test_jvp_works_on_an_sdpa_model_and_restores_it():
     model, tok = tiny_model("llama", seed=2), build_char_tokenizer()
-    assert model.config._attn_implementation == "sdpa"
+    assert compat.attn_implementation(model) == "sdpa"
     ex = at.make_examples(tok, dm.load_traces(EXAMPLES), "deduction", dm.PositionSpec(), max_examples=1)[0]
     u = torch.randn(32, generator=torch.Generator().manual_seed(0))
     primal, tangent = at.jvp_logits(model, ex, 1, u, 1e-3)
-    assert model.config._attn_implementation == "sdpa"
+    assert compat.attn_implementation(model) == "sdpa"
     with torch.no_grad():
         a = model(ex.input_ids).logits[0]
     torch.testing.assert_close(primal, a, rtol=0, atol=1e-4)

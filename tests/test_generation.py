@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from steering import compat
 from steering import vectors as sv
 from steering.generation import (
     GenerationError,
@@ -272,68 +273,48 @@ def test_gpu_bf16_static_compiled_agrees_with_hf_greedy(tok):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The rollout mixin inside a real TRL GRPOTrainer
+# The static rollouts inside a real TRL GRPOTrainer (its public rollout_func argument)
 
 
-def _grpo_trainer(tmp_path, tok, backend, **overrides):
-    from dataclasses import dataclass
-
+def _grpo_trainer(tmp_path, tok, rollout_func=None):
+    """A tiny GRPOTrainer whose reward function records the completion ids TRL hands it."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from train.rollout import FastRolloutMixin
+    seen: list[list[list[int]]] = []
 
-    @dataclass
-    class Config(GRPOConfig):
-        rollout_backend: str = "hf"
-
-    class Trainer(FastRolloutMixin, GRPOTrainer):
-        pass
-
-    def reward(completions, **kwargs):
+    def reward(completions, completion_ids, **kwargs):
+        seen.append([list(map(int, c)) for c in completion_ids])
         return [float(sum(map(ord, c)) % 7) for c in completions]
 
-    kwargs = dict(
+    args = GRPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_completion_length=12,
-        max_steps=1, learning_rate=1e-2, beta=0.0, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
-        seed=0, bf16=False, rollout_backend=backend, temperature=1.0, dataloader_num_workers=0,
-    )
-    kwargs.update(overrides)
+        max_steps=2, learning_rate=1e-2, beta=0.0, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+        seed=0, bf16=False, temperature=1.0, dataloader_num_workers=0,
+        **{compat.training_arg_name("gradient_checkpointing"): False})
     dataset = Dataset.from_dict({"prompt": ["a", "hello world", "1+1=", "Why?"]})
-    return Trainer(model=steered("qwen2", scale=0.5), reward_funcs=[reward], args=Config(**kwargs),
-                   train_dataset=dataset, processing_class=tok)
+    trainer = GRPOTrainer(model=steered("qwen2", scale=0.5), reward_funcs=[reward], args=args,
+                          train_dataset=dataset, processing_class=tok, rollout_func=rollout_func)
+    return trainer, seen
 
 
-def test_mixin_rollouts_equal_trl_generate_for_the_same_seed(tmp_path, tok):
-    trainer = _grpo_trainer(tmp_path, tok, "static")
-    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS for _ in range(2)]
-    torch.manual_seed(11)
-    fast, lp = trainer._generate_single_turn(prompt_ids, None, {}, 2)
-    trainer.args.rollout_backend = "hf"
-    torch.manual_seed(11)
-    ref, _ = trainer._generate_single_turn(prompt_ids, None, {}, 2)
-    assert lp is None
-    assert fast == ref
-    assert trainer.rollout_stats["calls"] == 1
+def test_static_rollouts_equal_trls_own_in_real_grpo_steps(tmp_path, tok):
+    """Same seed, same model: two GRPO steps with TRL's own generation and two with ``rollout_func=StaticRollouts``
+    sample the same completions token for token, and so end with the same vectors."""
+    from train.rollout import StaticRollouts
 
-
-def test_mixin_in_a_real_grpo_step(tmp_path, tok):
-    from train.rollout import check_fused_logprobs
-
-    trainer = _grpo_trainer(tmp_path, tok, "static")
-    assert check_fused_logprobs(trainer)  # TRL scores tokens with its chunked LM head: no full-vocab log-softmax
-    before = sv.get_vectors(trainer.model)
-    trainer.train()
-    assert trainer.rollout_stats["calls"] >= 1 and trainer.rollout_stats["completion_tokens"] > 0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses and all(torch.isfinite(torch.tensor(losses)))
-    after = sv.get_vectors(trainer.model)
-    assert any(not torch.equal(before[l], after[l]) for l in before)  # the vectors got a gradient step
-
-
-def test_mixin_rejects_static_with_vllm(tmp_path, tok):
-    with pytest.raises(ValueError, match="exclusive"):
-        _grpo_trainer(tmp_path, tok, "static", use_vllm=True)
+    ref, ref_seen = _grpo_trainer(tmp_path / "trl", tok)
+    ref.train()
+    rollouts = StaticRollouts()
+    ours, our_seen = _grpo_trainer(tmp_path / "ours", tok, rollout_func=rollouts)
+    ours.train()
+    assert rollouts.stats["calls"] == 2 and rollouts.stats["completion_tokens"] > 0
+    assert len(ref_seen) == 2 and our_seen == ref_seen
+    assert len({tuple(map(tuple, s)) for s in ref_seen}) == 2  # the steps sampled different things
+    before, a, b = sv.get_vectors(steered("qwen2", scale=0.5)), sv.get_vectors(ref.model), sv.get_vectors(ours.model)
+    assert any(not torch.equal(before[l], a[l]) for l in before)  # a gradient step was taken
+    for layer in a:
+        torch.testing.assert_close(b[layer], a[layer], rtol=1e-6, atol=1e-7)
 
 
 def test_static_decoder_does_not_keep_the_model_alive(tok):

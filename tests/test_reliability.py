@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from steering import vectors as sv
 from train import checkpointing as ckpt_io
@@ -77,11 +76,34 @@ def no_model_loads(monkeypatch):
 
 
 def no_unpickling(monkeypatch):
+    """Nothing may be unpickled at all (checking a checkpoint reads JSON and hashes files)."""
     def forbidden(*a, **k):
         raise AssertionError("something was unpickled")
 
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+
+
+def restricted_unpickling_only(monkeypatch) -> list[str]:
+    """Resuming may read transformers' optimizer / scheduler / RNG files, with the restricted unpickler only
+    (``torch.load(weights_only=True)``); anything else fails the test. Returns the files that were read."""
+    real_load = torch.load
+    seen: list[str] = []
+
+    def restricted(f, *a, **k):
+        if k.get("weights_only") is not True:
+            raise AssertionError(f"torch.load({f!r}) without weights_only=True")
+        seen.append(os.path.basename(str(f)))
+        return real_load(f, *a, **k)
+
+    def forbidden(*a, **k):
+        raise AssertionError("something was unpickled with pickle")
+
+    monkeypatch.setattr(torch, "load", restricted)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    return seen
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -118,15 +140,27 @@ BAD_CONFIGS = {
     "template without {question}": (lambda tmp, base: (tmp / "t.txt").write_text("Solve it.\n")
                                     and f"template: {tmp / 't.txt'}\n", ["{question}"]),
     "resume from a missing checkpoint": ("resume_from_checkpoint: /nonexistent/checkpoint-3\n",
-                                         ["resume_from_checkpoint", "not a complete checkpoint"]),
+                                         ["resume_from_checkpoint", "does not exist"]),
+    "resume from an incomplete checkpoint": (lambda tmp, base: "resume_from_checkpoint: "
+                                             f"{_incomplete_checkpoint(tmp)}\n",
+                                             ["resume_from_checkpoint", "not a complete checkpoint", "checksums.json"]),
     "resume from a tampered checkpoint": (lambda tmp, base: f"resume_from_checkpoint: {_tampered_checkpoint(tmp)}\n",
-                                          ["resume_from_checkpoint", "optimizer.safetensors", "tampered"]),
+                                          ["resume_from_checkpoint", "optimizer.pt", "tampered"]),
+    "resume latest before any checkpoint": ("resume_from_checkpoint: latest\n",
+                                            ["resume_from_checkpoint", "latest", "no `latest` marker",
+                                             "drop --resume_from_checkpoint"]),
 }
 
 
 def _tampered_checkpoint(tmp: Path) -> Path:
     ck = _add_training_state(_vectors_checkpoint(tmp / "checkpoint-1", num_layers=3, hidden=32), 1)
-    _flip_last_byte(ck / ckpt_io.OPTIMIZER_TENSORS)
+    _flip_last_byte(ck / "optimizer.pt")
+    return ck
+
+
+def _incomplete_checkpoint(tmp: Path) -> Path:
+    ck = _add_training_state(_vectors_checkpoint(tmp / "checkpoint-1", num_layers=3, hidden=32), 1)
+    (ck / ckpt_io.MANIFEST).unlink()
     return ck
 
 
@@ -176,7 +210,8 @@ def test_bad_init_from_on_the_command_line_exits_2_fast(tmp_path, tiny_base_dir)
 
 
 def _fake_training_checkpoint(path: Path, tiny_checkpoint: Path, step: int) -> Path:
-    """A complete training checkpoint directory built from the core fixture plus small optimizer/RNG/trainer files."""
+    """A complete training checkpoint directory: the core fixture plus the training-state files transformers writes
+    (optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json), then the manifest."""
     shutil.copytree(tiny_checkpoint, path)
     return _add_training_state(path, step)
 
@@ -186,46 +221,48 @@ def _add_training_state(path: Path, step: int) -> Path:
     opt = torch.optim.AdamW([p], lr=0.1)
     p.grad = torch.ones(4)
     opt.step()
-    ckpt_io.save_optimizer(opt, path)
-    ckpt_io.save_scheduler(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), path)
-    ckpt_io.save_rng(path, [ckpt_io.rng_state()])
+    torch.save(opt.state_dict(), path / "optimizer.pt")
+    torch.save(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0).state_dict(), path / "scheduler.pt")
+    torch.save({"python": random.getstate(), "cpu": torch.random.get_rng_state()}, path / "rng_state.pth")
     (path / ckpt_io.TRAINER_STATE).write_text(json.dumps({"global_step": step}))
+    ckpt_io.write_manifest(path)
     return path
 
 
-def test_latest_marker_not_directory_names_decides(tmp_path, tiny_checkpoint):
+def test_latest_marker_decides_and_never_a_fresh_start(tmp_path, tiny_checkpoint):
     run = tmp_path / "run"
     run.mkdir()
+    with pytest.raises(sv.CheckpointError, match="no `latest` marker"):  # nothing to resume: an error, not a restart
+        ckpt_io.resolve_resume("latest", str(run))
     good = _fake_training_checkpoint(run / "checkpoint-2", tiny_checkpoint, 2)
-    assert ckpt_io.resolve_resume("latest", str(run)) is None  # no marker yet: a fresh start, not a guess
-    # A newer checkpoint renamed into place, killed before the marker was written, and a half-written save.
+    ckpt_io.write_latest(run, good)
+    # A newer complete checkpoint whose marker was never written (killed in between), and an interrupted save.
     _fake_training_checkpoint(run / "checkpoint-3", tiny_checkpoint, 3)
-    half = run / ".checkpoint-4.tmp-999"
-    shutil.copytree(tiny_checkpoint, half)
-    (run / "checkpoint-5").mkdir()  # an incomplete directory with a checkpoint's name
-    (run / ckpt_io.LATEST).write_text(json.dumps({"checkpoint": "checkpoint-2"}))
+    half = shutil.copytree(tiny_checkpoint, run / "checkpoint-4")
     assert ckpt_io.resolve_resume("latest", str(run)) == str(good)
+    assert ckpt_io.run_checkpoints(run) == [run / "checkpoint-2", run / "checkpoint-3"]  # never checkpoint-4
     # A marker naming an incomplete directory is an error, never a silent fresh start.
-    (run / ckpt_io.LATEST).write_text(json.dumps({"checkpoint": "checkpoint-5"}))
-    with pytest.raises(FileNotFoundError, match="incomplete or missing"):
+    ckpt_io.write_latest(run, half)
+    with pytest.raises(sv.CheckpointError, match="not a complete checkpoint"):
         ckpt_io.resolve_resume("latest", str(run))
     (run / ckpt_io.LATEST).write_text('{"checkpoint": "checkp')  # a torn marker (cannot happen: it is renamed)
     with pytest.raises(sv.CheckpointError, match="not valid JSON"):
         ckpt_io.resolve_resume("latest", str(run))
 
 
-def test_publish_is_atomic_and_cleans_up_interrupted_saves(tmp_path, tiny_checkpoint):
-    run = tmp_path / "run"
-    run.mkdir()
-    stale = [run / ".checkpoint-3.tmp-123", run / "..checkpoint-3.tmp-123.tmp-123", run / ".checkpoint-2.old-123"]
-    for d in stale:
-        d.mkdir()
-        (d / "adapter_model.safetensors").write_bytes(b"partial")
-    tmp = _fake_training_checkpoint(run / ".checkpoint-3.tmp-456", tiny_checkpoint, 3)
-    ckpt_io.publish(tmp, run / "checkpoint-3")
-    assert json.loads((run / ckpt_io.LATEST).read_text()) == {"checkpoint": "checkpoint-3"}
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-3", "latest"]
-    ckpt_io.verify_checkpoint(run / "checkpoint-3")
+def test_manifest_lists_every_file_and_a_redo_starts_incomplete(tmp_path, tiny_checkpoint):
+    ck = _fake_training_checkpoint(tmp_path / "checkpoint-3", tiny_checkpoint, 3)
+    listed = json.loads((ck / ckpt_io.MANIFEST).read_text())["files"]
+    assert set(listed) == {p.name for p in ck.iterdir() if p.name != ckpt_io.MANIFEST}
+    ckpt_io.verify_checkpoint(ck)
+    ckpt_io.remove_manifest(ck)  # what CheckpointCallback does before a step is saved again into this directory
+    assert not ckpt_io.is_complete(ck) and ckpt_io.run_checkpoints(tmp_path) == []
+    (ck / "extra.txt").write_text("x")
+    ckpt_io.write_manifest(ck)
+    ckpt_io.verify_checkpoint(ck)
+    (ck / "extra.txt").unlink()
+    with pytest.raises(sv.CheckpointError, match="extra.txt is missing"):
+        ckpt_io.verify_checkpoint(ck)
 
 
 def _flip_last_byte(path: Path) -> None:
@@ -241,12 +278,12 @@ def _truncate(path: Path) -> None:
 TAMPERINGS = {
     "vectors flipped": ("adapter_model.safetensors", _flip_last_byte, "tampered"),
     "vectors truncated": ("adapter_model.safetensors", _truncate, "adapter_model.safetensors"),
-    "optimizer flipped": (ckpt_io.OPTIMIZER_TENSORS, _flip_last_byte, "tampered"),
-    "optimizer truncated": (ckpt_io.OPTIMIZER_TENSORS, _truncate, ckpt_io.OPTIMIZER_TENSORS),
-    "rng flipped": (ckpt_io.RNG_TENSORS, _flip_last_byte, "tampered"),
-    "rng truncated": (ckpt_io.RNG_TENSORS, _truncate, ckpt_io.RNG_TENSORS),
-    "trainer state truncated": (ckpt_io.TRAINER_STATE, _truncate, "not valid JSON"),
-    "optimizer json truncated": (ckpt_io.OPTIMIZER_JSON, _truncate, "not valid JSON"),
+    "optimizer flipped": ("optimizer.pt", _flip_last_byte, "tampered"),
+    "optimizer truncated": ("optimizer.pt", _truncate, "optimizer.pt"),
+    "rng flipped": ("rng_state.pth", _flip_last_byte, "tampered"),
+    "rng truncated": ("rng_state.pth", _truncate, "rng_state.pth"),
+    "trainer state truncated": (ckpt_io.TRAINER_STATE, _truncate, ckpt_io.TRAINER_STATE),
+    "manifest truncated": (ckpt_io.MANIFEST, _truncate, "not valid JSON"),
 }
 
 
@@ -261,16 +298,6 @@ def test_tampered_checkpoint_fails_clearly_and_never_unpickles(case, tmp_path, t
         ckpt_io.resolve_resume(str(ck), str(tmp_path))
     message = str(err.value)
     assert needle in message and "\n" not in message and message.startswith("resume_from_checkpoint:"), message
-    # The loaders the trainer calls on resume fail the same way (they are reached only past resolve_resume).
-    if name == ckpt_io.OPTIMIZER_TENSORS:
-        p = torch.nn.Parameter(torch.zeros(4))
-        with pytest.raises(sv.CheckpointError):
-            ckpt_io.load_optimizer(torch.optim.AdamW([p], lr=0.1), ck)
-    if name == ckpt_io.RNG_TENSORS:
-        state = torch.random.get_rng_state()
-        with pytest.raises(sv.CheckpointError):
-            ckpt_io.load_rng(ck, 0)
-        assert torch.equal(torch.random.get_rng_state(), state)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -293,8 +320,8 @@ BAD_ROWS = [
 
 @pytest.fixture(scope="module")
 def bad_rows_run(tmp_path_factory):
-    """One real training step on a JSONL file with bad rows mixed in, with a stale, half-written temp directory of
-    this very pid in the way of the first save (containers reuse pids across restarts)."""
+    """One real training step on a JSONL file with bad rows mixed in, with a stale, half-written checkpoint-1 (an
+    interrupted save of an earlier attempt, with an old manifest) in the way of the first save."""
     if not (DEMO_BASE / "config.json").is_file():
         pytest.skip(f"the offline demo base is missing at {DEMO_BASE}; build it with `python -m train.demo_base`")
     from train.__main__ import train
@@ -305,9 +332,10 @@ def bad_rows_run(tmp_path_factory):
         rows.insert(3 + 4 * i, bad)  # the first row is good (see test_bad_first_row_is_skipped_too)
     data = tmp / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stale = tmp / "run" / f".checkpoint-1.tmp-{os.getpid()}"
+    stale = tmp / "run" / "checkpoint-1"
     stale.mkdir(parents=True)
     (stale / "adapter_model.safetensors").write_bytes(b"half-written")
+    ckpt_io.write_manifest(stale)  # even a (stale) manifest must not survive the new save
     cfg = small_config(tmp, dataset=str(data), answer_parser="gsm8k", max_steps=1, reward_timeout=1.0)
     trainer = train(["--config", str(cfg)])
     return trainer, tmp / "run"
@@ -327,13 +355,16 @@ def test_bad_rows_are_skipped_counted_and_training_goes_on(bad_rows_run, caplog)
     assert trainer.state.global_step == 1
     assert json.loads((run / "latest").read_text()) == {"checkpoint": "checkpoint-1"}
     ckpt_io.verify_checkpoint(run / "checkpoint-1")
-    assert not list(run.glob("*.tmp-*")), "the stale temp directory was not cleaned up"
+    saved = sv.load_vectors(run / "checkpoint-1")
+    for layer, v in sv.get_vectors(trainer.model).items():
+        assert torch.equal(saved[layer], v)
 
 
 @needs_demo_base
-def test_resuming_a_finished_run_trains_no_further_and_never_unpickles(bad_rows_run, tmp_path, monkeypatch):
+def test_resuming_a_finished_run_trains_no_further_with_the_restricted_unpickler(bad_rows_run, tmp_path, monkeypatch):
     """A requeued job (or a restart loop) that resumes a run which already reached max_steps must not take another
-    step: transformers would take one before it checks max_steps."""
+    step: transformers would take one before it checks max_steps. The resume reads transformers' training-state files
+    with ``torch.load(weights_only=True)`` only."""
     from train.__main__ import train
 
     _, done = bad_rows_run
@@ -342,8 +373,9 @@ def test_resuming_a_finished_run_trains_no_further_and_never_unpickles(bad_rows_
     cfg = yaml.safe_load((done.parent / "run.yaml").read_text())
     cfg["output_dir"] = str(run)
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(cfg))
-    no_unpickling(monkeypatch)
+    loaded = restricted_unpickling_only(monkeypatch)
     trainer = train(["--config", str(tmp_path / "again.yaml"), "--resume_from_checkpoint", "latest"])
+    assert "optimizer.pt" in loaded and "rng_state.pth" not in loaded  # (RNG is read when a step follows)
     assert trainer.state.global_step == 1
     assert not (run / "checkpoint-2").exists() and _marker(run) == "checkpoint-1"
     saved = sv.load_vectors(run / "checkpoint-1")
@@ -384,9 +416,11 @@ def test_reward_inside_the_trainer_never_hangs_or_raises(bad_rows_run, where):
     ids = [[1, 2, 3] for _ in HOSTILE]
     trainer.reward_fn.pop_stats()
 
-    def call():
+    def call():  # as GRPOTrainer calls a reward function: prompts, completions, completion_ids and the columns
         start = time.monotonic()
-        out = trainer._calculate_rewards(inputs, ["p"] * len(HOSTILE), [c for c, _ in HOSTILE], ids)
+        out = trainer.reward_fn(prompts=["p"] * len(HOSTILE), completions=[c for c, _ in HOSTILE], completion_ids=ids,
+                                question=[x["question"] for x in inputs], answer=[x["answer"] for x in inputs],
+                                trainer_state=trainer.state)
         return out, time.monotonic() - start
 
     if where == "worker thread":
@@ -394,8 +428,7 @@ def test_reward_inside_the_trainer_never_hangs_or_raises(bad_rows_run, where):
             out, elapsed = ex.submit(call).result(timeout=120)
     else:
         out, elapsed = call()
-    assert out.shape == (len(HOSTILE), 1)
-    assert out[:, 0].tolist() == [r for _, r in HOSTILE]
+    assert out == [r for _, r in HOSTILE]
     # Each answer is checked within the reward's deadline (plus scheduling slack on a loaded machine).
     assert elapsed < len(HOSTILE) * timeout + 15, elapsed
     assert trainer.reward_fn.pop_stats()["reward/num"] == len(HOSTILE)
@@ -461,11 +494,12 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(poiso
     run = tmp_path / "run"
     assert line.endswith(f"last good checkpoint: {run / 'checkpoint-2'}"), line
     assert ckpt_io.resolve_resume("latest", str(run)) == str(run / "checkpoint-2")
-    assert not (run / "checkpoint-3").exists() and not list(run.glob("*.tmp-*"))
+    assert not (run / "checkpoint-3").exists()
     saved = sv.load_vectors(run / "checkpoint-2")
     for layer, v in good[2].items():
         assert torch.equal(saved[layer], v)
-    assert all(torch.isfinite(t).all() for t in load_file(str(run / "checkpoint-2" / ckpt_io.OPTIMIZER_TENSORS)).values())
+    optimizer = torch.load(run / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    assert all(torch.isfinite(t).all() for s in optimizer.values() for t in s.values() if torch.is_tensor(t))
     model = sv.load_steered_model(run / "checkpoint-2", base=str(DEMO_BASE), dtype="float32")
     assert sorted(sv.get_vectors(model)) == sorted(saved)
 
@@ -475,8 +509,11 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(poiso
 # ------------------------------------------------------------------------------------------------------------------
 
 # Runs `python -m train` with two observation / fault-injection hooks, both driven by environment variables:
-# REL_ORDER_LOG: append, per optimizer step, the questions of its batch and a digest of the sampled completions;
-# REL_KILL_PHASE / REL_KILL_STEP: SIGKILL this process at a precise point of the save of checkpoint-<step>.
+# REL_ORDER_LOG: append, per optimizer step, the questions of its batch and a digest of the sampled completions (read
+#   off the reward function's arguments, as GRPOTrainer passes them);
+# REL_KILL_PHASE / REL_KILL_STEP: SIGKILL this process at a precise point of the save of checkpoint-<step>:
+#   "after_model" (the model files are written, the optimizer / RNG / trainer state and the manifest are not),
+#   "before_marker" (the checkpoint is complete, with its manifest; `latest` still names the one before).
 DRIVER = textwrap.dedent('''
     import hashlib, json, os, signal, sys, time
     import train.checkpointing as ck
@@ -489,43 +526,31 @@ DRIVER = textwrap.dedent('''
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    gen = tr.SteeringGRPOTrainer._generate_and_score_completions
-    def logged_gen(self, inputs):
-        out = gen(self, inputs)
-        if LOG and self.model.training:
-            digest = hashlib.sha256(json.dumps(out["completion_ids"].tolist()).encode()).hexdigest()
-            with open(LOG, "a") as f:
-                f.write(json.dumps({"step": self.state.global_step + 1, "pid": os.getpid(), "time": time.time(),
-                                    "questions": [x["question"] for x in inputs], "completions": digest}) + "\\n")
-        return out
-    tr.SteeringGRPOTrainer._generate_and_score_completions = logged_gen
-
-    save_rng = ck.save_rng
-    def save_rng_then_maybe_die(out, per_rank):
-        save_rng(out, per_rank)  # vectors, optimizer, scheduler and RNG are in the temp dir; trainer_state is not
-        if PHASE == "inside_temp_dir" and out.name.startswith(f".checkpoint-{STEP}.tmp-"):
+    save_model = tr.SteeringGRPOTrainer.save_model
+    def save_model_maybe_die(self, output_dir=None, _internal_call=False):
+        save_model(self, output_dir, _internal_call)
+        if PHASE == "after_model" and os.path.basename(str(output_dir)) == f"checkpoint-{STEP}":
             die()
-    ck.save_rng = save_rng_then_maybe_die
+    tr.SteeringGRPOTrainer.save_model = save_model_maybe_die
 
-    write_json = ck._write_json
-    def write_json_maybe_die(path, data):
-        if PHASE == "before_marker" and path.name == ck.LATEST and data.get("checkpoint") == f"checkpoint-{STEP}":
-            die()  # checkpoint-<step> is renamed into place, `latest` still names the one before
-        write_json(path, data)
-    ck._write_json = write_json_maybe_die
-
-    real_replace = os.replace
-    def replace_maybe_die(src, dst):
-        real_replace(src, dst)
-        if PHASE == "while_replacing" and os.path.basename(str(dst)).startswith(f".checkpoint-{STEP}.old-"):
-            die()  # a redone checkpoint-<step> was moved aside, its new version not yet moved in
-    os.replace = replace_maybe_die
+    write_latest = ck.write_latest
+    def write_latest_maybe_die(run_dir, ckpt):
+        if PHASE == "before_marker" and ckpt.name == f"checkpoint-{STEP}":
+            die()
+        write_latest(run_dir, ckpt)
+    ck.write_latest = write_latest_maybe_die
 
     # Resume exactness, not learning, is under test here: the real reward runs, plus a term that depends on the
     # completion's length, so that rewards vary and the vectors move whatever the base model writes.
     import steering.rewards as rw
     reward_call = rw.MathReward.__call__
     def shaped_reward(self, prompts, completions, **kwargs):
+        if LOG:
+            digest = hashlib.sha256(json.dumps([list(map(int, c)) for c in kwargs["completion_ids"]]).encode())
+            with open(LOG, "a") as f:
+                f.write(json.dumps({"step": kwargs["trainer_state"].global_step + 1, "pid": os.getpid(),
+                                    "time": time.time(), "questions": list(kwargs["question"]),
+                                    "completions": digest.hexdigest()}) + "\\n")
         rewards = reward_call(self, prompts, completions, **kwargs)
         return [r + 0.5 * (len(str(c)) % 2) for r, c in zip(rewards, completions)]
     rw.MathReward.__call__ = shaped_reward
@@ -560,12 +585,14 @@ def _finish(proc, timeout=240):
 
 
 def _check_run_dir_invariants(run: Path) -> str | None:
-    """What any kill must leave: `latest` absent or naming a complete checkpoint that verifies; every directory
-    named like a checkpoint complete. Returns what `latest` names."""
+    """What any kill must leave: `latest` absent or naming a complete checkpoint that verifies; every checkpoint with
+    a manifest verifies (a directory without one is an interrupted save, never used). Returns what `latest` names."""
     for d in run.glob("checkpoint-*"):
-        assert ckpt_io.is_complete(d), f"{d} looks like a checkpoint but is incomplete"
-    resolved = ckpt_io.resolve_resume("latest", str(run))  # raises if the marker names anything broken
-    return Path(resolved).name if resolved else None
+        if ckpt_io.is_complete(d):
+            ckpt_io.verify_checkpoint(d)
+    if not (run / ckpt_io.LATEST).exists():
+        return None
+    return Path(ckpt_io.resolve_resume("latest", str(run))).name  # raises if the marker names anything broken
 
 
 def _order(log: Path) -> dict[int, list[dict]]:
@@ -575,17 +602,36 @@ def _order(log: Path) -> dict[int, list[dict]]:
     return by_step
 
 
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors of a checkpoint: the steering vectors, the LoRA adapter or the full model."""
+    from safetensors.torch import load_file
+
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (ckpt / name).is_file():
+            return load_file(str(ckpt / name))
+    raise AssertionError(f"no weights in {ckpt}")
+
+
+def _newest_mtime(d: Path) -> float:
+    return max((f.stat().st_mtime for f in d.rglob("*") if f.is_file()), default=0.0)
+
+
+# The learning rate each adapter trains the demo base with here (the test is about resuming, not learning).
+KILL_LR = {"steering": 0.05, "lora": 0.01, "full": 0.001}
+
+
 @needs_demo_base
 @pytest.mark.slow
-def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
-    """One run killed six times — three times inside a save at fixed points, once from outside the moment a save's
-    temp directory appears, twice after seeded random delays — and resumed with ``--resume_from_checkpoint latest``
-    each time, ends with the vectors, optimizer state, data order and sampled completions of a run never killed.
-    Seven short processes: about 75 s on two loaded cores."""
+@pytest.mark.parametrize("adapter", ["steering", "lora", "full"])
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, adapter):
+    """One run killed six times — three times inside a save at fixed points, once from outside the moment the next
+    save starts, twice after seeded random delays — and resumed with ``--resume_from_checkpoint latest`` each time,
+    ends with the trained weights (steering vectors, LoRA adapter or full model), optimizer state, data order and
+    sampled completions of a run never killed. Eight short processes: about 30 s on two cores."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     common = dict(max_steps=KILL_STEPS, save_steps=1, gradient_accumulation_steps=2, per_device_train_batch_size=4,
-                  val_size=4, val_steps=2, seed=7)
+                  val_size=4, val_steps=2, seed=7, adapter=adapter, learning_rate=KILL_LR[adapter])
     ref_cfg = small_config(tmp_path, "reference", **common)
     cfg = small_config(tmp_path, "killed", **common)
     ref_log, log = tmp_path / "reference-order.jsonl", tmp_path / "killed-order.jsonl"
@@ -601,38 +647,37 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     step_s = _median_step_seconds(ref_log)
     run = tmp_path / "killed"
 
-    def segment(tag, phase=None, step=None):
+    def segment(tag, phase=None, step=None, resume=True):
         env = {"REL_ORDER_LOG": str(log)}
         if phase:
             env.update(REL_KILL_PHASE=phase, REL_KILL_STEP=str(step))
-        return _spawn(driver, cfg, tmp_path, tag, resume=True, env=env)
+        return _spawn(driver, cfg, tmp_path, tag, resume=resume, env=env)
 
     def killed(p, tag):
         assert _finish(p) == -signal.SIGKILL, (tmp_path / f"{tag}.log").read_text()[-3000:]
         return _check_run_dir_invariants(run)
 
-    # 1. Killed inside the save of checkpoint-2, with everything but trainer_state.json in the temp dir. (There is
-    #    no `latest` at the start: the same command line starts the run.)
-    assert killed(segment("seg1", "inside_temp_dir", 2), "seg1") == "checkpoint-1"
-    assert list(run.glob(".checkpoint-2.tmp-*")) and not (run / "checkpoint-2").exists()
+    # 1. The first start (no --resume_from_checkpoint: there is nothing to resume yet), killed inside the save of
+    #    checkpoint-2, after its model files and before its optimizer state and manifest.
+    assert killed(segment("seg1", "after_model", 2, resume=False), "seg1") == "checkpoint-1"
+    assert _weights(run / "checkpoint-2") and not ckpt_io.is_complete(run / "checkpoint-2")
 
-    # 2. Killed after checkpoint-3 was renamed into place but before `latest` was updated: the marker decides.
+    # 2. Killed once checkpoint-3 is complete (manifest written) but before `latest` names it: the marker decides.
     assert killed(segment("seg2", "before_marker", 3), "seg2") == "checkpoint-2"
     assert ckpt_io.is_complete(run / "checkpoint-3")
-    assert not list(run.glob(".checkpoint-2.tmp-*")), "the interrupted save of step 2 was not cleaned up"
+    assert ckpt_io.is_complete(run / "checkpoint-2"), "the interrupted save of step 2 was redone"
 
-    # 3. Killed while the redone checkpoint-3 replaces the one from segment 2 (old one moved aside, new one not in).
-    assert killed(segment("seg3", "while_replacing", 3), "seg3") == "checkpoint-2"
-    assert list(run.glob(".checkpoint-3.old-*")) and list(run.glob(".checkpoint-3.tmp-*"))
-    assert not (run / "checkpoint-3").exists()
+    # 3. Killed while step 3 is saved again into that complete directory: it is incomplete from the start of the redo.
+    assert killed(segment("seg3", "after_model", 3), "seg3") == "checkpoint-2"
+    assert (run / "checkpoint-3").is_dir() and not ckpt_io.is_complete(run / "checkpoint-3")
 
-    # 4. Killed from outside the moment the temp directory of the next save appears (polling; if the save is too
-    #    quick to see, right after it).
+    # 4. Killed from outside the moment the next save starts (polling for its directory's new files; if the save is
+    #    too quick to see, right after it).
+    started = _newest_mtime(run / "checkpoint-3")
     p = segment("seg4")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and p.poll() is None:
-        # (its own temp directory: segment 3 left one behind, with its pid)
-        if list(run.glob(f"*.checkpoint-*.tmp-{p.pid}")) or _marker(run) not in (None, "checkpoint-2"):
+        if _newest_mtime(run / "checkpoint-3") > started or _marker(run) not in (None, "checkpoint-2"):
             os.kill(p.pid, signal.SIGKILL)
             break
         time.sleep(0.002)
@@ -660,24 +705,23 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     # 7. Resume to the end.
     p = segment("seg7")
     assert _finish(p) == 0, (tmp_path / "seg7.log").read_text()[-3000:]
-    assert not [d.name for d in run.iterdir() if d.name.startswith(".")], "interrupted saves were not cleaned up"
+    assert all(ckpt_io.is_complete(d) for d in run.glob("checkpoint-*")), "an interrupted save was never redone"
 
-    # Same vectors and optimizer state as the uninterrupted run.
+    # Same trained weights and optimizer state as the uninterrupted run.
     last = f"checkpoint-{KILL_STEPS}"
     assert _marker(run) == last
-    ref_vectors, vectors = sv.load_vectors(tmp_path / "reference" / last), sv.load_vectors(run / last)
-    assert vectors.keys() == ref_vectors.keys()
-    assert any(v.abs().max() > 0 for v in ref_vectors.values()), "no vector moved: the comparison would be vacuous"
-    for layer in ref_vectors:
-        torch.testing.assert_close(vectors[layer], ref_vectors[layer], rtol=1e-5, atol=1e-6)
-    final = sv.load_vectors(run / "final")
-    for layer in ref_vectors:
-        torch.testing.assert_close(final[layer], ref_vectors[layer], rtol=1e-5, atol=1e-6)
-    a = load_file(str(tmp_path / "reference" / last / ckpt_io.OPTIMIZER_TENSORS))
-    b = load_file(str(run / last / ckpt_io.OPTIMIZER_TENSORS))
+    ref_first, ref_last = _weights(tmp_path / "reference" / "checkpoint-1"), _weights(tmp_path / "reference" / last)
+    assert any(not torch.equal(ref_last[k], ref_first[k]) for k in ref_last), "nothing moved: the check is vacuous"
+    for weights in (_weights(run / last), _weights(run / "final")):
+        assert weights.keys() == ref_last.keys()
+        for k in ref_last:
+            torch.testing.assert_close(weights[k], ref_last[k], rtol=1e-5, atol=1e-6)
+    a = torch.load(tmp_path / "reference" / last / "optimizer.pt", weights_only=True)["state"]
+    b = torch.load(run / last / "optimizer.pt", weights_only=True)["state"]
     assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+    for i in a:
+        for k in a[i]:
+            torch.testing.assert_close(b[i][k], a[i][k], rtol=1e-5, atol=1e-7)
     assert (json.loads((run / last / ckpt_io.TRAINER_STATE).read_text())["global_step"] == KILL_STEPS)
     # Same data order and the same samples, for every step any segment took (steps lost to a kill were redone).
     order = _order(log)
@@ -721,16 +765,21 @@ DDP_DRIVER = textwrap.dedent('''
         with open(LOG, "a") as f:
             f.write(json.dumps({"rank": RANK, "what": what}) + "\\n")
 
-    save = sv.save_checkpoint
-    def logged_save(model, out_dir, **k):
-        record(f"save {os.path.basename(str(out_dir))}")
-        return save(model, out_dir, **k)
-    sv.save_checkpoint = logged_save
-    publish = ck.publish
-    def logged_publish(tmp, final):
-        record(f"publish {final.name}")
-        return publish(tmp, final)
-    ck.publish = logged_publish
+    write_meta = sv.write_meta
+    def logged_meta(out_dir, *a, **k):
+        record(f"steering.json {os.path.basename(str(out_dir))}")
+        return write_meta(out_dir, *a, **k)
+    sv.write_meta = logged_meta
+    write_manifest = ck.write_manifest
+    def logged_manifest(ckpt):
+        record(f"manifest {ckpt.name}")
+        return write_manifest(ckpt)
+    ck.write_manifest = logged_manifest
+    write_latest = ck.write_latest
+    def logged_latest(run_dir, ckpt):
+        record(f"latest {ckpt.name}")
+        return write_latest(run_dir, ckpt)
+    ck.write_latest = logged_latest
     import wandb
     init = wandb.init
     def logged_init(*a, **k):
@@ -776,12 +825,12 @@ def test_two_processes_identical_vectors_every_step_and_rank0_writes(tmp_path):
     assert all(row["vector_rank_max_abs_diff"] == 0.0 for row in train_rows), train_rows
     records = read_jsonl(writes)
     assert {rec["rank"] for rec in records} == {"0"}, records
-    assert [rec["what"] for rec in records if rec["what"].startswith("publish")] == \
-        [f"publish checkpoint-{s}" for s in (1, 2, 3)]
+    assert [rec["what"] for rec in records if rec["what"].startswith("latest")] == \
+        [f"latest checkpoint-{s}" for s in (1, 2, 3)]
+    assert [rec["what"] for rec in records if rec["what"].startswith("manifest")] == \
+        [f"manifest checkpoint-{s}" for s in (1, 2, 3)]
     assert [rec["what"] for rec in records].count("wandb.init") == 1
     for s in (1, 2, 3):
         ckpt_io.verify_checkpoint(run / f"checkpoint-{s}")
     assert any(v.abs().max() > 0 for v in sv.load_vectors(run / "checkpoint-3").values()), "vacuous: nothing moved"
-    rng = json.loads((run / "checkpoint-3" / ckpt_io.RNG_JSON).read_text())
-    assert {"0", "1"} <= set(rng), "every rank's RNG is saved (by rank 0)"
-    assert not list(run.glob("*.tmp-*"))
+    assert (run / "checkpoint-3" / "rng_state_0.pth").is_file() and (run / "checkpoint-3" / "rng_state_1.pth").is_file()

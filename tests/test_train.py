@@ -1,9 +1,6 @@
 """End-to-end GRPO training of steering vectors on the demo base (CPU, offline)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -79,7 +76,13 @@ def test_checkpoints_load_through_peft_and_match(two_step_run):
     ck = run_dir / "checkpoint-2"
     assert ckpt_io.is_complete(ck)
     assert json.loads((run_dir / "latest").read_text())["checkpoint"] == "checkpoint-2"
-    assert not list(run_dir.glob("**/*.pt")) and not list(run_dir.glob("**/*.pth")) and not list(run_dir.glob("**/*.bin"))
+    ckpt_io.verify_checkpoint(ck)
+    listed = set(json.loads((ck / ckpt_io.MANIFEST).read_text())["files"])
+    assert listed == {p.relative_to(ck).as_posix() for p in ck.rglob("*") if p.is_file()} - {ckpt_io.MANIFEST}
+    assert {"adapter_model.safetensors", "steering.json", "optimizer.pt", "trainer_state.json"} <= listed
+    # The model state is safetensors + JSON; optimizer / scheduler / RNG state are transformers' own files, which a
+    # resume reads with torch.load(weights_only=True) (tests/test_reliability.py checks that nothing else is unpickled).
+    assert not [p for p in ck.rglob("*.pt*") if not p.name.startswith(("optimizer", "scheduler", "rng_state"))]
     ours = sv.load_steered_model(ck, base=AutoModelForCausalLM.from_pretrained(DEMO_BASE))
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_BASE), str(ck))
     for layer, v in sv.get_vectors(trainer.model).items():
@@ -92,70 +95,91 @@ def test_checkpoints_load_through_peft_and_match(two_step_run):
     assert meta["training_config"]["loss_type"] == "dapo"
 
 
-def test_paper_preset_advantages_and_loss_by_hand(tmp_path):
-    """RLOO advantages and the global token-mean loss, against numbers worked out by hand."""
+def test_paper_preset_rloo_loss_and_gradient_by_hand(tmp_path):
+    """One real training step of the paper preset, with fixed ±1 rewards: TRL's loss value and its gradient w.r.t.
+    the vectors are the paper's RLOO loss worked out by hand (A_i = r_i - mean_{j != i} r_j, loss
+    -sum_i A_i sum_t log p_it / N with N the completion tokens of the whole batch). Public API only: the rewards come
+    through the reward function, the gradient is read off one plain SGD step (lr 1, no clipping)."""
     from train.__main__ import build_trainer
 
-    trainer, _ = build_trainer(["--config", str(small_config(tmp_path, per_device_train_batch_size=8))])
+    cfg = small_config(tmp_path, per_device_train_batch_size=8, max_steps=1, val_size=0, optim="sgd",
+                       learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant", warmup_steps=0)
+    trainer, _ = build_trainer(["--config", str(cfg)])
     g = trainer.num_generations
-    assert g == 4
+    assert g == 4 and trainer.args.reward_weights == [4 / 3]  # what makes TRL's advantage RLOO's
     # Two prompts x four completions; rewards ±1.
-    rewards = torch.tensor([1.0, -1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0])
+    rewards = [1.0, -1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0]
     # RLOO: A_i = r_i - mean_{j != i} r_j, by hand for group 1: 1-(-1)=2, -1-(-1/3)=-2/3 (x3);
     # group 2: 1-(1/3)=2/3 (x3), -1-1=-2.
-    expected = torch.tensor([2.0, -2 / 3, -2 / 3, -2 / 3, 2 / 3, 2 / 3, -2.0, 2 / 3])
-    trainer._calculate_rewards = lambda *a, **k: rewards.unsqueeze(1)
-    batch = [{"prompt": p, "answer": "0", "question": "q"} for p in trainer.train_dataset["prompt"][:2]
-             for _ in range(g)]
-    trainer.model.train()
-    out = trainer._generate_and_score_completions(batch)
-    torch.testing.assert_close(out["advantages"].cpu(), expected)
+    expected = torch.tensor([2.0, -2 / 3, -2 / 3, -2 / 3, 2 / 3, 2 / 3, -2.0, 2 / 3], dtype=torch.float64)
+    seen = {}
 
-    # Loss: -sum_i A_i sum_t logp_it / (completion tokens of the whole batch). On-policy the PPO ratio is exp(logp -
-    # logp.detach()) = 1, so TRL's loss *value* is -sum_i A_i n_i / N while its *gradient* is the paper's; compare both.
-    mask = out["completion_mask"]
-    n_tokens = mask.sum()
-    out["num_items_in_batch"] = n_tokens
-    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by the train loop
-    params = sv.vector_parameters(trainer.model)
-    sv.set_vectors(trainer.model, {l: 0.3 * torch.randn(p.numel()) for l, p in params.items()})
-    loss = trainer._compute_loss(trainer.model, out)
-    torch.testing.assert_close(loss.detach(), -(expected.unsqueeze(1) * mask).sum() / n_tokens, rtol=1e-5, atol=1e-6)
-    trl_grads = torch.autograd.grad(loss, list(params.values()))
+    def fixed_reward(prompts, completions, completion_ids, **kwargs):
+        seen.update(prompts=list(prompts), completion_ids=[list(map(int, c)) for c in completion_ids])
+        return rewards
 
-    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-    att = torch.cat([out["prompt_mask"], mask], 1)
-    logits = trainer.model(input_ids=ids, attention_mask=att).logits[:, out["prompt_ids"].size(1) - 1:-1]
-    logp = torch.log_softmax(logits.float() / trainer.temperature, -1).gather(
-        -1, out["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    by_hand = -(expected.unsqueeze(1) * logp * mask).sum() / n_tokens
-    hand_grads = torch.autograd.grad(by_hand, list(params.values()))
-    for a, b in zip(trl_grads, hand_grads):
-        assert b.abs().max() > 0
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    trainer.reward_funcs[0] = fixed_reward
+    before = {l: p.detach().clone() for l, p in sv.vector_parameters(trainer.model).items()}
+    trainer.train()
+    grads = {l: before[l] - p.detach() for l, p in sv.vector_parameters(trainer.model).items()}  # SGD, lr 1
+
+    # The same loss by hand, from the prompts and completions TRL sampled, on the model before the step.
+    model = sv.attach_steering(AutoModelForCausalLM.from_pretrained(DEMO_BASE))
+    sv.set_vectors(model, {l: v.reshape(-1) for l, v in before.items()})
+    tok = trainer.processing_class
+    n_tokens = sum(len(c) for c in seen["completion_ids"])
+    by_hand = 0.0
+    for a, prompt, completion in zip(expected, seen["prompts"], seen["completion_ids"]):
+        prompt_ids = tok(text=[prompt])["input_ids"][0]
+        ids = torch.tensor([prompt_ids + completion])
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].double() / trainer.args.temperature
+        logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).sum()
+        by_hand = by_hand - a * logp / n_tokens
+    hand = dict(zip(before, torch.autograd.grad(by_hand, list(sv.vector_parameters(model).values()))))
+    for layer, grad in grads.items():
+        assert hand[layer].abs().max() > 0
+        torch.testing.assert_close(grad.double(), hand[layer].double(), rtol=1e-3, atol=1e-6)
+    # On-policy the PPO ratio is exp(logp - logp.detach()) = 1, so TRL's loss *value* is -sum_i A_i n_i / N.
+    [logged] = [h for h in trainer.state.log_history if "loss" in h]
+    lengths = torch.tensor([len(c) for c in seen["completion_ids"]], dtype=torch.float64)
+    assert logged["loss"] == pytest.approx(float(-(expected * lengths).sum() / n_tokens), rel=1e-4, abs=1e-6)
+    assert logged["reward"] == pytest.approx(sum(rewards) / len(rewards))  # the reward itself, not the weighted one
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+def _optimizer_state(ckpt):
+    """The optimizer tensors of a checkpoint, read the way a resume reads them (the restricted unpickler)."""
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    return {f"{i}.{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("adapter", ["steering", "lora", "full"])
+def test_resume_from_latest_matches_uninterrupted_run(tmp_path, adapter):
+    """Every adapter: 2 steps, stop, resume from `latest` to 4 steps == 4 steps without a stop (trained weights and
+    optimizer state)."""
     from train.__main__ import train
 
-    full = train(["--config", str(small_config(tmp_path, "full", max_steps=4, save_steps=2, val_size=0))])
-    ref = sv.get_vectors(full.model)
-    ref_opt = ckpt_io.load_file_tensors(tmp_path / "full" / "checkpoint-4") if hasattr(ckpt_io, "load_file_tensors") else None
-    cut = train(["--config", str(small_config(tmp_path, "cut", max_steps=2, save_steps=2, val_size=0))])
+    extra = [] if adapter == "steering" else ["--adapter", adapter]
+    cfg = dict(save_steps=2, val_size=0)
+    full = train(["--config", str(small_config(tmp_path, "full", max_steps=4, **cfg))] + extra)
+    cut = train(["--config", str(small_config(tmp_path, "cut", max_steps=2, **cfg))] + extra)
     assert cut.state.global_step == 2
-    resumed = train(["--config", str(small_config(tmp_path, "cut", max_steps=4, save_steps=2, val_size=0)),
-                     "--resume_from_checkpoint", "latest"])
+    resumed = train(["--config", str(small_config(tmp_path, "cut", max_steps=4, **cfg)),
+                     "--resume_from_checkpoint", "latest"] + extra)
     assert resumed.state.global_step == 4
-    for layer, v in sv.get_vectors(resumed.model).items():
-        torch.testing.assert_close(v, ref[layer], rtol=1e-5, atol=1e-6)
-    from safetensors.torch import load_file
-
-    a = load_file(str(tmp_path / "full" / "checkpoint-4" / ckpt_io.OPTIMIZER_TENSORS))
-    b = load_file(str(tmp_path / "cut" / "checkpoint-4" / ckpt_io.OPTIMIZER_TENSORS))
-    assert a.keys() == b.keys()
+    trained = {n: p.detach() for n, p in full.model.named_parameters() if p.requires_grad}
+    ref_model = AutoModelForCausalLM.from_pretrained(DEMO_BASE)
+    moved = 0
+    for name, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), trained[name], rtol=1e-5, atol=1e-6)
+            base_name = name.removeprefix("base_model.model.")
+            ref = dict(ref_model.named_parameters()).get(base_name)
+            moved += ref is None or not torch.equal(ref, p.detach())
+    assert moved > 0, "nothing was trained: the comparison would be vacuous"
+    a, b = _optimizer_state(tmp_path / "full" / "checkpoint-4"), _optimizer_state(tmp_path / "cut" / "checkpoint-4")
+    assert a.keys() == b.keys() and a
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
-    del ref_opt
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
 
 
 def test_token_scaling_trains_through_the_same_trainer(tmp_path):

@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+from steering import compat
 from steering import vectors as sv
 from steering import vllm_plugin as vp
 from steering.tiny import tiny_model
@@ -55,10 +56,15 @@ class FakeVLLMModel:
 
 
 class FakeLLM:
+    """A vLLM ``LLM`` with the engine model where TRL's colocate sync finds it (``compat.VLLM_COLOCATED_MODEL_PATH``,
+    which tests/test_compat.py checks against TRL's own sync)."""
+
     def __init__(self, model):
-        runner = types.SimpleNamespace(model=model)
-        self.llm_engine = types.SimpleNamespace(
-            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner)))
+        first, *inner, last = compat.VLLM_COLOCATED_MODEL_PATH[1:]
+        node = types.SimpleNamespace(**{last: model})
+        for name in reversed(inner):
+            node = types.SimpleNamespace(**{name: node})
+        setattr(self, first, node)
         self.resets = 0
         self.wakes = 0
 
@@ -86,11 +92,13 @@ class FakeClient:
 
 
 def fake_generation(mode, vllm_model=None, sleep=False):
-    vg = types.SimpleNamespace(mode=mode, enable_sleep_mode=sleep, accelerator=types.SimpleNamespace(is_main_process=True))
+    state = types.SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None)  # what TRL's DistributedBackend reads
+    accelerator = types.SimpleNamespace(is_main_process=True, state=state)
+    vg = types.SimpleNamespace(mode=mode, enable_sleep_mode=sleep, accelerator=accelerator)
     vg.sync_weights = lambda: (_ for _ in ()).throw(AssertionError("TRL's own sync must not run"))
     if mode == "colocate":
         vg.llm = FakeLLM(vllm_model)
-        vg._llm_weights_sleeping = sleep
+        setattr(vg, compat.VLLM_SLEEPING_ATTR, sleep)
     else:
         vg.vllm_client = FakeClient()
     return vg
@@ -197,7 +205,7 @@ def test_sleep_mode_forces_full_syncs():
     vg = fake_generation("colocate", fake, sleep=True)
     sync = vp.install_vectors_only_sync(vg, model, full_first=False)
     vg.sync_weights()
-    vg._llm_weights_sleeping = True  # TRL puts the engine back to sleep after generating
+    setattr(vg, compat.VLLM_SLEEPING_ATTR, True)  # TRL puts the engine back to sleep after generating
     vg.sync_weights()
     assert [full for full, _ in sync.history] == [True, True] and vg.llm.wakes == 2
 
@@ -265,7 +273,7 @@ def test_vllm_engine_serves_the_vectors(tiny_base_dir, monkeypatch):
     if hasattr(llm, "apply_model"):  # runs in vLLM's worker process(es)
         llm.apply_model(lambda m: m.load_weights(weights))
     else:
-        llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        compat.colocated_vllm_model(types.SimpleNamespace(llm=llm)).load_weights(weights)
     tok = build_char_tokenizer()
     prompt = tok("hello world")["input_ids"]
     out = llm.generate([{"prompt_token_ids": prompt}], VSP(max_tokens=16, temperature=0))

@@ -9,9 +9,7 @@ checkpoint in ``output_dir/final``. It ends by printing the held-out accuracy of
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     try:
-        with warnings.catch_warnings():
-            # TRL's GRPOConfig defaults gradient_checkpointing=True, which transformers>=5 reports as a deprecated
-            # alias on every parse; on stderr it would break the one-line error contract.
-            warnings.filterwarnings("ignore", message=r"`gradient_checkpointing.*` is deprecated", category=FutureWarning)
-            s, g = parse_config(argv)
+        s, g = parse_config(argv)
         template = get_template(s.template)
         prepared = prepare(s, g, template)
     except (ConfigError, TemplateError, DataError, sv.SteeringError, FileNotFoundError) as e:
@@ -49,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(s, g, template, prepared)
     except TrainingDiverged as e:
-        try:
-            latest = ckpt_io.resolve_resume(ckpt_io.LATEST, g.output_dir)
-        except (sv.SteeringError, FileNotFoundError):
-            latest = None
+        latest = ckpt_io.read_latest(Path(g.output_dir))
         newline = "" if g.disable_tqdm else "\n"  # the progress bar was left mid-line
         print(f"{newline}python -m train: error: training diverged: {e}; last good checkpoint: {latest or 'none'}",
               file=sys.stderr)
@@ -147,8 +138,9 @@ def prepare(s: Any, g: Any, template: Any) -> dict[str, Any]:
             "resume": resume, "num_layers": num_layers}
 
 
-def build_model(s: Any, init_vectors: Any):
-    """The frozen base plus what is trained (steering vectors, LoRA, or everything)."""
+def build_model(s: Any, init_vectors: Any, resume: str | None = None):
+    """The frozen base plus what is trained (steering vectors, LoRA, or everything). The trainer restores what it
+    saves itself when it resumes; the token gates, which live outside the PEFT adapter, come from ``resume`` here."""
     from steering import vectors as sv
 
     base = sv.load_base_model(s.model_name_or_path, dtype=s.dtype, revision=s.model_revision,
@@ -158,7 +150,8 @@ def build_model(s: Any, init_vectors: Any):
         if s.token_scaling:
             from steering import token_scaling as ts
 
-            ts.attach_token_scaling(model)  # s_l * alpha_l(t); the gates start at alpha = 1 (plain steering)
+            # s_l * alpha_l(t); fresh gates start at alpha = 1 (plain steering)
+            ts.attach_token_scaling(model, init=resume)
         return model
     if s.adapter == "lora":
         from peft import LoraConfig, get_peft_model
@@ -172,23 +165,24 @@ def build_model(s: Any, init_vectors: Any):
 
 
 def make_trainer(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
+    from transformers import set_seed
+
     from steering import vectors as sv
     from steering.rewards import MathReward
     from train.config import to_jsonable
     from train.data import to_prompt_dataset
+    from train.rollout import StaticRollouts
     from train.trainer import (MetricsFileCallback, SteeringGRPOTrainer, ValidationCallback, write_metrics_line)
     from train.validation import Validator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(g.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if g.gradient_checkpointing and not g.gradient_checkpointing_kwargs:
-        # Reentrant checkpointing gives the first steered layer no gradient when the base is frozen.
-        g.gradient_checkpointing_kwargs = {"use_reentrant": False}
-
     tokenizer = sv.load_tokenizer(s.model_name_or_path, revision=s.model_revision)
     train_ds = to_prompt_dataset(prepared["train_rows"], template, tokenizer)
-    model = build_model(s, prepared["init_vectors"])
+    # Seeded before the model is built, as TRL's scripts do: LoRA's random init must be the same run after run.
+    set_seed(g.seed)
+    model = build_model(s, prepared["init_vectors"], prepared["resume"])
 
     reward = MathReward(answer_format=template.answer_format, reward_style=s.reward_style, timeout_s=s.reward_timeout)
     validator = Validator(prepared["val_rows"], template, tokenizer, max_new_tokens=g.max_completion_length,
@@ -196,9 +190,10 @@ def make_trainer(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
                           timeout_s=s.reward_timeout)
     run_config = to_jsonable(s, g)
     metrics_path = out / s.metrics_file
+    rollout_func = StaticRollouts(compile=s.rollout_compile) if s.rollout_backend == "static" else None
     trainer = SteeringGRPOTrainer(
         model=model, reward_funcs=[reward], args=g, train_dataset=train_ds, processing_class=tokenizer,
-        steering_args=s, reward_fn=reward, run_config=run_config,
+        steering_args=s, reward_fn=reward, run_config=run_config, rollout_func=rollout_func,
         callbacks=[MetricsFileCallback(metrics_path, s.reward_style)],
     )
     val_cb = ValidationCallback(trainer, validator, s.val_steps)
@@ -217,9 +212,16 @@ def run(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
     from train.plots import plot_training_curves
     from train.trainer import write_metrics_line
 
+    from train.trainer import RunAlreadyFinished
+
     trainer, ctx = make_trainer(s, g, template, prepared)
     val_cb, metrics_path, out = ctx["val_callback"], ctx["metrics_path"], ctx["out"]
-    trainer.train(resume_from_checkpoint=prepared["resume"])
+    try:
+        trainer.train(resume_from_checkpoint=prepared["resume"])
+    except RunAlreadyFinished as e:
+        # The checkpoint is loaded and nothing is left to train: validate and write final/ as a finished run would.
+        logger.info("%s; nothing to train", e)
+        val_cb.validate(trainer.state)
     trainer.save_model(str(out / "final"))
     if trainer.is_world_process_zero():
         base_acc, final_acc = val_cb.base_accuracy, (val_cb.history[-1][1] if val_cb.history else None)

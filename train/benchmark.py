@@ -28,7 +28,6 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -85,7 +84,7 @@ def build_model(shape: str, dtype: torch.dtype, device: str, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config._name_or_path = f"random-{shape}"
+    model.config.name_or_path = f"random-{shape}"
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID
     for p in model.parameters():
@@ -136,60 +135,63 @@ def _peak_memory(device: str) -> float:
 # GRPO trainers
 
 
-def _trainer_classes():
-    from trl import GRPOConfig, GRPOTrainer
-    from transformers import TrainerCallback
+class GenerateTimer:
+    """Times one model's ``generate`` calls: wall time and token counts of every rollout, whichever path makes it
+    (TRL's own ``model.generate``, or our static path, which is ``model.generate(custom_generate=...)`` too)."""
 
-    from train.rollout import FastRolloutMixin
+    def __init__(self, model: Any, device: str):
+        from steering.generation import cut_at_eos
 
-    @dataclass
-    class BenchConfig(GRPOConfig):
-        rollout_backend: str = "hf"
-        rollout_compile: bool | None = None
+        self.calls: list[dict[str, float]] = []
+        inner = model.generate
 
-    class TimingMixin:
-        """Wall time and token counts of each rollout, whichever generation path the trainer uses."""
-
-        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
-            _sync(self.bench_device)
+        def timed(*args: Any, **kwargs: Any):
+            _sync(device)
             start = time.perf_counter()
-            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
-            _sync(self.bench_device)
-            self.bench_rollouts.append({
-                "seconds": time.perf_counter() - start,
-                "completion_tokens": sum(len(c) for c in completion_ids),
-                "prompt_tokens": sum(len(p) for p in prompt_ids),
-            })
-            return completion_ids, logprobs
+            out = inner(*args, **kwargs)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            input_ids, mask, cfg = kwargs["input_ids"], kwargs.get("attention_mask"), kwargs["generation_config"]
+            eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+            completions, _ = cut_at_eos(out[:, input_ids.shape[1]:], [e for e in eos if e is not None])
+            self.calls.append({"seconds": seconds, "completion_tokens": sum(len(c) for c in completions),
+                               "prompt_tokens": int(mask.sum()) if mask is not None else int(input_ids.numel())})
+            return out
 
-    class StepTimer(TrainerCallback):
-        def __init__(self, device: str):
-            self.device, self.start, self.times = device, 0.0, []
+        model.generate = timed  # on this model instance only
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            _sync(self.device)
-            self.start = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            _sync(self.device)
-            self.times.append(time.perf_counter() - self.start)
+class StepTimer:
+    """Wall time of each optimizer step (a ``transformers.TrainerCallback``, built lazily)."""
 
-    class TRLDefault(TimingMixin, GRPOTrainer):
-        pass
+    def __new__(cls, device: str):
+        from transformers import TrainerCallback
 
-    class Ours(TimingMixin, FastRolloutMixin, GRPOTrainer):
-        pass
+        class _StepTimer(TrainerCallback):
+            def __init__(self):
+                self.device, self.start, self.times = device, 0.0, []
 
-    return BenchConfig, TRLDefault, Ours, StepTimer
+            def on_step_begin(self, args, state, control, **kwargs):
+                _sync(self.device)
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                _sync(self.device)
+                self.times.append(time.perf_counter() - self.start)
+
+        return _StepTimer()
 
 
 def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
     """One GRPO run of ``ns.steps`` steps; ``kind`` is "trl" (TRL's default generate) or "ours"."""
     from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
 
-    from steering.vectors import attach_steering, enable_gradient_checkpointing, parse_dtype
+    from steering import compat
+    from steering.vectors import attach_steering, enable_activation_checkpointing, parse_dtype
+    from train.rollout import StaticRollouts
 
-    BenchConfig, TRLDefault, Ours, StepTimer = _trainer_classes()
     dtype = parse_dtype(ns.dtype)
     device = ns.device
     if device.startswith("cuda"):
@@ -197,7 +199,7 @@ def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     model = attach_steering(build_model(ns.shape, dtype, device, seed=ns.seed))
     if ns.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_activation_checkpointing(model)
     vocab = model.config.vocab_size
     tokenizer = build_tokenizer(vocab)
     rows = ns.prompts * ns.generations
@@ -211,7 +213,7 @@ def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
         return [rng.random() for _ in completions]
 
     on_cuda = device.startswith("cuda")
-    args = BenchConfig(
+    args = GRPOConfig(
         output_dir=os.path.join(ns.work_dir, f"bench-{kind}"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=rows // micro,
@@ -229,30 +231,27 @@ def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
         seed=ns.seed,
         bf16=on_cuda and dtype == torch.bfloat16,
         use_cpu=not on_cuda,
-        gradient_checkpointing=False,  # enabled above, non-reentrant (see steering.vectors)
         disable_dropout=True,
         dataloader_num_workers=0,
         shuffle_dataset=False,
         disable_tqdm=True,
-        rollout_backend=ns.backend if kind == "ours" else "hf",
-        rollout_compile=ns.compile,
+        # enabled above (non-reentrant, see steering.vectors) when asked for
+        **{compat.training_arg_name("gradient_checkpointing"): False},
     )
-    cls = Ours if kind == "ours" else TRLDefault
+    static = kind == "ours" and ns.backend == "static"
     timer = StepTimer(device)
-    trainer = cls(model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tokenizer,
-                  callbacks=[timer])
-    from transformers.trainer_callback import PrinterCallback
-
+    rollouts = GenerateTimer(model, device)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[timer],
+                          rollout_func=StaticRollouts(compile=ns.compile) if static else None)
     trainer.remove_callback(PrinterCallback)  # per-step log dicts; the summary is printed at the end
-    trainer.bench_device = device
-    trainer.bench_rollouts = []
     error = None
     try:
         trainer.train()
     except torch.cuda.OutOfMemoryError as e:  # the memory check reports an OOM instead of crashing
         error = f"CUDA out of memory: {str(e).splitlines()[0]}"
     peak = _peak_memory(device)
-    result = summarize(kind, trainer, timer.times, peak, ns)
+    result = summarize(kind, trainer, timer.times, rollouts.calls, peak, ns)
     if on_cuda:
         result["peak_reserved_gib"] = round(_peak_reserved(device), 3)
     if error:
@@ -267,8 +266,8 @@ def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def summarize(kind: str, trainer: Any, step_times: list[float], peak_gib: float, ns) -> dict[str, Any]:
-    rollouts = trainer.bench_rollouts
+def summarize(kind: str, trainer: Any, step_times: list[float], rollouts: list[dict[str, float]], peak_gib: float,
+              ns) -> dict[str, Any]:
     steady = step_times[1:] or step_times
     steady_rollouts = rollouts[1:] or rollouts
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-# The recipe of Sinii et al. (REFERENCE §2). GRPOTrainer's "dapo" loss divides the summed token losses by the number
+from steering import compat
+
+# The recipe of Sinii et al. (docs/recipe.md). GRPOTrainer's "dapo" loss divides the summed token losses by the number
 # of completion tokens in the whole global batch; with scale_rewards="none" its advantage is r_i - mean_j r_j, which
 # the "rloo" estimator rescales by G/(G-1) into the leave-one-out r_i - mean_{j!=i} r_j. num_iterations=1 with
 # steps_per_generation = gradient_accumulation_steps (TRL's default) is one on-policy step per batch, so the ratio
@@ -71,7 +73,7 @@ class SteeringArguments:
         default=None,
         metadata={"help": f"Named recipe applied before the YAML and the command line: {sorted(PRESETS)}. 'paper' is "
                           "Sinii et al.: RLOO, ±1 rewards, no std scaling, global token-mean loss, β=0, constant LR "
-                          "with 3% warmup, max grad norm 2, T=1."})
+                          "with 3%% warmup, max grad norm 2, T=1."})
     adapter: str = field(
         default="steering",
         metadata={"help": "What is trained: 'steering' (one vector per layer), 'lora' (PEFT LoRA baseline) or 'full' "
@@ -259,6 +261,10 @@ def parse_config(argv: list[str] | None = None):
     for k, v in env.items():
         os.environ[str(k)] = str(v)
 
+    # activation_checkpointing* (transformers >= 5.24) and gradient_checkpointing* (older, and deprecated since) name
+    # the same settings: either spelling works, with the installed transformers' name passed on (no warning).
+    config = {compat.training_arg_name(k): v for k, v in config.items()}
+    argv = [_translate_flag(a) for a in argv]
     ours, theirs = field_names()
     unknown = sorted(set(config) - ours - theirs)
     if unknown:
@@ -270,6 +276,13 @@ def parse_config(argv: list[str] | None = None):
         if preset not in PRESETS:
             raise ConfigError(f"preset: {preset!r} is unknown; known presets: {sorted(PRESETS)}")
         defaults.update(PRESETS[preset])
+    # TRL's default (checkpointing on), spelled with the installed name so its deprecated alias is never the one set;
+    # non-reentrant, which gives the first steered layer its gradient with a frozen base (see steering.vectors).
+    from trl import GRPOConfig
+
+    defaults[compat.training_arg_name("gradient_checkpointing")] = GRPOConfig.__dataclass_fields__[
+        "gradient_checkpointing"].default
+    defaults[compat.training_arg_name("gradient_checkpointing_kwargs")] = {"use_reentrant": False}
     defaults.update(config)
 
     parser = TrlParser([SteeringArguments, _grpo_config_cls()], prog="python -m train",
@@ -284,6 +297,14 @@ def parse_config(argv: list[str] | None = None):
         raise ConfigError(str(e).splitlines()[0]) from None
     _validate_combined(steering_args, grpo_args)
     return steering_args, grpo_args
+
+
+def _translate_flag(arg: str) -> str:
+    """``--gradient_checkpointing[=v]`` / ``--activation_checkpointing[=v]`` (and ``_kwargs``) -> the installed name."""
+    if not arg.startswith("--"):
+        return arg
+    key, eq, value = arg[2:].partition("=")
+    return f"--{compat.training_arg_name(key)}{eq}{value}"
 
 
 def build_parser():
@@ -304,6 +325,18 @@ def _validate_combined(s: SteeringArguments, g: Any) -> None:
     if s.advantage_estimator == "rloo" and g.scale_rewards != "none":
         raise ConfigError(f"advantage_estimator: rloo needs scale_rewards: none (got {g.scale_rewards!r}); the "
                           "leave-one-out baseline is not defined with std scaling")
+    if s.advantage_estimator == "rloo":
+        if g.num_generations is None or g.num_generations < 2:
+            raise ConfigError(f"advantage_estimator: rloo needs num_generations >= 2 (got {g.num_generations}): the "
+                              "leave-one-out baseline averages the other samples of the same prompt")
+        if g.reward_weights is not None:
+            raise ConfigError("reward_weights: advantage_estimator rloo sets them (to G/(G-1)); remove reward_weights")
+        # With scale_rewards: none, TRL's advantage of the rewards weighted by G/(G-1) is exactly RLOO's
+        # r_i - mean_{j!=i} r_j (train/trainer.py).
+        g.reward_weights = [g.num_generations / (g.num_generations - 1)]
+    if g.save_total_limit is not None and g.save_total_limit < 2:
+        raise ConfigError(f"save_total_limit: {g.save_total_limit} would let transformers delete the checkpoint "
+                          "`latest` names while the next one is written; use 2 or more, or leave it unset")
     if s.rollout_backend == "static" and g.use_vllm:
         raise ConfigError("rollout_backend: static and use_vllm: true are exclusive; pick one generation path")
     if s.token_scaling and s.adapter != "steering":

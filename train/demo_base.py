@@ -237,14 +237,17 @@ def prefix_shared_loss(model, prefix_ids: Sequence[int], batch: Mapping[str, tor
     repeated over the batch (exactly the same loss as running every full sequence, at a fraction of the cost)."""
     from transformers import DynamicCache
 
+    from steering import compat
+
     input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     bsz = input_ids.shape[0]
     prefix = torch.tensor([list(prefix_ids)], dtype=torch.long)
     cache = DynamicCache(config=model.config)
-    pre = model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    key = compat.cache_kwarg(model)
+    pre = model(input_ids=prefix, use_cache=True, **{key: cache})
     cache.batch_repeat_interleave(bsz)
     full_mask = torch.cat([torch.ones(bsz, prefix.shape[1], dtype=mask.dtype), mask], dim=1)
-    out = model(input_ids=input_ids, attention_mask=full_mask, past_key_values=cache, use_cache=True)
+    out = model(input_ids=input_ids, attention_mask=full_mask, use_cache=True, **{key: cache})
     # The logit predicting suffix token 0 is the prefix's last position.
     logits = torch.cat([pre.logits[:, -1:].expand(bsz, -1, -1), out.logits[:, :-1]], dim=1)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
@@ -388,7 +391,7 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
         train_s = time.perf_counter() - t0
         model.eval()
 
-        model.config._name_or_path = "demo-base"
+        model.config.name_or_path = "demo-base"
         gen = model.generation_config
         gen.eos_token_id = tokenizer.eos_token_id
         gen.pad_token_id = tokenizer.pad_token_id

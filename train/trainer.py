@@ -1,21 +1,22 @@
 """The RL loop: TRL's ``GRPOTrainer``, changed only where steering vectors need it.
 
 What the ``paper`` preset computes, plainly: for each prompt, G completions are sampled at T=1 and scored ±1 by
-math-verify. Each completion's advantage is its reward minus the mean reward of the *other* G−1 completions (RLOO;
-TRL's group-mean advantage times G/(G−1)), with no std scaling. The loss is −Σ_i A_i Σ_t log π(y_it), divided by the
-number of completion tokens in the whole global batch (TRL's "dapo" normalisation), and one AdamW step is taken per
-batch, so the PPO ratio is 1 and its clip never binds. β=0: no reference model, no KL.
+math-verify. Each completion's advantage is its reward minus the mean reward of the *other* G−1 completions (RLOO),
+with no std scaling. The loss is −Σ_i A_i Σ_t log π(y_it), divided by the number of completion tokens in the whole
+global batch (TRL's "dapo" normalisation), and one AdamW step is taken per batch, so the PPO ratio is 1 and its clip
+never binds. β=0: no reference model, no KL.
 
-Changes to ``GRPOTrainer`` and why:
-- ``advantage_estimator="rloo"`` rescales the advantages TRL computed (see above).
-- Per-layer learning rates become optimizer parameter groups.
-- Steering checkpoints are written in the core format (a PEFT BEFT adapter + steering.json) with the optimizer,
-  scheduler and RNG state in safetensors/JSON (never pickle), atomically, followed by a ``latest`` marker; resuming
-  reads them back. LoRA / full fine-tuning baselines keep the stock Trainer checkpoints.
-- Rollouts can take the static-KV-cache path (``rollout_backend: static``; CUDA graphs on GPU) and, with vLLM,
-  only the vectors are synced after the first step (``train/rollout.py``).
-- Validation accuracy on held-out problems and per-layer vector norms are logged, and every log line also goes to
-  ``output_dir/metrics.jsonl``.
+How, with TRL's public arguments only:
+- RLOO: ``r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_j r_j)``, and with ``scale_rewards: none`` TRL's advantage is
+  ``r_i − mean_j r_j`` of the *weighted* rewards, so ``reward_weights: [G/(G−1)]`` (set by the config) is exactly RLOO.
+  :meth:`SteeringGRPOTrainer.log` reports the unweighted reward.
+- Static-KV-cache rollouts: TRL's ``rollout_func`` (``train/rollout.py``).
+- Per-layer learning rates: optimizer parameter groups (``create_optimizer``).
+- Checkpoints: transformers writes them as for any PEFT model (``save_model`` adds ``steering.json``), and
+  :class:`train.checkpointing.CheckpointCallback` marks them complete (checksums, then the ``latest`` marker). The
+  same lifecycle serves steering, LoRA and full fine-tuning, single process, DDP, DeepSpeed and FSDP.
+- A NaN/Inf guard on the loss, the gradients and the vectors; per-layer vector norms and a DDP rank-sync metric in
+  every log line, which also goes to ``output_dir/metrics.jsonl``; held-out validation accuracy.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from trl import GRPOTrainer
 
 from steering import token_scaling as ts
 from steering import vectors as sv
-from train import checkpointing as ckpt_io
-from train.rollout import FastRolloutMixin
+from train.checkpointing import CheckpointCallback
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +43,29 @@ class TrainingDiverged(RuntimeError):
     """NaN/Inf in the loss, the gradients or the vectors."""
 
 
-class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
-    def __init__(self, *args: Any, steering_args: Any, reward_fn: Any = None, validator: Any = None,
-                 run_config: dict | None = None, **kwargs: Any):
+class RunAlreadyFinished(Exception):
+    """Raised at the start of training when a resumed run has already reached ``max_steps``."""
+
+
+class SteeringGRPOTrainer(GRPOTrainer):
+    def __init__(self, *args: Any, steering_args: Any, reward_fn: Any = None, run_config: dict | None = None,
+                 **kwargs: Any):
         self.steering_args = steering_args
         self.reward_fn = reward_fn
-        self.validator = validator
         self.run_config = run_config or {}
-        super().__init__(*args, **kwargs)
+        training_args = kwargs["args"]
+        vectors_sync = training_args.use_vllm and steering_args.vllm_sync == "vectors"
+        if vectors_sync:
+            from steering.vllm_plugin import prepare_engine_processes
 
-    # ------------------------------------------------------------------------------------------------ advantages
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        if self.steering_args.advantage_estimator == "rloo" and self.model.training:
-            g = self.num_generations
-            # r_i - mean_{j!=i} r_j = G/(G-1) * (r_i - mean_j r_j)
-            out["advantages"] = out["advantages"] * (g / (g - 1))
-        return out
+            prepare_engine_processes(training_args.vllm_mode)
+        super().__init__(*args, **kwargs)
+        if vectors_sync and sv.vector_parameters(self.model):
+            from steering.vllm_plugin import install_vectors_only_sync
+
+            install_vectors_only_sync(self.vllm_generation, self.model, accelerator=self.accelerator)
+        self.add_callback(CheckpointCallback())
+        self.add_callback(StopIfFinished())
 
     # ------------------------------------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -74,23 +80,17 @@ class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
                                            eps=a.adam_epsilon, weight_decay=a.weight_decay)
         return self.optimizer
 
-    # ------------------------------------------------------------------------------------------------ resume
-    def _run_epoch(self, *args, **kwargs):
-        # transformers takes one optimizer step before it checks max_steps, so resuming a finished run (a requeued
-        # job, a restart loop) would train past max_steps and change the result. Nothing is left to do: stop.
-        if 0 < self.state.max_steps <= self.state.global_step:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
-
     # ------------------------------------------------------------------------------------------------ NaN guard
+    def _check_vectors(self, when: str) -> None:
+        if self.steering_args.adapter != "steering":
+            return
+        for layer, p in sv.vector_parameters(self.model).items():
+            if not torch.isfinite(p.detach()).all():
+                raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step {when}")
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.steering_args.adapter == "steering":
-            # Before the rollouts: sampling from NaN logits would fail with an obscure error instead.
-            for layer, p in sv.vector_parameters(self.model).items():
-                if not torch.isfinite(p.detach()).all():
-                    raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step "
-                                           f"{self.state.global_step + 1} (before its rollouts)")
+        # Before the rollouts: sampling from NaN logits would fail with an obscure error instead.
+        self._check_vectors(f"{self.state.global_step + 1} (before its rollouts)")
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}")
@@ -104,16 +104,19 @@ class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
     # ------------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_train = not any(k.startswith("eval_") for k in logs)
+        if is_train and self.steering_args.advantage_estimator == "rloo":
+            # TRL logs the weighted reward (weights G/(G-1) make its advantage RLOO's); report the reward itself.
+            name = self.reward_func_names[0]
+            for key, per_func in (("reward", f"rewards/{name}/mean"), ("reward_std", f"rewards/{name}/std")):
+                if per_func in logs:
+                    logs[key] = logs[per_func]
         if is_train and self.reward_fn is not None and hasattr(self.reward_fn, "pop_stats"):
             logs.update(self.reward_fn.pop_stats())
         if is_train and self.steering_args.adapter == "steering":
+            self._check_vectors(str(self.state.global_step))
             vectors = sv.vector_parameters(self.model)
             for layer, p in vectors.items():
-                value = p.detach().float()
-                if not torch.isfinite(value).all():
-                    raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step "
-                                           f"{self.state.global_step}")
-                logs[f"vector_norm/{layer}"] = float(value.norm())
+                logs[f"vector_norm/{layer}"] = float(p.detach().float().norm())
             if self.accelerator.num_processes > 1:
                 # DDP must keep every rank's vectors bit-identical; measure it on every log line.
                 flat = torch.cat([p.detach().float().reshape(-1) for p in vectors.values()]).unsqueeze(0)
@@ -122,84 +125,34 @@ class SteeringGRPOTrainer(FastRolloutMixin, GRPOTrainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _uses_core_checkpoints(self) -> bool:
-        return (self.steering_args.adapter == "steering" and not self.is_deepspeed_enabled
-                and not self.is_fsdp_enabled)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """transformers' save (the PEFT adapter, gathered under DeepSpeed/FSDP), plus, for steering runs, the token
+        gates and ``steering.json`` (written last; removed first, so a half-rewritten directory never looks like a
+        steering checkpoint)."""
+        out = Path(output_dir or self.args.output_dir)
+        steering = self.steering_args.adapter == "steering"
+        if steering:
+            # Never save a poisoned checkpoint (it would become `latest`), whatever logging_steps is.
+            self._check_vectors(f"{self.state.global_step}; not saving {out.name}")
+            if self.args.should_save and (out / sv.META_FILE).exists():
+                (out / sv.META_FILE).unlink()
+        super().save_model(str(out), _internal_call)
+        if steering and self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model)
+            gated = ts.has_token_scaling(model)
+            if gated:
+                ts.save_token_gates(model, out)
+            sv.write_meta(out, model, base_model=self.steering_args.model_name_or_path, step=self.state.global_step,
+                          training_config=self.run_config, extra=ts.checkpoint_extra(model) if gated else None)
 
-    def _save_checkpoint(self, model, trial):
-        if not self._uses_core_checkpoints():
-            return super()._save_checkpoint(model, trial)
-        from accelerate.utils import gather_object
-        from transformers.trainer_callback import ExportableState
-        from transformers.trainer_utils import rotate_checkpoints
 
-        step = self.state.global_step
-        run_dir = Path(self._get_output_dir(trial=trial))
-        final = run_dir / f"checkpoint-{step}"
-        for layer, p in sv.vector_parameters(self.model).items():
-            # Never publish a poisoned checkpoint (it would become `latest`), whatever logging_steps is.
-            if not torch.isfinite(p.detach()).all():
-                raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step {step}; not saving "
-                                       f"{final.name}")
-        per_rank = gather_object([ckpt_io.rng_state()])  # every rank's RNG, written by rank 0 only
-        if self.args.should_save:
-            tmp = final.with_name(f".{final.name}.tmp-{__import__('os').getpid()}")
-            if tmp.exists():  # left by a killed process with the same pid (containers reuse pids across restarts)
-                __import__("shutil").rmtree(tmp)
-            self._save_steering(tmp, step)
-            ckpt_io.save_optimizer(self.optimizer, tmp)
-            ckpt_io.save_scheduler(self.lr_scheduler, tmp)
-            ckpt_io.save_rng(tmp, per_rank)
-            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
-                name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(name), list):
-                    self.state.stateful_callbacks[name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name] = cb.state()
-            self.state.save_to_json(str(tmp / ckpt_io.TRAINER_STATE))
-            ckpt_io.publish(tmp, final)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        self.accelerator.wait_for_everyone()
+class StopIfFinished(TrainerCallback):
+    """A resumed run that has already reached ``max_steps`` (a requeued job that had in fact finished) must not train:
+    transformers would take one more optimizer step before it looks at ``max_steps``."""
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        if self.steering_args.adapter != "steering":
-            return super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            self._save_steering(Path(output_dir or self.args.output_dir), self.state.global_step)
-
-    def _save_steering(self, out: Path, step: int) -> None:
-        """The core checkpoint (vectors + steering.json), plus the token gates when token_scaling is on."""
-        model = self.accelerator.unwrap_model(self.model)
-        gated = ts.has_token_scaling(model)
-        sv.save_checkpoint(model, out, base_model=self.steering_args.model_name_or_path, step=step,
-                           training_config=self.run_config, extra=ts.checkpoint_extra(model) if gated else None)
-        if gated:
-            ts.save_token_gates(model, out)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not self._uses_core_checkpoints():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        target = model if model is not None else self.model
-        vectors = sv.load_vectors(resume_from_checkpoint)
-        sv.check_fits(vectors, target, source=f"checkpoint {resume_from_checkpoint}")
-        sv.set_vectors(target, vectors)
-        if ts.has_token_scaling(target):
-            ts.load_token_gates(target, resume_from_checkpoint)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is None or not self._uses_core_checkpoints():
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        ckpt = Path(checkpoint)
-        ckpt_io.load_optimizer(self.optimizer, ckpt)
-        ckpt_io.load_scheduler(self.lr_scheduler, ckpt)
-
-    def _load_rng_state(self, checkpoint):
-        if checkpoint is None or not self._uses_core_checkpoints():
-            return super()._load_rng_state(checkpoint)
-        if not ckpt_io.load_rng(Path(checkpoint), self.args.process_index):
-            logger.warning("no RNG state for process %d in %s; sampling after resume will differ",
-                           self.args.process_index, checkpoint)
+    def on_train_begin(self, args, state, control, **kwargs):
+        if 0 < state.max_steps <= state.global_step:
+            raise RunAlreadyFinished(f"the run already reached max_steps={state.max_steps} (step {state.global_step})")
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -286,10 +239,10 @@ class ValidationCallback(TrainerCallback):
         if self.trainer.steering_args.adapter != "full" and state.global_step == 0:
             self.base_accuracy = self._run(state, base=True)
             self._log(state, "base_eval_accuracy", self.base_accuracy)
-        self._validate(state)
+        self.validate(state)
 
-    def _validate(self, state):
-        if self.last_step == state.global_step:
+    def validate(self, state):
+        if self.last_step == state.global_step or not self.validator.rows:
             return
         acc = self._run(state)
         self.last_step = state.global_step
@@ -298,8 +251,7 @@ class ValidationCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.validator.rows and self.every and state.global_step % self.every == 0:
-            self._validate(state)
+            self.validate(state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.validator.rows:
-            self._validate(state)
+        self.validate(state)
