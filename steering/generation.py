@@ -243,7 +243,8 @@ def generate_ids(
 ) -> torch.Tensor:
     """``(batch*n, prompt_len + new)`` token ids from a left-padded batch: ``model.generate`` with either decoding loop.
 
-    Used by :func:`generate` and by the GRPO rollout mixin (which passes TRL's own ``GenerationConfig``)."""
+    Used by :func:`generate` and by the GRPO static rollouts (``train/rollout.py``, which pass TRL's own
+    ``GenerationConfig``)."""
     check_backend(backend)
     if backend == "hf":
         if compile or static_options:
@@ -306,7 +307,8 @@ def static_decode(
     prefill_tokens: int = 16384,
     **model_kwargs: Any,
 ) -> torch.LongTensor:
-    """Decoding loop with the signature of ``GenerationMixin._sample``; token selection identical to it.
+    """Decoding loop with the signature of ``GenerationMixin._sample`` (what ``generate(custom_generate=...)`` calls;
+    ``steering.compat.DECODING_LOOP_ARGS``); token selection identical to it.
 
     ``kv_block``: attention reads the cache up to the current length rounded up to this block (default 256), so the
     cost of a step grows with the sequence, not with ``max_new_tokens``; each distinct length is one CUDA graph.
