@@ -257,7 +257,7 @@ def accuracy(model: nn.Module, tokenizer: Any, benches: Sequence[Any], args: arg
 
     ``greedy`` (or ``--temperature 0``): T = 0, one sample, first seed. Otherwise ``--temperature``, ``--seeds``, and
     ``--num-samples`` (default: the benchmark's own, 32 for AIME/AMC)."""
-    from analysis.evaluate import evaluate_model, make_params, metric_name, samples_for
+    from analysis.evaluate import evaluate_model, grading_options, make_params, metric_name, samples_for
 
     greedy = greedy or args.temperature == 0
     params = make_params(args, greedy=greedy)
@@ -268,6 +268,7 @@ def accuracy(model: nn.Module, tokenizer: Any, benches: Sequence[Any], args: arg
         k = samples_for(b, args, greedy)
         res = evaluate_model(model, tokenizer, b.problems, template=template, params=params, num_samples=k,
                              seeds=seeds, batch_size=args.batch_size, timeout_s=args.reward_timeout,
+                             options=grading_options(args),
                              backend=args.backend, progress=False)
         per[b.name] = {"accuracy": res.accuracy, "std": res.std, "metric": metric_name(k), "num_samples": k,
                        "seeds": seeds, "num_problems": len(b.problems)}

@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,7 @@ def evaluate_model(
     progress: bool = False,
     answer_format: str | None = None,
     max_length: int | None = None,
+    options: Any = None,
 ) -> EvalResult:
     """Generate ``num_samples`` completions per problem for each seed, and verify each against the ground truth.
 
@@ -191,7 +192,8 @@ def evaluate_model(
         seeds: one evaluation per seed; ``generate`` gets ``seed * SEED_STRIDE`` (see :data:`SEED_STRIDE`).
         batch_size: rows (prompts x samples) per generation call (``steering.generation.generate``'s
             ``batch_size``; results depend on it, since each chunk is seeded on its own). Default: all at once.
-        reward_style, timeout_s: passed to ``steering.rewards.score_batch`` (the training reward's check).
+        reward_style, timeout_s, options: passed to ``steering.rewards.score_batch`` (the training reward's check;
+            ``options`` is a ``steering.rewards.GradingOptions``, default math-verify's own).
         backend, progress: passed to ``generate`` (the same generation path training uses).
         max_length: if given, a limit on prompt + completion tokens per problem (the papers' "max length", 4096 for
             Qwen): generation runs to ``max_length - shortest prompt`` new tokens and each completion is then cut to
@@ -203,7 +205,7 @@ def evaluate_model(
         ``.per_problem_accuracy``, and per seed ``.seeds[s].correct[i][j]`` / ``.seeds[s].samples[i][j]``.
     """
     from steering.generation import SamplingParams, generate
-    from steering.rewards import score_batch
+    from steering.rewards import GradingOptions, score_batch
     from steering.templates import get_template
 
     if num_samples < 1:
@@ -236,7 +238,8 @@ def evaluate_model(
         texts, extras = _completion_texts(result, len(prompts), num_samples)
         verdicts = score_batch([t for row in texts for t in row],
                                [p["answer"] for p in probs for _ in range(num_samples)],
-                               answer_format=fmt, reward_style=reward_style, timeout_s=timeout_s)
+                               answer_format=fmt, reward_style=reward_style, timeout_s=timeout_s,
+                               options=options)
         correct: list[list[bool]] = []
         samples: list[list[dict[str, Any]]] = []
         for i, p in enumerate(probs):
@@ -256,6 +259,7 @@ def evaluate_model(
                 "sampling": _params_dict(params), "num_samples": num_samples, "seeds": seeds,
                 "batch_size": batch_size, "generation_seeds": [s * SEED_STRIDE for s in seeds],
                 "reward_style": reward_style, "reward_timeout_s": timeout_s,
+                "grading_options": asdict(options or GradingOptions()),
                 "backend": backend, "max_length": max_length}
     return EvalResult(probs, num_samples, seed_results, settings)
 
@@ -569,6 +573,16 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pass-k", type=int, nargs="*", default=[], metavar="K",
                    help="also report the unbiased pass@K for these K (<= samples per problem)")
     g.add_argument("--reward-timeout", type=float, default=2.0, help="seconds per answer check (default 2)")
+    # math-verify's grading options (steering.rewards.GradingOptions), with its defaults.
+    g.add_argument("--reward-float-rounding", type=int, default=6, metavar="N",
+                   help="math-verify float_rounding: decimal places floats are rounded to before comparing (default 6)")
+    g.add_argument("--reward-numeric-precision", type=int, default=15, metavar="N",
+                   help="math-verify numeric_precision: significant digits of numeric evaluation (default 15)")
+    g.add_argument("--reward-strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="math-verify strict: variables must match and sets never equal tuples (default: on)")
+    g.add_argument("--reward-allow-set-relation-comp", action=argparse.BooleanOptionalAction, default=False,
+                   help="math-verify allow_set_relation_comp: a relation in the answer may equal a set in the ground "
+                        "truth (default: off)")
     g.add_argument("--backend", default="hf", choices=["hf", "static"],
                    help="generation backend of steering.generation: hf (model.generate) or static (static KV cache, "
                         "compiled on CUDA); default hf")
@@ -602,6 +616,18 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--pass-k values must be >= 1, got {args.pass_k}")
     if args.reward_timeout <= 0:
         raise UsageError(f"--reward-timeout must be > 0, got {args.reward_timeout}")
+    try:
+        grading_options(args)
+    except ValueError as e:
+        raise UsageError(f"--reward-{str(e).replace('_', '-')}") from None
+
+
+def grading_options(args: argparse.Namespace):
+    """The ``--reward-*`` grading flags as a ``steering.rewards.GradingOptions``."""
+    from steering.rewards import GradingOptions
+
+    return GradingOptions(float_rounding=args.reward_float_rounding, numeric_precision=args.reward_numeric_precision,
+                          strict=args.reward_strict, allow_set_relation_comp=args.reward_allow_set_relation_comp)
 
 
 def resolve_template(name: str | None, rows_or_paths: Iterable[str | None] = ()):
@@ -686,6 +712,7 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
             "sampling": _params_dict(params), "seeds": list(args.seeds), "batch_size": args.batch_size,
             "limit": args.limit, "dtype": dtype, "device": device, "backend": args.backend,
             "max_length": args.max_length, "reward_style": "pm1", "reward_timeout_s": args.reward_timeout,
+            "grading_options": asdict(grading_options(args)),
             "pass_k": list(args.pass_k),
             "num_samples": {b["name"]: b["num_samples"] for b in bench_meta},
             "greedy_rule": "temperature 0 -> 1 sample per problem",
@@ -714,7 +741,8 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
                     bar.set_postfix_str(f"{row.label} | {b.name} | seed {seed}")
                     res = evaluate_model(model, tokenizer, b.problems, template=template, params=row_params,
                                          num_samples=k, seeds=[seed], batch_size=args.batch_size,
-                                         timeout_s=args.reward_timeout, backend=args.backend,
+                                         timeout_s=args.reward_timeout, options=grading_options(args),
+                                         backend=args.backend,
                                          progress=not args.no_progress, max_length=args.max_length)
                     per_seed_results.append(res.seeds[0])
                     if samples_f is not None:

@@ -68,6 +68,7 @@ class SuffixTemplate:
 
 def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
     """Accuracy of an evaluation whose every completion is scored as ``prefix + completion``."""
+    from analysis.evaluate import grading_options
     from steering.rewards import score_batch
 
     per: dict[str, Any] = {}
@@ -77,7 +78,8 @@ def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) ->
         for seed in res.seeds:
             flat = [s for row in seed.samples for s in row]
             verdicts = iter(score_batch([prefix + s["completion"] for s in flat], [s["answer"] for s in flat],
-                                        answer_format=fmt, timeout_s=args.reward_timeout))
+                                        answer_format=fmt, timeout_s=args.reward_timeout,
+                                        options=grading_options(args)))
             correct = [[bool(next(verdicts).correct) for _ in row] for row in seed.samples]
             per_seed.append(M.avg_at_k(correct))
         per[name] = {"accuracy": M.mean_std(per_seed)[0], "per_seed": per_seed}

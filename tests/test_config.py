@@ -81,6 +81,8 @@ def test_precedence_defaults_preset_yaml_cli(tmp_path):
     ("model_name_or_path: m\ndataset: d\npreset: nope\n", "preset"),
     ("model_name_or_path: m\ndataset: d\nadvantage_estimator: rloo\nscale_rewards: group\n", "scale_rewards: none"),
     ("model_name_or_path: m\ndataset: d\nlayer_lr: {3: 0}\n", "layer_lr"),
+    ("model_name_or_path: m\ndataset: d\nreward_float_rounding: -1\n", "reward_float_rounding"),
+    ("model_name_or_path: m\ndataset: d\nreward_numeric_precision: 0\n", "reward_numeric_precision"),
     ("dataset: d\n", "model_name_or_path"),
     ("model_name_or_path: m\ndataset: d\nnum_generations: 3\nper_device_train_batch_size: 8\n", "divisible"),
 ])
@@ -90,6 +92,19 @@ def test_bad_configs_raise_one_line_errors(tmp_path, yaml_text, needle):
     with pytest.raises(ConfigError) as err:
         parse_config(["--config", str(cfg)])
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_reward_grading_options(tmp_path):
+    from steering.rewards import GradingOptions
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name_or_path: m\ndataset: procedural:arithmetic\noutput_dir: out\n"
+                   "use_cpu: true\nbf16: false\n")
+    s, _ = parse_config(["--config", str(cfg)])
+    assert s.grading_options() == GradingOptions()  # math-verify's defaults
+    s, _ = parse_config(["--config", str(cfg), "--reward_float_rounding", "3", "--reward_strict", "false",
+                         "--reward_allow_set_relation_comp", "true"])
+    assert s.grading_options() == GradingOptions(float_rounding=3, strict=False, allow_set_relation_comp=True)
 
 
 def run_cli(*args, cwd=ROOT):

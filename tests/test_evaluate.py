@@ -165,6 +165,8 @@ def test_evaluate_model_accounting(monkeypatch):
     res = evaluate_model(None, build_char_tokenizer(), problems, template="qwen_math",
                          params=gen.SamplingParams(max_new_tokens=8), num_samples=4, seeds=[0, 1])
     assert calls == [(3, 4, 0), (3, 4, 1_000_003)]
+    assert res.settings["grading_options"] == {"float_rounding": 6, "numeric_precision": 15, "strict": True,
+                                               "allow_set_relation_comp": False}  # math-verify's defaults
     assert res.per_seed_accuracy == [pytest.approx(1.75 / 3), 1.0]
     assert res.accuracy == pytest.approx((1.75 / 3 + 1) / 2)
     assert res.seeds[0].correct == [[True, True, False, True], [False] * 4, [True] * 4]
@@ -417,6 +419,7 @@ def no_model_loading(monkeypatch):
     (["--benchmarks", "procedural:arithmetic:0"], ">= 1"),
     (["--template", "no_such_template"], "--template"),
     (["--label", "a"], "--label given 1 times for 0 --checkpoint"),
+    (["--reward-float-rounding", "-1"], "--reward-float-rounding must be an integer >= 0"),
 ])
 def test_cli_misuse_exits_2(extra, message, tiny_base_dir, tmp_path, capsys, no_model_loading):
     argv = ["evaluate", "--model", str(tiny_base_dir), "--benchmarks", "procedural:arithmetic:2",

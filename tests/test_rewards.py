@@ -1,10 +1,11 @@
-"""Properties of the math reward (issue: rewards): the reward table, the fast path agreeing with math-verify, and a
-time bound that holds whatever the text, in the main thread, in worker threads and in subprocesses."""
+"""Properties of the math reward (issue: rewards): the reward table, the fast path agreeing with math-verify, the
+grading options, and a time bound that holds whatever the text, in the main thread, in worker threads and in
+subprocesses. The grading corpus (tests/test_grader_corpus.py) checks the verdicts against math-verify at large."""
 
+import inspect
 import multiprocessing
 import os
 import random
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from steering import rewards
-from steering.rewards import MathReward, RewardResult, extract_answer, score, verify_answer
+from steering.rewards import GradingOptions, MathReward, RewardResult, extract_answer, score, verify_answer
 
 SLACK_S = 0.5  # scheduling on a loaded 2-core machine; the measured overhead past the deadline is a few ms
 FUZZ_TIMEOUT_S = 1.0  # the fuzz tests use a shorter deadline than the default 2 s to keep the suite fast
@@ -45,8 +46,18 @@ TABLE = [
     ("\\boxed{72.0}", "72", "boxed", 1.0, True),
     ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", "boxed", 1.0, True),  # nested braces
     ("\\boxed{\\{1, 2\\}}", "\\{2,1\\}", "boxed", 1.0, True),  # escaped braces inside a box
-    ("first \\boxed{3} then \\boxed{5}", "5", "boxed", 1.0, True),  # the last box wins
-    ("first \\boxed{5} then \\boxed{3}", "5", "boxed", -1.0, True),
+    ("\\boxed{3} misses the end points so counting them gives \\boxed{5}", "5", "boxed", 1.0, True),  # the last box
+    ("\\boxed{5} misses the end points so counting them gives \\boxed{3}", "5", "boxed", -1.0, True),  # wins
+    # Boxes close together (or joined by and / or / a comma) are one answer, a set: math-verify's rule.
+    ("first \\boxed{3} then \\boxed{5}", "5", "boxed", -1.0, True),
+    ("\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}", "(2, 2), (6, 2)", "boxed", 1.0, True),
+    ("\\boxed{1},\\boxed{2},\\boxed{3}", "\\{1,2,3\\}", "boxed", 1.0, True),
+    ("\\boxed{k = 45} \\quad\\text{and}\\quad \\boxed{n = 2}", "k = 45, n = 2", "boxed", 1.0, True),
+    # Newlines inside a box: read as math-verify reads them, never a stray number.
+    ("\\[\n\\boxed{\n\\sqrt3\n}\n\\]", "$\\sqrt{3}$", "boxed", 1.0, True),
+    ("\\boxed{\n4\\sqrt{2}\n}", "4", "boxed", -1.0, True),
+    ("\\boxed{\\text{so } $x = 3$}", "3", "boxed", 1.0, True),  # "$" inside a box
+    ("The total is \\boxed{1000}.", "1,000", "boxed", 1.0, True),  # a GSM8K ground truth
     ("\\boxed{5} and finally \\boxed{", "5", "boxed", -1.0, False),  # an unterminated last box
     ("\\boxed{}", "5", "boxed", -1.0, False),
     ("\\boxed{x = 3}", "3", "boxed", 1.0, True),  # math-verify, not the fast path
@@ -54,6 +65,8 @@ TABLE = [
     ("<answer>3</answer> wait <answer>4</answer>", "4", "answer_tag", 1.0, True),
     ("<answer>4</answer> wait <answer>5", "4", "answer_tag", -1.0, False),
     ("<answer> \\frac{1}{2} </answer>", "0.5", "answer_tag", 1.0, True),
+    ("<answer>\n\\sqrt3\n</answer>", "\\sqrt{3}", "answer_tag", 1.0, True),
+    ("<answer>(1, 2), (3, 4)</answer>", "(3,4),(1,2)", "answer_tag", 1.0, True),
     ("\\boxed{4} but no tags", "4", "answer_tag", -1.0, False),
     ("x" * 100_000 + "\\boxed{42}", "42", "boxed", 1.0, True),
     ("x" * 100_000, "42", "boxed", -1.0, False),
@@ -102,37 +115,108 @@ def test_verify_answer_forms():
 
 @st.composite
 def numbers(draw):
-    """A plain number written as an integer, a decimal, a slash fraction or a LaTeX fraction."""
-    num = draw(st.integers(-1000, 1000))
+    """A number as a model or a dataset writes it: exact forms the fast path reads, and near misses it must leave to
+    math-verify (decimals, leading zeros, a plus sign, spaces, trailing periods)."""
+    num = draw(st.one_of(st.integers(-1000, 1000), st.integers(-10**20, 10**20)))
     den = draw(st.integers(1, 12))
-    form = draw(st.sampled_from(["int", "dec", "slash", "frac", "dfrac"]))
+    form = draw(st.sampled_from(["int", "thousands", "dec", "slash", "frac", "dfrac", "tfrac", "short_frac", "near"]))
     if form == "int":
         return str(num)
+    if form == "thousands":
+        return f"{num:,}"
     if form == "dec":
         return str(num / 8)  # exact in binary, so the decimal string is exact
     if form == "slash":
         return f"{num}/{den}"
-    if form == "frac":
-        return f"-\\frac{{{abs(num)}}}{{{den}}}" if num < 0 else f"\\frac{{{num}}}{{{den}}}"
-    return f"\\dfrac{{{num}}}{{{den}}}"
+    if form in ("frac", "dfrac", "tfrac"):
+        cmd = {"frac": "\\frac", "dfrac": "\\dfrac", "tfrac": "\\tfrac"}[form]
+        return f"-{cmd}{{{abs(num)}}}{{{den}}}" if num < 0 else f"{cmd}{{{num}}}{{{den}}}"
+    if form == "short_frac":
+        return f"\\frac{abs(num) % 10}{den % 9 + 1}"
+    return draw(st.sampled_from([f"0{abs(num)}", f"+{num}", f"{num}.", f" {num} ", f"{num} ", f"{num}.0",
+                                 f"{abs(num)},{abs(num) % 1000:02d}", "-0", f"{num}\\%", f"\u00a0{num}",
+                                 str(abs(num)).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))]))
 
 
-@settings(max_examples=150, deadline=None, database=None)
-@given(pred=numbers(), gold=numbers())
-def test_fast_path_agrees_with_math_verify(pred, gold):
-    """Whenever the fast path decides, math-verify (run here, in-process) decides the same."""
-    fast = rewards._fast_verdict(pred, gold)
+# Texts around the box: plain reasoning, and the things that change what math-verify reads.
+CONTEXTS = ["Adding them up gives \\boxed{%s}.", "\\boxed{%s}", "$x = \\boxed{%s}$", "\\[\\boxed{%s}\\]",
+            "The final answer is $7$. I hope it is correct. \\boxed{%s}", "\\boxed{%s}$ percent", "$\\boxed{%s}$%%",
+            "\\boxed{7} and \\boxed{%s}", "\\fbox{7}, \\boxed{%s}", "\\boxed {%s}", "\\fbox{%s}",
+            "\\boxed{%s} (not 9)", "<answer>%s</answer>"]
+
+
+def _fast(text, gold):
+    """The fast path's verdict on a completion (or the box an answer tag becomes), as the reward runs it."""
+    if text.startswith("<answer>"):
+        content = extract_answer(text, "answer_tag")
+        text = f"\\boxed{{{content}}}"
+    box = rewards._last_box(text)
+    return None if box is None else rewards._fast_verdict(text, box, gold), text
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(pred=numbers(), gold=numbers(), context=st.sampled_from(CONTEXTS),
+       options=st.builds(GradingOptions, float_rounding=st.integers(0, 20), numeric_precision=st.integers(1, 30),
+                         strict=st.booleans(), allow_set_relation_comp=st.booleans()))
+def test_fast_path_agrees_with_math_verify(pred, gold, context, options):
+    """Whenever the fast path decides, math-verify (run here, in-process, on the same text) decides the same."""
+    fast, text = _fast(context % pred, gold)
     if fast is None:
         return
-    assert fast == rewards._math_verify(pred, gold)[0], (pred, gold)
+    assert fast == rewards._math_verify(text, gold, options)[0], (text, gold, options)
 
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(a=st.integers(-10**6, 10**6), b=st.integers(1, 10**6))
 def test_fast_path_decides_plain_numbers(a, b):
     value = Fraction(a, b)
-    assert rewards._fast_verdict(f"{a}/{b}", f"\\frac{{{value.numerator}}}{{{value.denominator}}}") is True
-    assert rewards._fast_verdict(str(a), str(a + 1)) is False
+    assert _fast(f"so \\boxed{{{a}/{b}}}.", f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+                 if value.numerator >= 0 else f"-\\frac{{{-value.numerator}}}{{{value.denominator}}}")[0] is True
+    assert _fast(f"so \\boxed{{{a:,}}}.", str(a + 1))[0] is False
+    assert _fast(f"<answer>{a}</answer>", str(a))[0] is True
+
+
+def test_fast_path_leaves_what_else_the_text_says_to_math_verify():
+    for text in ["The final answer is $3$. I hope it is correct. \\boxed{5}", "$\\boxed{50}$ percent",
+                 "\\boxed{3} \\boxed{5}", "\\fbox{3}, \\boxed{5}", "\\boxed {5}", "\\boxed{5.}", "\\boxed{1 000}"]:
+        assert _fast(text, "5")[0] is None, text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grading options
+# --------------------------------------------------------------------------------------------------------------
+
+def test_grading_options_default_to_math_verify_defaults():
+    from math_verify import verify
+
+    defaults = {name: p.default for name, p in inspect.signature(verify).parameters.items()}
+    assert {name: defaults[name] for name in GradingOptions.__dataclass_fields__} == vars(GradingOptions())
+
+
+def test_grading_options_change_verdicts():
+    assert not score("\\boxed{0.3333}", "1/3").correct  # rounded to 6 places by default
+    assert score("\\boxed{0.3333}", "1/3", options=GradingOptions(float_rounding=4)).correct
+    assert not score("\\boxed{f(y)}", "f(x)").correct
+    assert score("\\boxed{f(y)}", "f(x)", options=GradingOptions(strict=False)).correct
+    assert not score("\\boxed{-2 \\le x \\le 7}", "x \\in [-2,7]").correct
+    assert score("\\boxed{-2 \\le x \\le 7}", "x \\in [-2,7]",
+                 options=GradingOptions(allow_set_relation_comp=True)).correct
+    reward = MathReward(options=GradingOptions(float_rounding=4))
+    assert reward(["p"], ["\\boxed{0.3333}"], answer=["1/3"]) == [1.0]
+
+
+@pytest.mark.parametrize("bad", [{"float_rounding": -1}, {"float_rounding": "6"}, {"float_rounding": True},
+                                 {"numeric_precision": 0}, {"strict": "yes"}, {"allow_set_relation_comp": 1}])
+def test_bad_grading_options_raise(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        GradingOptions(**bad)
+
+
+def test_options_must_be_grading_options():
+    with pytest.raises(ValueError, match="GradingOptions"):
+        score("\\boxed{1}", "1", options={"strict": False})
+    with pytest.raises(ValueError, match="GradingOptions"):
+        MathReward(options={"strict": False})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,40 +325,6 @@ def test_time_bound_in_spawned_daemon_process():
 # Timeouts and the pool
 # --------------------------------------------------------------------------------------------------------------
 
-def test_slow_work_is_interrupted_and_the_worker_survives():
-    pool = rewards._get_pool()
-    before = {w.proc.pid for w in pool._workers}
-    start = time.monotonic()
-    outcome = pool.call(time.sleep, (60,), 0.5)  # a stand-in for a comparison that never ends
-    elapsed = time.monotonic() - start
-    assert outcome.status == "timeout" and 0.4 <= elapsed <= 0.5 + SLACK_S, (outcome, elapsed)
-    assert {w.proc.pid for w in pool._workers} == before  # interrupted by the worker's own alarm, not killed
-    assert verify_answer("x = 3", "3")
-
-
-def test_work_stuck_in_c_is_killed_and_the_pool_recovers():
-    pool = rewards._get_pool()
-    before = {w.proc.pid for w in pool._workers}
-    start = time.monotonic()
-    # Work that never lets the worker's alarm handler run (as C code that does not check for signals would):
-    # block SIGALRM, then sleep.
-    stuck = "(__import__('signal').pthread_sigmask(0, {14}), __import__('time').sleep(60))"
-    assert signal.SIG_BLOCK == 0 and signal.SIGALRM == 14
-    outcome = pool.call(eval, (stuck,), 0.5)
-    elapsed = time.monotonic() - start
-    assert outcome.status == "timeout" and 0.5 <= elapsed <= 0.5 + SLACK_S, (outcome, elapsed)
-    killed = before - {w.proc.pid for w in pool._workers}
-    assert len(killed) == 1
-    assert verify_answer("x = 3", "3", timeout_s=30)  # the other worker still serves (this is not the fast path)
-    deadline = time.monotonic() + 30
-    pid = killed.pop()
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{pid}"), "the timed-out worker is still running"
-    rewards.start_workers()  # wait for the replacement: the tests below assume a full pool
-    assert len(pool._ready) == pool.size
-
-
 def test_real_hang_times_out_at_default_deadline():
     start = time.monotonic()
     r = score("\\boxed{9^{9^{9^{9}}}}", "1")
@@ -284,24 +334,15 @@ def test_real_hang_times_out_at_default_deadline():
     assert score("\\boxed{x=3}", "3").correct
 
 
-def test_workers_that_cannot_start_fail_fast(monkeypatch):
-    monkeypatch.setattr(rewards, "_WORKER_BOOT", "import sys; sys.exit(3)")  # as if math-verify were missing
-    pool = rewards._WorkerPool(1)
-    try:
-        start = time.monotonic()
-        outcome = pool.call(abs, (1,), 2.0)
-        assert outcome.status == "error" and "did not start" in outcome.value
-        assert time.monotonic() - start < 10  # not STARTUP_TIMEOUT_S
-        assert pool.call(abs, (1,), 2.0).status == "error"  # no new process per sample
-        assert not pool._workers
-    finally:
-        pool.close()
+def test_worker_errors_are_incorrect_not_raised(monkeypatch):
+    def broken_pool():
+        raise OSError("no processes left")
 
-
-def test_worker_errors_are_incorrect_not_raised():
-    outcome = rewards._get_pool().call(int, ("not a number",), 2.0)
-    assert outcome.status == "error" and "ValueError" in outcome.value
-    assert verify_answer("x = 3", "3")
+    monkeypatch.setattr(rewards, "_get_pool", broken_pool)
+    r = score("\\boxed{x = 3}", "3")  # needs math-verify
+    assert (r.reward, r.parsed, r.status) == (-1.0, True, "error")
+    assert [r.status for r in rewards.score_batch(["\\boxed{x = 3}", "\\boxed{y = 3}", "\\boxed{3}"], ["3"] * 3)] \
+        == ["error", "error", "fast"]
 
 
 def test_concurrent_callers_get_right_answers():
@@ -352,7 +393,7 @@ def test_math_reward_for_trl():
     assert reward.pop_stats() == {"reward/num": 5, "reward/unparsed": 2, "reward/unparsed_frac": 0.4,
                                   "reward/timeouts": 0, "reward/errors": 0}
     assert reward.pop_stats()["reward/num"] == 0  # popped
-    assert ("math_verify/unparsed_frac", 0.4) in metrics
+    assert metrics == []  # the counts reach the log once, through pop_stats
 
     binary = MathReward(answer_format="answer_tag", reward_style="binary", answer_column="solution")
     assert binary(["p", "p"], ["<answer>7</answer>", "<answer>8</answer>"], solution=[7, 7]) == [1.0, 0.0]
@@ -369,13 +410,13 @@ def test_math_reward_counts_timeouts():
 
 
 def test_fast_path_overhead():
-    """The common case (an integer or fraction answer) is decided in well under a millisecond."""
+    """The common case (an integer or fraction answer and ground truth) is decided in well under a millisecond."""
     text = "Step 1: ... so the answer is \\boxed{\\frac{3}{4}}."
-    score(text, "0.75")
+    assert score(text, "3/4").status == "fast"
     n = 2000
     start = time.perf_counter()
     for _ in range(n):
-        score(text, "0.75")
+        score(text, "3/4")
     per_call = (time.perf_counter() - start) / n
     assert per_call < 1e-3, f"{per_call * 1e6:.0f} us per call"
 

@@ -184,10 +184,11 @@ def make_trainer(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
     set_seed(g.seed)
     model = build_model(s, prepared["init_vectors"], prepared["resume"])
 
-    reward = MathReward(answer_format=template.answer_format, reward_style=s.reward_style, timeout_s=s.reward_timeout)
+    reward = MathReward(answer_format=template.answer_format, reward_style=s.reward_style, timeout_s=s.reward_timeout,
+                        options=s.grading_options())
     validator = Validator(prepared["val_rows"], template, tokenizer, max_new_tokens=g.max_completion_length,
                           temperature=s.val_temperature, batch_size=s.val_batch_size, seed=g.seed,
-                          timeout_s=s.reward_timeout)
+                          timeout_s=s.reward_timeout, options=reward.options)
     run_config = to_jsonable(s, g)
     metrics_path = out / s.metrics_file
     rollout_func = StaticRollouts(compile=s.rollout_compile) if s.rollout_backend == "static" else None

@@ -106,6 +106,19 @@ class SteeringArguments:
                           "baseline r_i - mean_{j≠i} r_j (needs scale_rewards=none)."})
     reward_style: str = field(default="pm1", metadata={"help": "'pm1': +1 correct / -1 otherwise; 'binary': 1 / 0."})
     reward_timeout: float = field(default=2.0, metadata={"help": "Seconds allowed per answer check."})
+    # math-verify's grading options (steering.rewards.GradingOptions), under its names and with its defaults.
+    reward_float_rounding: int = field(
+        default=6, metadata={"help": "math-verify float_rounding: decimal places floats are rounded to before they are "
+                                     "compared (math-verify's default 6)."})
+    reward_numeric_precision: int = field(
+        default=15, metadata={"help": "math-verify numeric_precision: significant digits of numeric evaluation "
+                                      "(default 15)."})
+    reward_strict: bool = field(
+        default=True, metadata={"help": "math-verify strict: variables must match (f(x) != f(y)) and sets never "
+                                        "equal tuples (default true)."})
+    reward_allow_set_relation_comp: bool = field(
+        default=False, metadata={"help": "math-verify allow_set_relation_comp: a relation in the answer (1 < x < 2) "
+                                         "may equal a set in the ground truth ((1, 2)) (default false)."})
     template: str = field(
         default="qwen_math",
         metadata={"help": "Prompt template: 'qwen_math' (chat, reward reads the last \\boxed{}), 'r1' (plain text, "
@@ -190,10 +203,22 @@ class SteeringArguments:
                               "adapter: steering")
         if self.reward_timeout <= 0:
             raise ConfigError(f"reward_timeout: {self.reward_timeout} must be > 0 seconds")
+        try:
+            self.grading_options()
+        except ValueError as e:
+            raise ConfigError(f"reward_{e}") from None
         if self.val_size < 0 or self.val_steps < 0:
             raise ConfigError("val_size and val_steps must be >= 0")
         if self.init_from is not None and not Path(self.init_from).is_dir():
             raise ConfigError(f"init_from: {self.init_from!r} is not a directory; give a steering checkpoint directory")
+
+    def grading_options(self):
+        """The reward's math-verify grading options (``reward_float_rounding`` ...) as a GradingOptions."""
+        from steering.rewards import GradingOptions
+
+        return GradingOptions(float_rounding=self.reward_float_rounding,
+                              numeric_precision=self.reward_numeric_precision, strict=self.reward_strict,
+                              allow_set_relation_comp=self.reward_allow_set_relation_comp)
 
 
 def _parse_mapping(value: Any, key: str) -> dict[int, float] | None:

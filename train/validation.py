@@ -11,7 +11,8 @@ import torch
 
 class Validator:
     def __init__(self, rows: list[dict[str, str]], template: Any, tokenizer: Any, *, max_new_tokens: int,
-                 temperature: float = 0.0, batch_size: int = 64, seed: int = 0, timeout_s: float = 2.0):
+                 temperature: float = 0.0, batch_size: int = 64, seed: int = 0, timeout_s: float = 2.0,
+                 options: Any = None):
         self.rows = rows
         self.template = template
         self.tokenizer = tokenizer
@@ -20,6 +21,7 @@ class Validator:
         self.batch_size = batch_size
         self.seed = seed
         self.timeout_s = timeout_s
+        self.options = options  # steering.rewards.GradingOptions; None: math-verify's defaults
         self.prompts = [template.render(r["question"], tokenizer) for r in rows]
 
     def correct(self, model: Any, indices: list[int]) -> list[bool]:
@@ -33,8 +35,8 @@ class Validator:
         result = generate(model, self.tokenizer, [self.prompts[i] for i in indices], params,
                           batch_size=self.batch_size, seed=self.seed)
         texts = result.completions  # one row per prompt (num_return_sequences=1)
-        return [score(t, self.rows[i]["answer"], self.template.answer_format, timeout_s=self.timeout_s).correct
-                for t, i in zip(texts, indices)]
+        return [score(t, self.rows[i]["answer"], self.template.answer_format, timeout_s=self.timeout_s,
+                      options=self.options).correct for t, i in zip(texts, indices)]
 
     def accuracy(self, model: Any, accelerator: Any = None) -> float:
         rank = accelerator.process_index if accelerator is not None else 0

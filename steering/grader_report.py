@@ -1,0 +1,125 @@
+"""How the reward grades the public answer-grading corpus, next to math-verify on the same texts.
+
+    python -m steering.grader_report [--corpus tests/data/grader_corpus.jsonl] [--json OUT]
+
+Each corpus case (``tests/data/grader_corpus.jsonl``, built by ``scripts/extract_grader_corpus.py``) is a completion
+in one of the reward's answer formats, a ground truth, the verdict its source suite expects and the grading options
+it uses. Per source and per answer shape, the report prints how often the project's verdict (``score``), and
+math-verify's own verdict on the same text, agree with the expectation; how often the two agree with each other; and,
+counted apart, the project's false positives (correct where math-verify says incorrect) and false negatives. It also
+prints the slowest single ``score`` call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "grader_corpus.jsonl"
+
+
+def load_corpus(path: str | Path = DEFAULT_CORPUS) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def math_verify_text(case: dict) -> str:
+    """The text math-verify reads for a case: the completion itself (``boxed``), or the last ``<answer>`` tag's
+    content in a box (``answer_tag``), the project's documented rule for the r1 format."""
+    if case["answer_format"] == "boxed":
+        return case["completion"]
+    content = case["completion"].rsplit("<answer>", 1)[1].split("</answer>", 1)[0].strip()
+    return f"\\boxed{{{content}}}"
+
+
+def math_verify_verdict(case: dict) -> bool:
+    """math-verify's verdict, called directly (parse + verify with its own timeouts, the case's options)."""
+    from math_verify import parse, verify
+
+    gold = case["gold"]
+    # A ground truth without math delimiters is read as display math (the reward's documented convention).
+    gold_text = gold if re.search(r"(?<!\\)\$|\\\(|\\\[|\\boxed", gold) else f"$${gold}$$"
+    return bool(verify(parse(gold_text), parse(math_verify_text(case)), **case["options"]))
+
+
+def project_results(cases: list[dict], timeout_s: float = 2.0) -> tuple[list, list[float]]:
+    """The reward's ``RewardResult`` for every case, one ``score`` call each, and each call's wall time."""
+    from steering.rewards import GradingOptions, score, start_workers
+
+    start_workers()
+    results, seconds = [], []
+    for case in cases:
+        start = time.perf_counter()
+        results.append(score(case["completion"], case["gold"], case["answer_format"], timeout_s=timeout_s,
+                             options=GradingOptions(**case["options"])))
+        seconds.append(time.perf_counter() - start)
+    return results, seconds
+
+
+def tally(cases: list[dict], project: list[bool], reference: list[bool], key: str) -> dict[str, dict[str, int]]:
+    rows: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for case, p, m in zip(cases, project, reference):
+        for name in (case[key], "all"):
+            row = rows[name]
+            row["cases"] += 1
+            row["project_ok"] += p == case["expected"]
+            row["math_verify_ok"] += m == case["expected"]
+            row["same"] += p == m
+            row["false_pos"] += p and not m
+            row["false_neg"] += m and not p
+    return {name: dict(row) for name, row in rows.items()}
+
+
+def print_table(title: str, rows: dict[str, dict[str, int]], out=sys.stdout) -> None:
+    print(f"\n{title}", file=out)
+    header = f"{'':24} {'cases':>6} {'project=suite':>14} {'math-verify=suite':>18} {'project=mv':>11} " \
+             f"{'false +':>8} {'false -':>8}"
+    print(header, file=out)
+    for name in sorted(rows, key=lambda n: (n == "all", n)):
+        r = rows[name]
+        print(f"{name:24} {r['cases']:6d} {r['project_ok']:14d} {r['math_verify_ok']:18d} {r['same']:11d} "
+              f"{r['false_pos']:8d} {r['false_neg']:8d}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m steering.grader_report", description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="the corpus (JSONL; default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=2.0, help="the reward's timeout_s per call (default 2)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the figures and per-case verdicts here")
+    args = p.parse_args(argv)
+
+    cases = load_corpus(args.corpus)
+    reference = [math_verify_verdict(c) for c in cases]
+    results, seconds = project_results(cases, args.timeout)
+    project = [r.correct for r in results]
+    default = [i for i, c in enumerate(cases) if not c["options"]]
+    by_source = tally(cases, project, reference, "source")
+    by_shape = tally(cases, project, reference, "shape")
+    by_format = tally(cases, project, reference, "answer_format")
+    on_default = tally([cases[i] for i in default], [project[i] for i in default], [reference[i] for i in default],
+                       "source")
+    print(f"{len(cases)} cases from {args.corpus}; 'suite' = the expectation of the case's source")
+    print_table("By source", by_source)
+    print_table("By answer format", by_format)
+    print_table("By answer shape", by_shape)
+    print_table("Cases with math-verify's default options, by source", on_default)
+    slowest = max(range(len(cases)), key=seconds.__getitem__)
+    print(f"\nSlowest score() call: {seconds[slowest]:.3f} s ({cases[slowest]['id']}); timeout {args.timeout} s; "
+          f"{sum(r.timed_out for r in results)} timed out")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "by_source": by_source, "by_shape": by_shape, "by_answer_format": by_format,
+            "default_options_by_source": on_default, "slowest_s": seconds[slowest],
+            "slowest_case": cases[slowest]["id"],
+            "cases": [{"id": c["id"], "project": p, "math_verify": m, "expected": c["expected"], "seconds": s}
+                      for c, p, m, s in zip(cases, project, reference, seconds)]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
