@@ -41,4 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from steering import compat
+
+    compat.ignore_third_party_deprecations()  # raised inside PEFT / TRL, not by our calls; the user can do nothing
     sys.exit(main())

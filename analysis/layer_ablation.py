@@ -259,18 +259,16 @@ def run_make(args: argparse.Namespace) -> int:
 
 
 def _validate(runs: list[dict[str, Any]]) -> bool:
-    """Check every config's keys against python -m train's own (SteeringArguments + GRPOConfig fields). Values are
-    left to the trainer, which checks them against the machine it runs on (bf16, GPUs)."""
+    """Check every config's keys against python -m train's own (the fields of SteeringGRPOConfig). Values are left to
+    the trainer, which checks them against the machine it runs on (bf16, GPUs)."""
     import yaml
 
-    try:
-        from train.config import field_names
-    except ImportError:
-        return False
-    ours, theirs = field_names()
+    from train.config import config_keys
+
+    known = config_keys() | {"env"}
     for r in runs:
         keys = set(yaml.safe_load(Path(r["config"]).read_text()) or {})
-        unknown = sorted(keys - ours - theirs - {"env"})
+        unknown = sorted(keys - known)
         if unknown:
             raise UsageError(f"{r['config']}: keys {unknown} are unknown to python -m train")
     return True

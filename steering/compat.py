@@ -61,6 +61,34 @@ def training_arg_name(name: str) -> str:
     return new if new in fields else ACTIVATION_CHECKPOINTING_ARGS[new]
 
 
+# Deprecation warnings that transformers 5.24 raises from *inside* PEFT 0.21 (PeftModel.__init__ reads
+# is_gradient_checkpointing) and TRL 1.16 (GRPOConfig's default gradient_checkpointing=True, and
+# unwrap_model_for_generation toggling checkpointing around generation), never from the project's own calls (which use
+# the names above). (category, exact-message regex): the entry points ignore them, so users do not see them, and the
+# test suite ignores exactly these while turning every other deprecation into an error (tests/conftest.py).
+THIRD_PARTY_DEPRECATIONS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated and will be removed in v6\. Use "
+                    r"`is_activation_checkpointing` instead\."),
+    (FutureWarning, r"`gradient_checkpointing_disable` is deprecated and will be removed in v6\. Use "
+                    r"`activation_checkpointing_disable` instead\."),
+    (FutureWarning, r"`gradient_checkpointing_enable` is deprecated and will be removed in v6\. Use "
+                    r"`activation_checkpointing_enable` instead\."),
+    (FutureWarning, r"`gradient_checkpointing` is deprecated and will be removed in v6\. Use "
+                    r"`activation_checkpointing` instead\."),
+    # torch 2.13: forward-mode AD (used by `analysis attribution`) loads its own JVP decompositions with jit.script.
+    (DeprecationWarning, r"`torch\.jit\.script` is deprecated\. Please switch to `torch\.compile` or "
+                         r"`torch\.export`\."),
+)
+
+
+def ignore_third_party_deprecations() -> None:
+    """Hide :data:`THIRD_PARTY_DEPRECATIONS` (and only those) from the user of an entry point."""
+    import warnings
+
+    for category, message in THIRD_PARTY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def enable_activation_checkpointing(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -> None:
     """``model.activation_checkpointing_enable`` (5.24+) or ``gradient_checkpointing_enable`` (before), with
     non-reentrant checkpointing unless ``kwargs`` says otherwise."""

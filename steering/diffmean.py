@@ -54,6 +54,7 @@ from torch import nn
 
 from steering import hooks as H
 from steering import vectors as sv
+from steering.files import write_text_atomic
 
 DEFAULT_HOOK = "blocks.{layer}.hook_resid_post"
 WARD_OFFSET = 12
@@ -120,13 +121,7 @@ def load_traces(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def write_traces(path: str | os.PathLike, traces: Iterable[Mapping[str, Any]]) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for t in traces:
-            f.write(json.dumps(dict(t), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(json.dumps(dict(t), ensure_ascii=False) + "\n" for t in traces))
 
 
 def trace_labels(traces: Iterable[Mapping[str, Any]]) -> dict[str, int]:

@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from steering import compat
+from steering.hooks import causal_lm
+from steering.vectors import SUPPORTED_MODEL_TYPES
 
 BACKENDS = ("hf", "static")
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
 
 class GenerationError(ValueError):
@@ -407,7 +408,7 @@ def get_static_decoder(model: nn.Module, *, compile: bool | None = None, kv_bloc
 
     Kept per model, so the KV cache and the compiled CUDA graphs survive across calls (same addresses, no re-capture).
     """
-    lm = causal_lm_of(model)
+    lm = causal_lm(model)
     decoder = _DECODERS.get(lm)
     if decoder is None or (compile is not None and decoder.compile_requested != compile) or (
         kv_block is not None and decoder.kv_block != kv_block
@@ -419,22 +420,9 @@ def get_static_decoder(model: nn.Module, *, compile: bool | None = None, kv_bloc
 
 def release_static_cache(model: nn.Module) -> None:
     """Free the KV cache of ``model``'s static decoder (the next call reallocates it; CUDA graphs get re-recorded)."""
-    decoder = _DECODERS.get(causal_lm_of(model))
+    decoder = _DECODERS.get(causal_lm(model))
     if decoder is not None:
         decoder.release()
-
-
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The transformers ``*ForCausalLM`` inside a PeftModel / DDP wrapper / the model itself."""
-    m = model
-    for _ in range(4):
-        if hasattr(m, "get_base_model") and callable(m.get_base_model):
-            m = m.get_base_model()
-        elif hasattr(m, "module") and isinstance(m.module, nn.Module):
-            m = m.module
-        else:
-            break
-    return m
 
 
 class StaticDecoder:

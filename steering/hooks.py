@@ -57,10 +57,16 @@ _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` inside a PeftModel (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
+    """The transformers ``*ForCausalLM`` inside a PeftModel and/or a DDP wrapper (or the model itself)."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "get_base_model") and callable(m.get_base_model):
+            m = m.get_base_model()
+        elif isinstance(getattr(m, "module", None), nn.Module):  # DistributedDataParallel
+            m = m.module
+        else:
+            break
+    return m
 
 
 def num_layers(model: nn.Module) -> int:

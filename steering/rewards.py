@@ -67,6 +67,12 @@ logger = logging.getLogger(__name__)
 ANSWER_FORMATS = ("boxed", "answer_tag")
 REWARD_STYLES = {"pm1": (1.0, -1.0), "binary": (1.0, 0.0)}  # style -> (correct, incorrect)
 
+
+def accuracy_from_reward(mean_reward: float, reward_style: str) -> float:
+    """The fraction correct that a mean reward of ``reward_style`` stands for."""
+    correct, incorrect = REWARD_STYLES[reward_style]
+    return (mean_reward - incorrect) / (correct - incorrect)
+
 # Guards that decide before any sympy work. Real final answers are short and shallow; math-verify's parser is
 # exponential in bracket nesting (ten bare nested braces already take seconds), so deeper answers are unparsable.
 MAX_ANSWER_CHARS = 500

@@ -1,6 +1,6 @@
 """Prompt templates: how a problem becomes the prompt, and where the reward looks for the answer.
 
-Two built-ins reproduce the papers (REFERENCE.md §2):
+Two built-ins reproduce the papers (docs/recipe.md):
 
 - ``qwen_math``: the tokenizer's chat template with the system message "Please reason step by step, and put your
   final answer within \\boxed{}.", the problem as the user turn and the generation prompt added; the answer is

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steering import vectors as sv
+from steering.files import write_file_atomic
 
 GATE_FILE = "token_gates.safetensors"
 GATE_MODULE = "steering_gate"
@@ -199,11 +200,8 @@ def save_token_gates(model: nn.Module, ckpt_dir: str | os.PathLike) -> Path:
     state = gate_state(model)
     if not state:
         raise TokenScalingError("this model has no token-scaling gates to save")
-    path = Path(ckpt_dir) / GATE_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"formula": FORMULA, "format_version": "1"})
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(Path(ckpt_dir) / GATE_FILE,
+                             lambda tmp: save_file(state, str(tmp), metadata={"formula": FORMULA, "format_version": "1"}))
 
 
 def checkpoint_has_gates(ckpt_dir: str | os.PathLike) -> bool:

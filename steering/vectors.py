@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from steering.files import publish_dir, sha256_file, write_json_atomic
 
 # model_type -> what we call the family in errors. Matched exactly on ``config.model_type``; both families put the
 # MLP at ``model.layers.{l}.mlp.down_proj`` and add its output straight into the residual stream.
@@ -304,28 +305,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 # Checkpoints
 
 
-def _atomic_dir(out_dir: Path) -> Path:
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (best effort where the OS allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -335,27 +314,19 @@ def save_checkpoint(
     training_config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a steering checkpoint atomically: everything goes to a temporary directory that is renamed at the end,
-    so a crash never leaves a directory that looks complete. ``steering.json`` is written last."""
+    """Write a steering checkpoint atomically (``steering.files.publish_dir``): a crash never leaves a directory that
+    looks complete. ``steering.json`` is written last."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not is_checkpoint(out_dir):
         # Only ever replace an older checkpoint, never a directory holding other things (e.g. a run directory).
         raise CheckpointError(f"{str(out_dir)!r} exists and is not a steering checkpoint; refusing to replace it")
     if base_model is None:
         base_model = model.peft_config[ADAPTER_NAME].base_model_name_or_path
-    tmp = _atomic_dir(out_dir)
     model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_model
-    # save_embedding_layers=False: the embeddings are frozen, and "auto" would look the base up on the Hub.
-    model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
-    write_meta(tmp, model, base_model=base_model, step=step, training_config=training_config, extra=extra)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    fsync_dir(out_dir.parent)
+    with publish_dir(out_dir) as tmp:
+        # save_embedding_layers=False: the embeddings are frozen, and "auto" would look the base up on the Hub.
+        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        write_meta(tmp, model, base_model=base_model, step=step, training_config=training_config, extra=extra)
     return out_dir
 
 
@@ -392,24 +363,7 @@ def write_meta(
     }
     if extra:
         meta.update(extra)
-    tmp = out_dir / f".{META_FILE}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / META_FILE)
-    fsync_dir(out_dir)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file (checkpoints record it; loading checks it)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    write_json_atomic(out_dir / META_FILE, meta, indent=2, default=str)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

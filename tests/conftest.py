@@ -10,6 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from steering import compat
+
+
+def pytest_configure(config):
+    # After pyproject's "error::FutureWarning" / "error::DeprecationWarning": later filters win.
+    for category, message in compat.THIRD_PARTY_DEPRECATIONS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
+
 # Tiny models are far faster single-threaded (no thread start-up per matmul, no oversubscription on 2 cores).
 torch.set_num_threads(1)
 

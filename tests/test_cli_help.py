@@ -45,7 +45,7 @@ def test_train_help_lists_our_keys_and_trls():
     import contextlib
     import io
 
-    from train.__main__ import main
+    from train.__main__ import cli as main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

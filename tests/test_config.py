@@ -26,7 +26,7 @@ def test_there_are_configs_for_the_paper_recipes():
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
 def test_every_training_config_parses(path):
-    s, g = parse_config(["--config", str(path), *CPU])
+    s = g = parse_config(["--config", str(path), *CPU])
     raw = yaml.safe_load(path.read_text())
     assert s.model_name_or_path == raw["model_name_or_path"]
     assert g.learning_rate == raw["learning_rate"]
@@ -51,7 +51,7 @@ def test_every_launch_yaml_parses(path):
         last = {k: v["values"][-1] for k, v in params.items()}
         for combo in (first, last):
             args = [f"--{k}={v}" for k, v in combo.items()]
-            s, g = parse_config(["--config", str(ROOT / config), *args, *CPU])
+            s = g = parse_config(["--config", str(ROOT / config), *args, *CPU])
             if "layers" in combo:
                 assert s.layers == [combo["layers"]]
             if "loss_type" in combo:
@@ -65,10 +65,10 @@ def test_precedence_defaults_preset_yaml_cli(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("preset: paper\nmodel_name_or_path: m\ndataset: procedural:arithmetic\nmax_grad_norm: 3.0\n"
                    "output_dir: out\nuse_cpu: true\nbf16: false\n")
-    s, g = parse_config(["--config", str(cfg)])
+    s = g = parse_config(["--config", str(cfg)])
     assert g.max_grad_norm == 3.0  # YAML beats preset
     assert g.warmup_steps == PRESETS["paper"]["warmup_steps"]  # preset beats default
-    s, g = parse_config(["--config", str(cfg), "--max_grad_norm", "5", "--layers", "1", "2",
+    s = g = parse_config(["--config", str(cfg), "--max_grad_norm", "5", "--layers", "1", "2",
                          "--layer_lr", '{"2": 0.5}'])
     assert g.max_grad_norm == 5.0 and s.layers == [1, 2] and s.layer_lr == {2: 0.5}
 
@@ -100,9 +100,9 @@ def test_reward_grading_options(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model_name_or_path: m\ndataset: procedural:arithmetic\noutput_dir: out\n"
                    "use_cpu: true\nbf16: false\n")
-    s, _ = parse_config(["--config", str(cfg)])
+    s = parse_config(["--config", str(cfg)])
     assert s.grading_options() == GradingOptions()  # math-verify's defaults
-    s, _ = parse_config(["--config", str(cfg), "--reward_float_rounding", "3", "--reward_strict", "false",
+    s = parse_config(["--config", str(cfg), "--reward_float_rounding", "3", "--reward_strict", "false",
                          "--reward_allow_set_relation_comp", "true"])
     assert s.grading_options() == GradingOptions(float_rounding=3, strict=False, allow_set_relation_comp=True)
 

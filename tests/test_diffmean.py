@@ -244,7 +244,7 @@ def test_shape_mismatch_and_bad_input_exit_2(tiny_base_dir, tmp_path, capsys):
 def test_diffmean_checkpoint_seeds_a_training_run(diffmean_out, tiny_base_dir, tmp_path):
     pytest.importorskip("steering.templates")
     yaml = pytest.importorskip("yaml")
-    from train.__main__ import build_trainer
+    from train.__main__ import build_trainer, parse_config
 
     init = diffmean_out / "backtracking"
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -254,7 +254,7 @@ def test_diffmean_checkpoint_seeds_a_training_run(diffmean_out, tiny_base_dir, t
                init_from=str(init), init_scale={0: 0.0, 1: 0.5, 2: 2.0})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    trainer, _ = build_trainer(["--config", str(path)])
+    trainer = build_trainer(parse_config(["--config", str(path)]))
     start = sv.get_vectors(trainer.model)
     want = sv.load_vectors(init)
     for l, scale in {0: 0.0, 1: 0.5, 2: 2.0}.items():

@@ -9,11 +9,11 @@ from steering.generation import (
     GenerationError,
     SamplingParams,
     StaticDecoder,
-    causal_lm_of,
     cut_at_eos,
     generate,
     left_pad,
 )
+from steering.hooks import causal_lm
 from steering.tiny import build_char_tokenizer, tiny_model
 
 ARCHS = ["qwen2", "llama"]
@@ -150,7 +150,7 @@ def test_static_forward_matches_model_forward(arch, tok):
     full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
     with torch.no_grad():
         ref = model(input_ids=full_ids, attention_mask=full_mask).logits.float()
-    dec = StaticDecoder(causal_lm_of(model), compile=False, kv_block=4)
+    dec = StaticDecoder(causal_lm(model), compile=False, kv_block=4)
     dec.reserve(len(rows), full_ids.shape[1], ids.device)
     got = [dec.prefill(ids, mask)]
     positions = mask.sum(1)

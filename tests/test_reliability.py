@@ -169,7 +169,7 @@ def _incomplete_checkpoint(tmp: Path) -> Path:
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_bad_config_is_one_line_exit_2_before_any_model_loads(case, tmp_path, tiny_base_dir, no_model_loads, capsys):
-    from train.__main__ import main
+    from train.__main__ import cli as main
 
     extra, needles = BAD_CONFIGS[case]
     if callable(extra):
@@ -327,7 +327,7 @@ def bad_rows_run(tmp_path_factory):
     interrupted save of an earlier attempt, with an old manifest) in the way of the first save."""
     if not (DEMO_BASE / "config.json").is_file():
         pytest.skip(f"the offline demo base is missing at {DEMO_BASE}; build it with `python -m train.demo_base`")
-    from train.__main__ import train
+    from train.__main__ import main, parse_config
 
     tmp = tmp_path_factory.mktemp("badrows")
     rows = list(GOOD_ROWS)
@@ -340,7 +340,7 @@ def bad_rows_run(tmp_path_factory):
     (stale / "adapter_model.safetensors").write_bytes(b"half-written")
     ckpt_io.write_manifest(stale)  # even a (stale) manifest must not survive the new save
     cfg = small_config(tmp, dataset=str(data), answer_parser="gsm8k", max_steps=1, reward_timeout=1.0)
-    trainer = train(["--config", str(cfg)])
+    trainer = main(parse_config(["--config", str(cfg)]))
     return trainer, tmp / "run"
 
 
@@ -368,7 +368,7 @@ def test_resuming_a_finished_run_trains_no_further_with_the_restricted_unpickler
     """A requeued job (or a restart loop) that resumes a run which already reached max_steps must not take another
     step: transformers would take one before it checks max_steps. The resume reads transformers' training-state files
     with ``torch.load(weights_only=True)`` only."""
-    from train.__main__ import train
+    from train.__main__ import main, parse_config
 
     _, done = bad_rows_run
     run = tmp_path / "run"
@@ -377,7 +377,7 @@ def test_resuming_a_finished_run_trains_no_further_with_the_restricted_unpickler
     cfg["output_dir"] = str(run)
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(cfg))
     loaded = restricted_unpickling_only(monkeypatch)
-    trainer = train(["--config", str(tmp_path / "again.yaml"), "--resume_from_checkpoint", "latest"])
+    trainer = main(parse_config(["--config", str(tmp_path / "again.yaml"), "--resume_from_checkpoint", "latest"]))
     assert "optimizer.pt" in loaded and "rng_state.pth" not in loaded  # (RNG is read when a step follows)
     assert trainer.state.global_step == 1
     assert not (run / "checkpoint-2").exists() and _marker(run) == "checkpoint-1"
@@ -414,7 +414,7 @@ HOSTILE = [  # (completion, reward) for the ground truth 35
 @pytest.mark.parametrize("where", ["training thread", "worker thread"])
 def test_reward_inside_the_trainer_never_hangs_or_raises(bad_rows_run, where):
     trainer, _ = bad_rows_run
-    timeout = trainer.steering_args.reward_timeout
+    timeout = trainer.args.reward_timeout
     inputs = [{"prompt": "p", "question": "What is 10 + 25?", "answer": "35"} for _ in HOSTILE]
     ids = [[1, 2, 3] for _ in HOSTILE]
     trainer.reward_fn.pop_stats()
@@ -476,19 +476,19 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(poiso
                 with torch.no_grad():
                     next(iter(sv.vector_parameters(model).values()))[..., 0] = float("nan")
 
-    make_trainer = entry.make_trainer
+    build_trainer = entry.build_trainer
 
     def with_poison(*a, **k):
-        trainer, ctx = make_trainer(*a, **k)
+        trainer = build_trainer(*a, **k)
         trainer.add_callback(Poison())
-        return trainer, ctx
+        return trainer
 
     monkeypatch.setattr(GRPOTrainer, "training_step", training_step)
-    monkeypatch.setattr(entry, "make_trainer", with_poison)
+    monkeypatch.setattr(entry, "build_trainer", with_poison)
     # Logging rarely, the check before the save (not the one at each log line) must catch it.
     logging_steps = 50 if poison in ("vector, logged rarely", "vector, before step") else 1
     cfg = small_config(tmp_path, max_steps=5, logging_steps=logging_steps)
-    rc = entry.main(["--config", str(cfg)])
+    rc = entry.cli(["--config", str(cfg)])
     err = capsys.readouterr().err
     assert rc == 3, err[-3000:]
     assert len(error_lines(err)) == 1, repr(err[-3000:])
@@ -521,7 +521,7 @@ DRIVER = textwrap.dedent('''
     import hashlib, json, os, signal, sys, time
     import train.checkpointing as ck
     import train.trainer as tr
-    from train.__main__ import main
+    from train.__main__ import cli
 
     LOG = os.environ.get("REL_ORDER_LOG")
     PHASE, STEP = os.environ.get("REL_KILL_PHASE"), int(os.environ.get("REL_KILL_STEP", "-1"))
@@ -558,7 +558,7 @@ DRIVER = textwrap.dedent('''
         return [r + 0.5 * (len(str(c)) % 2) for r, c in zip(rewards, completions)]
     rw.MathReward.__call__ = shaped_reward
 
-    sys.exit(main())
+    sys.exit(cli())
 ''')
 
 KILL_STEPS = 7
@@ -799,8 +799,8 @@ DDP_DRIVER = textwrap.dedent('''
         return [r + 0.5 * (len(str(c)) % 2) for r, c in zip(rewards, completions)]
     rw.MathReward.__call__ = shaped_reward
 
-    from train.__main__ import main
-    sys.exit(main())
+    from train.__main__ import cli
+    sys.exit(cli())
 ''')
 
 

@@ -1,4 +1,4 @@
-"""Properties of the prompt templates (issue: templates): the built-ins match REFERENCE.md §2 verbatim, the
+"""Properties of the prompt templates (issue: templates): the built-ins match docs/recipe.md verbatim, the
 problem is inserted as-is whatever braces it holds, and bad template files fail with a one-line error."""
 
 import json

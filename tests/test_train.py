@@ -34,10 +34,10 @@ def read_metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory):
-    from train.__main__ import train
+    from train.__main__ import main, parse_config
 
     tmp = tmp_path_factory.mktemp("train")
-    trainer = train(["--config", str(small_config(tmp, learning_rate=0.05))])
+    trainer = main(parse_config(["--config", str(small_config(tmp, learning_rate=0.05))]))
     return trainer, tmp / "run"
 
 
@@ -100,11 +100,11 @@ def test_paper_preset_rloo_loss_and_gradient_by_hand(tmp_path):
     the vectors are the paper's RLOO loss worked out by hand (A_i = r_i - mean_{j != i} r_j, loss
     -sum_i A_i sum_t log p_it / N with N the completion tokens of the whole batch). Public API only: the rewards come
     through the reward function, the gradient is read off one plain SGD step (lr 1, no clipping)."""
-    from train.__main__ import build_trainer
+    from train.__main__ import build_trainer, parse_config
 
     cfg = small_config(tmp_path, per_device_train_batch_size=8, max_steps=1, val_size=0, optim="sgd",
                        learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant", warmup_steps=0)
-    trainer, _ = build_trainer(["--config", str(cfg)])
+    trainer = build_trainer(parse_config(["--config", str(cfg)]))
     g = trainer.num_generations
     assert g == 4 and trainer.args.reward_weights == [4 / 3]  # what makes TRL's advantage RLOO's
     # Two prompts x four completions; rewards ±1.
@@ -156,15 +156,15 @@ def _optimizer_state(ckpt):
 def test_resume_from_latest_matches_uninterrupted_run(tmp_path, adapter):
     """Every adapter: 2 steps, stop, resume from `latest` to 4 steps == 4 steps without a stop (trained weights and
     optimizer state)."""
-    from train.__main__ import train
+    from train.__main__ import main, parse_config
 
     extra = [] if adapter == "steering" else ["--adapter", adapter]
     cfg = dict(save_steps=2, val_size=0)
-    full = train(["--config", str(small_config(tmp_path, "full", max_steps=4, **cfg))] + extra)
-    cut = train(["--config", str(small_config(tmp_path, "cut", max_steps=2, **cfg))] + extra)
+    full = main(parse_config(["--config", str(small_config(tmp_path, "full", max_steps=4, **cfg))] + extra))
+    cut = main(parse_config(["--config", str(small_config(tmp_path, "cut", max_steps=2, **cfg))] + extra))
     assert cut.state.global_step == 2
-    resumed = train(["--config", str(small_config(tmp_path, "cut", max_steps=4, **cfg)),
-                     "--resume_from_checkpoint", "latest"] + extra)
+    resumed = main(parse_config(["--config", str(small_config(tmp_path, "cut", max_steps=4, **cfg)),
+                     "--resume_from_checkpoint", "latest"] + extra))
     assert resumed.state.global_step == 4
     trained = {n: p.detach() for n, p in full.model.named_parameters() if p.requires_grad}
     ref_model = AutoModelForCausalLM.from_pretrained(DEMO_BASE)
@@ -185,10 +185,10 @@ def test_resume_from_latest_matches_uninterrupted_run(tmp_path, adapter):
 def test_token_scaling_trains_through_the_same_trainer(tmp_path):
     """token_scaling: true trains gates alpha_l(t) next to the vectors and checkpoints them in safetensors."""
     from steering import token_scaling as ts
-    from train.__main__ import train
+    from train.__main__ import main, parse_config
 
-    trainer = train(["--config", str(small_config(tmp_path, "ts", learning_rate=0.05, val_size=0)),
-                     "--token_scaling", "true"])
+    trainer = main(parse_config(["--config", str(small_config(tmp_path, "ts", learning_rate=0.05, val_size=0)),
+                     "--token_scaling", "true"]))
     ck = tmp_path / "ts" / "checkpoint-2"
     assert (ck / "token_gates.safetensors").is_file() and sv.read_meta(ck)["token_scaling"]["layers"] == [0, 1, 2]
     moved = [p for p in ts.gate_parameters(trainer.model) if p.detach().abs().max() > 0]

@@ -27,7 +27,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from steering.vectors import CheckpointError, fsync_dir, sha256_file
+from steering.files import fsync_dir, sha256_file, write_json_atomic
+from steering.vectors import CheckpointError
 
 LATEST = "latest"
 MANIFEST = "checksums.json"
@@ -43,18 +44,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON (truncated or tampered?): {e}") from None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file, fsync it, rename it over ``path`` and fsync the directory: readers see the old file
-    or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_manifest(ckpt: Path) -> None:

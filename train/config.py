@@ -1,9 +1,11 @@
-"""Configuration of a training run: ``SteeringArguments`` (what this project adds) + TRL's ``GRPOConfig`` (the RL
-loop, unchanged), read from a YAML file with ``--key value`` overrides, TRL-style.
+"""The configuration of a training run: one dataclass, :class:`SteeringGRPOConfig` = TRL's ``GRPOConfig`` (the RL
+loop, unchanged) + the fields steering vectors need, read from a YAML file with ``--key value`` overrides, TRL-style.
 
 Precedence, lowest to highest: dataclass defaults < ``preset`` values < YAML < command line. Unknown keys, in the
-YAML or on the command line, are errors. Every problem is reported as one line naming the key and the fix, with exit
-code 2, before any model loads.
+YAML or on the command line, are errors. Every value is checked in ``SteeringGRPOConfig.__post_init__``; a problem is
+one line naming the key and the fix (exit code 2 from ``python -m train``), before any model loads. What needs the
+base model's files or the data (layer indices in range, ``init_from`` shapes, dataset columns, the checkpoint to resume
+from) is checked next, still before any weights load (``train/__main__.py``, ``prepare_inputs``).
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from trl import GRPOConfig
 
 from steering import compat
+from steering.rewards import REWARD_STYLES
 
 # The recipe of Sinii et al. (docs/recipe.md). GRPOTrainer's "dapo" loss divides the summed token losses by the number
 # of completion tokens in the whole global batch; with scale_rewards="none" its advantage is r_i - mean_j r_j, which
-# the "rloo" estimator rescales by G/(G-1) into the leave-one-out r_i - mean_{j!=i} r_j. num_iterations=1 with
-# steps_per_generation = gradient_accumulation_steps (TRL's default) is one on-policy step per batch, so the ratio
+# the "rloo" estimator turns into the leave-one-out r_i - mean_{j!=i} r_j (reward weights G/(G-1)). num_iterations=1
+# with steps_per_generation = gradient_accumulation_steps (TRL's default) is one on-policy step per batch, so the ratio
 # clip never binds; beta=0 drops the reference model.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
@@ -49,7 +53,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 ADAPTERS = ("steering", "lora", "full")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo")
-REWARD_STYLES = ("pm1", "binary")
+ROLLOUT_BACKENDS = ("hf", "static")
+VLLM_SYNCS = ("vectors", "trl")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 class ConfigError(ValueError):
@@ -57,9 +63,13 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class SteeringArguments:
-    """What a steering-vector run needs beyond TRL's ``GRPOConfig``. Every field can be set in YAML or as
-    ``--field value`` on the command line."""
+class SteeringGRPOConfig(GRPOConfig):
+    """Configuration of a steering-vector (or LoRA / full fine-tuning baseline) GRPO run.
+
+    Every field of TRL's ``GRPOConfig`` (and transformers' ``TrainingArguments``) applies unchanged; this class adds
+    the fields below, each settable in the YAML file or as ``--field value``. ``__post_init__`` checks all of them
+    together with TRL's, and raises :class:`ConfigError` with a message that names the key and says the fix.
+    """
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model: a Hub id (e.g. Qwen/Qwen2.5-Math-1.5B) or a local directory."})
@@ -167,20 +177,21 @@ class SteeringArguments:
         metadata={"help": "If model_name_or_path does not exist, build the offline demo base there (train.demo_base)."})
 
     def __post_init__(self) -> None:
-        if self.adapter not in ADAPTERS:
-            raise ConfigError(f"adapter: {self.adapter!r} is not one of {list(ADAPTERS)}")
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ConfigError(f"advantage_estimator: {self.advantage_estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
-        if self.rollout_backend not in ("hf", "static"):
-            raise ConfigError(f"rollout_backend: {self.rollout_backend!r} is not one of ['hf', 'static']")
-        if self.vllm_sync not in ("vectors", "trl"):
-            raise ConfigError(f"vllm_sync: {self.vllm_sync!r} is not one of ['vectors', 'trl']")
-        if self.reward_style not in REWARD_STYLES:
-            raise ConfigError(f"reward_style: {self.reward_style!r} is not one of {list(REWARD_STYLES)}")
+        # Our own fields, one by one.
+        for key, value, allowed in (("adapter", self.adapter, ADAPTERS),
+                                    ("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS),
+                                    ("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS),
+                                    ("vllm_sync", self.vllm_sync, VLLM_SYNCS),
+                                    ("reward_style", self.reward_style, tuple(REWARD_STYLES)),
+                                    ("dtype", self.dtype, DTYPES)):
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"preset: {self.preset!r} is unknown; known presets: {sorted(PRESETS)}")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ConfigError(f"dtype: {self.dtype!r} must be bfloat16, float16 or float32")
+        if self.model_name_or_path is None:
+            raise ConfigError("model_name_or_path: missing; set it to a Hub id or a local model directory")
+        if self.dataset is None:
+            raise ConfigError("dataset: missing; e.g. deepscaler, gsm8k, math, a .jsonl file, or procedural:arithmetic")
         self.layer_lr = _parse_mapping(self.layer_lr, "layer_lr")
         if isinstance(self.init_scale, str):
             try:
@@ -201,6 +212,8 @@ class SteeringArguments:
         if self.adapter != "steering" and (self.layers is not None or self.layer_lr or self.init_from):
             raise ConfigError("layers / layer_lr / init_from apply to adapter=steering only; remove them or set "
                               "adapter: steering")
+        if self.token_scaling and self.adapter != "steering":
+            raise ConfigError("token_scaling: needs adapter: steering")
         if self.reward_timeout <= 0:
             raise ConfigError(f"reward_timeout: {self.reward_timeout} must be > 0 seconds")
         try:
@@ -212,6 +225,37 @@ class SteeringArguments:
         if self.init_from is not None and not Path(self.init_from).is_dir():
             raise ConfigError(f"init_from: {self.init_from!r} is not a directory; give a steering checkpoint directory")
 
+        # TRL's and transformers' own checks (one line of their message).
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+        # Ours and theirs together.
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate: {self.learning_rate} must be > 0")
+        if self.advantage_estimator == "rloo":
+            if self.scale_rewards != "none":
+                raise ConfigError(f"advantage_estimator: rloo needs scale_rewards: none (got {self.scale_rewards!r}); "
+                                  "the leave-one-out baseline is not defined with std scaling")
+            if self.num_generations is None or self.num_generations < 2:
+                raise ConfigError(f"advantage_estimator: rloo needs num_generations >= 2 (got {self.num_generations}): "
+                                  "the leave-one-out baseline averages the other samples of the same prompt")
+            if self.reward_weights is not None:
+                raise ConfigError("reward_weights: advantage_estimator rloo sets them (to G/(G-1)); remove "
+                                  "reward_weights")
+            # With scale_rewards: none, TRL's advantage of the rewards weighted by G/(G-1) is exactly RLOO's
+            # r_i - mean_{j!=i} r_j (train/trainer.py).
+            self.reward_weights = [self.num_generations / (self.num_generations - 1)]
+        if self.save_total_limit is not None and self.save_total_limit < 2:
+            raise ConfigError(f"save_total_limit: {self.save_total_limit} would let transformers delete the checkpoint "
+                              "`latest` names while the next one is written; use 2 or more, or leave it unset")
+        if self.rollout_backend == "static" and self.use_vllm:
+            raise ConfigError("rollout_backend: static and use_vllm: true are exclusive; pick one generation path")
+        if self.token_scaling and self.use_vllm:
+            raise ConfigError("token_scaling: the per-token gate is a forward hook that vLLM does not run; set "
+                              "use_vllm: false")
+
     def grading_options(self):
         """The reward's math-verify grading options (``reward_float_rounding`` ...) as a GradingOptions."""
         from steering.rewards import GradingOptions
@@ -220,6 +264,28 @@ class SteeringArguments:
                               numeric_precision=self.reward_numeric_precision, strict=self.reward_strict,
                               allow_set_relation_comp=self.reward_allow_set_relation_comp)
 
+    def to_jsonable(self) -> dict[str, Any]:
+        """A flat JSON-safe dict of the whole configuration, saved into every checkpoint."""
+        out: dict[str, Any] = {}
+        for k, v in self.to_dict().items():
+            try:
+                json.dumps(v)
+                out[k] = v
+            except TypeError:
+                out[k] = str(v)
+        return out
+
+
+def _document_fields(cls: type) -> None:
+    """Append the Parameters list to the class docstring, from the fields' own help (one text per field)."""
+    lines = ["", "    Parameters:"]
+    for f in fields(cls):
+        if f.name in cls.__annotations__:
+            lines.append(f"        {f.name}: {f.metadata.get('help', '').replace('%%', '%')}")
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
+
+
+_document_fields(SteeringGRPOConfig)
 
 def _parse_mapping(value: Any, key: str) -> dict[int, float] | None:
     if value is None:
@@ -237,14 +303,76 @@ def _parse_mapping(value: Any, key: str) -> dict[int, float] | None:
         raise ConfigError(f"{key}: keys must be layer indices and values numbers, got {value!r}") from None
 
 
-def _grpo_config_cls():
-    from trl import GRPOConfig
+def config_keys() -> set[str]:
+    """Every key a training config may set (ours and TRL's / transformers'; both spellings of the renamed ones)."""
+    renamed = set(compat.ACTIVATION_CHECKPOINTING_ARGS) | set(compat.ACTIVATION_CHECKPOINTING_ARGS.values())
+    return {f.name for f in fields(SteeringGRPOConfig)} | renamed
 
-    return GRPOConfig
+
+def make_parser():
+    """The command-line parser of ``python -m train``: every field of :class:`SteeringGRPOConfig` as ``--field``,
+    plus ``--config FILE`` (TRL's ``TrlParser``, as TRL's own scripts use)."""
+    from trl import TrlParser
+
+    parser = TrlParser([SteeringGRPOConfig], prog="python -m train", description=__doc__, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of key: value pairs (any field below); command-line flags win.")
+    return parser
 
 
-def field_names() -> tuple[set[str], set[str]]:
-    return {f.name for f in fields(SteeringArguments)}, {f.name for f in fields(_grpo_config_cls())}
+def parse_config(argv: list[str] | None = None) -> SteeringGRPOConfig:
+    """Parse ``--config FILE`` plus ``--key value`` overrides into one :class:`SteeringGRPOConfig`. Raises
+    ConfigError."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config: dict[str, Any] = {}
+    config_path = _cli_value(argv, "config")
+    if config_path is not None:
+        config = _read_yaml(config_path)
+        i = argv.index("--config") if "--config" in argv else next(i for i, a in enumerate(argv) if a.startswith("--config="))
+        del argv[i: i + (2 if argv[i] == "--config" else 1)]
+    env = config.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise ConfigError("env: must be a mapping of environment variables")
+    for k, v in env.items():
+        os.environ[str(k)] = str(v)
+
+    # activation_checkpointing* (transformers >= 5.24) and gradient_checkpointing* (older, and deprecated since) name
+    # the same settings: either spelling works, with the installed transformers' name passed on (no warning).
+    config = {compat.training_arg_name(k): v for k, v in config.items()}
+    argv = [_translate_flag(a) for a in argv]
+    unknown = sorted(set(config) - config_keys())
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown key(s) {unknown}; see `python -m train --help` for valid keys")
+
+    preset = _cli_value(argv, "preset") or config.get("preset")
+    defaults: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: {preset!r} is unknown; known presets: {sorted(PRESETS)}")
+        defaults.update(PRESETS[preset])
+    # TRL's default (checkpointing on), spelled with the installed name so its deprecated alias is never the one set;
+    # non-reentrant, which gives the first steered layer its gradient with a frozen base (see steering.vectors).
+    defaults[compat.training_arg_name("gradient_checkpointing")] = GRPOConfig.__dataclass_fields__[
+        "gradient_checkpointing"].default
+    defaults[compat.training_arg_name("gradient_checkpointing_kwargs")] = {"use_reentrant": False}
+    defaults.update(config)
+
+    parser = make_parser()
+    parser.set_defaults_with_config(**defaults)
+    try:
+        parsed, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)  # _: --config
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return parsed
+
+
+def _translate_flag(arg: str) -> str:
+    """``--gradient_checkpointing[=v]`` / ``--activation_checkpointing[=v]`` (and ``_kwargs``) -> the installed name."""
+    if not arg.startswith("--"):
+        return arg
+    key, eq, value = arg[2:].partition("=")
+    return f"--{compat.training_arg_name(key)}{eq}{value}"
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -267,119 +395,3 @@ def _cli_value(argv: list[str], key: str) -> str | None:
         if arg.startswith(f"--{key}="):
             return arg.split("=", 1)[1]
     return None
-
-
-def parse_config(argv: list[str] | None = None):
-    """Parse ``--config FILE`` plus overrides into ``(SteeringArguments, GRPOConfig)``. Raises ConfigError."""
-    from trl import TrlParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config: dict[str, Any] = {}
-    config_path = _cli_value(argv, "config")
-    if config_path is not None:
-        config = _read_yaml(config_path)
-        i = argv.index("--config") if "--config" in argv else next(i for i, a in enumerate(argv) if a.startswith("--config="))
-        del argv[i: i + (2 if argv[i] == "--config" else 1)]
-    env = config.pop("env", None) or {}
-    if not isinstance(env, dict):
-        raise ConfigError("env: must be a mapping of environment variables")
-    for k, v in env.items():
-        os.environ[str(k)] = str(v)
-
-    # activation_checkpointing* (transformers >= 5.24) and gradient_checkpointing* (older, and deprecated since) name
-    # the same settings: either spelling works, with the installed transformers' name passed on (no warning).
-    config = {compat.training_arg_name(k): v for k, v in config.items()}
-    argv = [_translate_flag(a) for a in argv]
-    ours, theirs = field_names()
-    unknown = sorted(set(config) - ours - theirs)
-    if unknown:
-        raise ConfigError(f"{config_path}: unknown key(s) {unknown}; see `python -m train --help` for valid keys")
-
-    preset = _cli_value(argv, "preset") or config.get("preset")
-    defaults: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"preset: {preset!r} is unknown; known presets: {sorted(PRESETS)}")
-        defaults.update(PRESETS[preset])
-    # TRL's default (checkpointing on), spelled with the installed name so its deprecated alias is never the one set;
-    # non-reentrant, which gives the first steered layer its gradient with a frozen base (see steering.vectors).
-    from trl import GRPOConfig
-
-    defaults[compat.training_arg_name("gradient_checkpointing")] = GRPOConfig.__dataclass_fields__[
-        "gradient_checkpointing"].default
-    defaults[compat.training_arg_name("gradient_checkpointing_kwargs")] = {"use_reentrant": False}
-    defaults.update(config)
-
-    parser = TrlParser([SteeringArguments, _grpo_config_cls()], prog="python -m train",
-                       description=__doc__, allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of key: value pairs (any field below); command-line flags win.")
-    parser.set_defaults_with_config(**defaults)
-    try:
-        steering_args, grpo_args, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
-    _validate_combined(steering_args, grpo_args)
-    return steering_args, grpo_args
-
-
-def _translate_flag(arg: str) -> str:
-    """``--gradient_checkpointing[=v]`` / ``--activation_checkpointing[=v]`` (and ``_kwargs``) -> the installed name."""
-    if not arg.startswith("--"):
-        return arg
-    key, eq, value = arg[2:].partition("=")
-    return f"--{compat.training_arg_name(key)}{eq}{value}"
-
-
-def build_parser():
-    from trl import TrlParser
-
-    parser = TrlParser([SteeringArguments, _grpo_config_cls()], prog="python -m train", description=__doc__)
-    parser.add_argument("--config", help="YAML file of key: value pairs (any field below); command-line flags win.")
-    return parser
-
-
-def _validate_combined(s: SteeringArguments, g: Any) -> None:
-    if s.model_name_or_path is None:
-        raise ConfigError("model_name_or_path: missing; set it to a Hub id or a local model directory")
-    if s.dataset is None:
-        raise ConfigError("dataset: missing; e.g. deepscaler, gsm8k, math, a .jsonl file, or procedural:arithmetic")
-    if not g.learning_rate > 0:
-        raise ConfigError(f"learning_rate: {g.learning_rate} must be > 0")
-    if s.advantage_estimator == "rloo" and g.scale_rewards != "none":
-        raise ConfigError(f"advantage_estimator: rloo needs scale_rewards: none (got {g.scale_rewards!r}); the "
-                          "leave-one-out baseline is not defined with std scaling")
-    if s.advantage_estimator == "rloo":
-        if g.num_generations is None or g.num_generations < 2:
-            raise ConfigError(f"advantage_estimator: rloo needs num_generations >= 2 (got {g.num_generations}): the "
-                              "leave-one-out baseline averages the other samples of the same prompt")
-        if g.reward_weights is not None:
-            raise ConfigError("reward_weights: advantage_estimator rloo sets them (to G/(G-1)); remove reward_weights")
-        # With scale_rewards: none, TRL's advantage of the rewards weighted by G/(G-1) is exactly RLOO's
-        # r_i - mean_{j!=i} r_j (train/trainer.py).
-        g.reward_weights = [g.num_generations / (g.num_generations - 1)]
-    if g.save_total_limit is not None and g.save_total_limit < 2:
-        raise ConfigError(f"save_total_limit: {g.save_total_limit} would let transformers delete the checkpoint "
-                          "`latest` names while the next one is written; use 2 or more, or leave it unset")
-    if s.rollout_backend == "static" and g.use_vllm:
-        raise ConfigError("rollout_backend: static and use_vllm: true are exclusive; pick one generation path")
-    if s.token_scaling and s.adapter != "steering":
-        raise ConfigError("token_scaling: needs adapter: steering")
-    if s.token_scaling and g.use_vllm:
-        raise ConfigError("token_scaling: the per-token gate is a forward hook that vLLM does not run; set "
-                          "use_vllm: false")
-
-
-def to_jsonable(*dataclasses: Any) -> dict[str, Any]:
-    """A flat JSON-safe dict of the run configuration, saved into every checkpoint."""
-    out: dict[str, Any] = {}
-    for dc in dataclasses:
-        d = dc.to_dict() if hasattr(dc, "to_dict") else asdict(dc)
-        for k, v in d.items():
-            try:
-                json.dumps(v)
-                out[k] = v
-            except TypeError:
-                out[k] = str(v)
-    return out

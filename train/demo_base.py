@@ -45,7 +45,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from steering.files import publish_dir, write_text_atomic
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -326,16 +327,6 @@ def _set_determinism(seed: int, threads: int) -> None:
     random.seed(seed)
 
 
-def _atomic_replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool = True, **overrides: Any) -> Path:
     """Train the demo base model from scratch and save it (atomically) to ``out_dir``; return the path.
 
@@ -405,13 +396,6 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
                 "sample_t1": heldout_stats(model, tokenizer, rows, temperature=1.0, seed=0),
             }
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        save_tokenizer(build_char_tokenizer(), tmp)  # a fresh one: generate() left padding switched on in this one
         wall = time.perf_counter() - t0
         info = {
             "script": "python -m train.demo_base",
@@ -430,8 +414,10 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
             "python": platform.python_version(),
             "machine": platform.machine(),
         }
-        (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        _atomic_replace(tmp, out)
+        with publish_dir(out) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            save_tokenizer(build_char_tokenizer(), tmp)  # a fresh one: generate() left padding switched on in this one
+            (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
@@ -546,9 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info_path = out / "build_info.json"
         info = json.loads(info_path.read_text())
         info["steering_sanity_check"] = res
-        tmp = info_path.with_name(f".{info_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, info_path)
+        write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
         b, a = res["before"], res["after"]
         print(f"steering sanity check (layer {res['layer']}, {res['steps']} Adam steps at lr {res['lr']}, "
               f"|v|={res['vector_norm']:.2f}): boxed & correct at T=1 {b['boxed_correct']:.2f} -> "

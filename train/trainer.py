@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import GRPOTrainer
 
 from steering import token_scaling as ts
+from steering.rewards import accuracy_from_reward
 from steering import vectors as sv
 from train.checkpointing import CheckpointCallback
 
@@ -48,28 +49,37 @@ class RunAlreadyFinished(Exception):
 
 
 class SteeringGRPOTrainer(GRPOTrainer):
-    def __init__(self, *args: Any, steering_args: Any, reward_fn: Any = None, run_config: dict | None = None,
-                 **kwargs: Any):
-        self.steering_args = steering_args
-        self.reward_fn = reward_fn
-        self.run_config = run_config or {}
-        training_args = kwargs["args"]
-        vectors_sync = training_args.use_vllm and steering_args.vllm_sync == "vectors"
+    """``GRPOTrainer`` for a :class:`train.config.SteeringGRPOConfig` (``args``). It owns the run's callbacks:
+    ``metrics.jsonl``, held-out validation (``validator``, a :class:`train.validation.Validator`), the checkpoint
+    manifest and ``latest`` marker, the stop for a finished run, and a one-line-per-step console."""
+
+    def __init__(self, *args: Any, validator: Any = None, **kwargs: Any):
+        config = kwargs["args"]
+        vectors_sync = config.use_vllm and config.vllm_sync == "vectors"
         if vectors_sync:
             from steering.vllm_plugin import prepare_engine_processes
 
-            prepare_engine_processes(training_args.vllm_mode)
+            prepare_engine_processes(config.vllm_mode)
         super().__init__(*args, **kwargs)
         if vectors_sync and sv.vector_parameters(self.model):
             from steering.vllm_plugin import install_vectors_only_sync
 
             install_vectors_only_sync(self.vllm_generation, self.model, accelerator=self.accelerator)
+        self.reward_fn = self.reward_funcs[0]
+        self.metrics_path = Path(config.output_dir) / config.metrics_file
+        self.add_callback(MetricsFileCallback(self.metrics_path, config.reward_style))
         self.add_callback(CheckpointCallback())
         self.add_callback(StopIfFinished())
+        self.validation = ValidationCallback(self, validator, config.val_steps) if validator is not None else None
+        if self.validation is not None:
+            self.add_callback(self.validation)
+        for verbose in (ProgressCallback, PrinterCallback):  # whichever transformers added: they print the whole dict
+            self.remove_callback(verbose)
+        self.add_callback(ConsoleLog(progress_bar=not config.disable_tqdm))
 
     # ------------------------------------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
-        s = self.steering_args
+        s = self.args
         if s.adapter != "steering" or not (s.layer_lr or s.token_scaling) or self.optimizer is not None:
             return super().create_optimizer()
         a = self.args
@@ -82,7 +92,7 @@ class SteeringGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ NaN guard
     def _check_vectors(self, when: str) -> None:
-        if self.steering_args.adapter != "steering":
+        if self.args.adapter != "steering":
             return
         for layer, p in sv.vector_parameters(self.model).items():
             if not torch.isfinite(p.detach()).all():
@@ -94,7 +104,7 @@ class SteeringGRPOTrainer(GRPOTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}")
-        if self.steering_args.adapter == "steering":
+        if self.args.adapter == "steering":
             for layer, p in sv.vector_parameters(self.model).items():
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     raise TrainingDiverged(f"non-finite gradient of the layer-{layer} vector at step "
@@ -104,15 +114,15 @@ class SteeringGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_train = not any(k.startswith("eval_") for k in logs)
-        if is_train and self.steering_args.advantage_estimator == "rloo":
+        if is_train and self.args.advantage_estimator == "rloo":
             # TRL logs the weighted reward (weights G/(G-1) make its advantage RLOO's); report the reward itself.
             name = self.reward_func_names[0]
             for key, per_func in (("reward", f"rewards/{name}/mean"), ("reward_std", f"rewards/{name}/std")):
                 if per_func in logs:
                     logs[key] = logs[per_func]
-        if is_train and self.reward_fn is not None and hasattr(self.reward_fn, "pop_stats"):
+        if is_train and hasattr(self.reward_fn, "pop_stats"):
             logs.update(self.reward_fn.pop_stats())
-        if is_train and self.steering_args.adapter == "steering":
+        if is_train and self.args.adapter == "steering":
             self._check_vectors(str(self.state.global_step))
             vectors = sv.vector_parameters(self.model)
             for layer, p in vectors.items():
@@ -130,7 +140,7 @@ class SteeringGRPOTrainer(GRPOTrainer):
         gates and ``steering.json`` (written last; removed first, so a half-rewritten directory never looks like a
         steering checkpoint)."""
         out = Path(output_dir or self.args.output_dir)
-        steering = self.steering_args.adapter == "steering"
+        steering = self.args.adapter == "steering"
         if steering:
             # Never save a poisoned checkpoint (it would become `latest`), whatever logging_steps is.
             self._check_vectors(f"{self.state.global_step}; not saving {out.name}")
@@ -142,8 +152,66 @@ class SteeringGRPOTrainer(GRPOTrainer):
             gated = ts.has_token_scaling(model)
             if gated:
                 ts.save_token_gates(model, out)
-            sv.write_meta(out, model, base_model=self.steering_args.model_name_or_path, step=self.state.global_step,
-                          training_config=self.run_config, extra=ts.checkpoint_extra(model) if gated else None)
+            sv.write_meta(out, model, base_model=self.args.model_name_or_path, step=self.state.global_step,
+                          training_config=self.args.to_jsonable(), extra=ts.checkpoint_extra(model) if gated else None)
+
+
+class ConsoleLog(ProgressCallback):
+    """transformers' progress bar, with one short line per logged step under it instead of TRL's ~40-key dict
+    (``metrics.jsonl`` and W&B keep every key): step, reward, accuracy, completion length, time per step and the mean
+    vector norm; validation lines show the held-out accuracy. Without a bar (``disable_tqdm``) the lines are printed."""
+
+    def __init__(self, progress_bar: bool = True):
+        super().__init__()
+        self.progress_bar = progress_bar
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.progress_bar:
+            super().on_train_begin(args, state, control, **kwargs)
+        self._last = (time.perf_counter(), state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress_bar:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress_bar:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = self.format(args, state, logs)
+        if line is None:
+            return
+        if self.progress_bar and self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def format(self, args, state, logs: dict[str, Any]) -> str | None:
+        step = f"step {state.global_step}" + (f"/{state.max_steps}" if state.max_steps > 0 else "")
+        if "eval_accuracy" in logs or "base_eval_accuracy" in logs:
+            key = "eval_accuracy" if "eval_accuracy" in logs else "base_eval_accuracy"
+            what = "held-out accuracy" if key == "eval_accuracy" else "held-out accuracy of the base"
+            return f"{step} | {what} {100 * logs[key]:.1f}%"
+        if "train_runtime" in logs:
+            return f"{step} | done in {logs['train_runtime']:.0f} s"
+        if "reward" not in logs:
+            return None
+        parts = [step, f"reward {logs['reward']:+.3f}",
+                 f"accuracy {100 * accuracy_from_reward(logs['reward'], args.reward_style):.1f}%"]
+        if "completions/mean_length" in logs:
+            parts.append(f"length {logs['completions/mean_length']:.1f}")
+        now = time.perf_counter()
+        if self._last is not None and state.global_step > self._last[1]:
+            parts.append(f"{(now - self._last[0]) / (state.global_step - self._last[1]):.2f} s/step")
+        self._last = (now, state.global_step)
+        norms = [v for k, v in logs.items() if k.startswith("vector_norm/")]
+        if norms:
+            parts.append(f"|s| {sum(norms) / len(norms):.3f}")
+        return " | ".join(parts)
 
 
 class StopIfFinished(TrainerCallback):
@@ -165,9 +233,6 @@ class MetricsFileCallback(TrainerCallback):
         self.path = Path(path)
         self.reward_style = reward_style
 
-    def accuracy_from_reward(self, reward: float) -> float:
-        return (reward + 1.0) / 2.0 if self.reward_style == "pm1" else reward
-
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -178,7 +243,7 @@ class MetricsFileCallback(TrainerCallback):
             elif isinstance(value, (str, bool)) or value is None:
                 row[key] = value
         if "reward" in row and isinstance(row["reward"], float):
-            row["accuracy"] = self.accuracy_from_reward(row["reward"])
+            row["accuracy"] = accuracy_from_reward(row["reward"], self.reward_style)
         if "completions/mean_length" in row:
             row["completion_length"] = row["completions/mean_length"]
         write_metrics_line(self.path, row)
@@ -192,10 +257,11 @@ def write_metrics_line(path: Path, row: dict[str, Any]) -> None:
 
 
 class ValidationCallback(TrainerCallback):
-    """Held-out accuracy every ``val_steps`` optimizer steps, at the start (with and without steering) and at the end.
+    """Held-out accuracy every ``val_steps`` optimizer steps, at the start and at the end.
 
     It generates with the trainer's current model through ``steering.generation`` and scores with the reward module;
-    the result is logged as ``eval_accuracy`` (and ``base_eval_accuracy`` once, with the adapter disabled)."""
+    the result is logged as ``eval_accuracy``, and ``base_eval_accuracy`` once at step 0 (the base with the adapter
+    disabled, validated separately only when the step-0 model differs from it)."""
 
     def __init__(self, trainer: SteeringGRPOTrainer, validator: Any, every: int):
         self.trainer = trainer
@@ -234,20 +300,23 @@ class ValidationCallback(TrainerCallback):
         control.should_log = self.trainer.control.should_log = should_log
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not self.validator.rows:
-            return
-        if self.trainer.steering_args.adapter != "full" and state.global_step == 0:
-            self.base_accuracy = self._run(state, base=True)
+        acc = self.validate(state)
+        if acc is not None and state.global_step == 0:
+            # The step-0 model is the base itself unless the vectors start from init_from (zero vectors, LoRA's zero
+            # B matrices and full fine-tuning all start as the base): only then is the base validated on its own.
+            starts_as_base = not (args.adapter == "steering" and args.init_from)
+            self.base_accuracy = acc if starts_as_base else self._run(state, base=True)
             self._log(state, "base_eval_accuracy", self.base_accuracy)
-        self.validate(state)
 
-    def validate(self, state):
+    def validate(self, state) -> float | None:
+        """Validate the current model (once per step), log ``eval_accuracy`` and return it."""
         if self.last_step == state.global_step or not self.validator.rows:
-            return
+            return None
         acc = self._run(state)
         self.last_step = state.global_step
         self.history.append((state.global_step, acc))
         self._log(state, "eval_accuracy", acc)
+        return acc
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.validator.rows and self.every and state.global_step % self.every == 0:

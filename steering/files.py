@@ -1,0 +1,98 @@
+"""Atomic, durable writes: what every file and directory the project publishes goes through.
+
+A reader (a resume, an analysis command, another process) sees the old version or the new one, never a torn one:
+files are written to a temporary name in the same directory, flushed and ``fsync``ed, then renamed over the target;
+directories are filled under a hidden temporary name, then renamed into place (an existing one is first moved aside,
+so the name never points at a half-written directory); the parent directory is ``fsync``ed after each rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (checkpoints record it; loading checks it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (best effort where the OS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp_path)`` writes the content to a temporary file next to ``path``; it is fsynced and renamed over
+    ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_file_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = 1, default: Any = None) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=indent, default=default, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """``with publish_dir(out) as tmp:`` fill ``tmp``; on a clean exit it is fsynced and renamed to ``out`` (replacing
+    an existing directory atomically). On an exception the temporary directory is removed and ``out`` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # left by a killed process with the same pid (containers reuse pids across restarts)
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
