@@ -64,12 +64,12 @@ def check_args(args: argparse.Namespace, checkpoints: Sequence[str | None] = ())
     if getattr(args, "forward_batch_size", 1) < 1:
         raise UsageError(f"--forward-batch-size must be >= 1, got {args.forward_batch_size}")
     if hasattr(args, "benchmarks"):
-        from analysis.benchmarks import BenchmarkError, check_spec, expand_specs
+        from steering.problems import DataError, check_spec, expand_specs
 
         try:
             for spec in expand_specs(benchmark_specs(args, checkpoints)):
                 check_spec(spec)
-        except BenchmarkError as e:
+        except DataError as e:
             raise UsageError(str(e)) from None
 
 

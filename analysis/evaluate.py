@@ -654,12 +654,12 @@ def resolve_template(name: str | None, rows_or_paths: Iterable[str | None] = ())
 
 
 def load_benchmarks_or_exit(specs: Sequence[str], args: argparse.Namespace):
-    from analysis.benchmarks import BenchmarkError, load_benchmarks
+    from steering.problems import DataError, load_benchmarks
 
     try:
         return load_benchmarks(list(specs), question_key=args.question_key, answer_key=args.answer_key,
                                limit=args.limit)
-    except BenchmarkError as e:
+    except DataError as e:
         raise UsageError(str(e)) from None
 
 

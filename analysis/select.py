@@ -132,7 +132,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.benchmarks import expand_specs, split_label
+    from steering.problems import expand_specs, split_label
     from analysis.evaluate import (RowSpec, build_rows, check_eval_args, check_loadable, evaluate_rows,
                                    load_benchmarks_or_exit, resolve_template)
 

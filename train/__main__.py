@@ -23,10 +23,10 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from steering import vectors as sv
+    from steering.problems import DataError
     from steering.templates import TemplateError, get_template
     from train import checkpointing as ckpt_io
     from train.config import ConfigError, build_parser, parse_config
-    from train.data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -77,9 +77,9 @@ def prepare(s: Any, g: Any, template: Any) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from steering import vectors as sv
+    from steering.problems import load_problems, split_off_validation
     from train import checkpointing as ckpt_io
     from train.config import ConfigError
-    from train.data import load_problems, split_off_validation
 
     model_path = s.model_name_or_path
     if s.build_demo_base and not Path(model_path).exists():
@@ -168,9 +168,9 @@ def make_trainer(s: Any, g: Any, template: Any, prepared: dict[str, Any]):
     from transformers import set_seed
 
     from steering import vectors as sv
+    from steering.problems import to_prompt_dataset
     from steering.rewards import MathReward
     from train.config import to_jsonable
-    from train.data import to_prompt_dataset
     from train.rollout import StaticRollouts
     from train.trainer import (MetricsFileCallback, SteeringGRPOTrainer, ValidationCallback, write_metrics_line)
     from train.validation import Validator
