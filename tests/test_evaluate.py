@@ -139,7 +139,7 @@ def test_hub_benchmark_fails_clearly_offline(monkeypatch):
 
 def test_evaluate_model_accounting(monkeypatch):
     import steering.generation as gen
-    from analysis.evaluate import evaluate_model
+    from steering.evaluation import evaluate_model
 
     problems = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"},
                 {"question": "What is 3 + 3?", "answer": "6"}]
@@ -352,7 +352,7 @@ def test_paper_rows_lora_and_full_checkpoints(tiny_base_dir, tiny_checkpoint, tm
 
 
 def test_table_relative_columns():
-    from analysis.evaluate import add_relative, render_table
+    from analysis.table import add_relative, render_table
 
     def row(label, role, avg):
         return {"label": label, "role": role, "results": {"b": {"accuracy": avg, "std": 0.0}},
