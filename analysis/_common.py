@@ -32,23 +32,13 @@ from steering import vectors as sv
 @contextmanager
 def use_vectors(model: nn.Module, vectors: Mapping[int, torch.Tensor]) -> Iterator[None]:
     """Inside the block, the steered layers carry exactly ``vectors`` (every other layer zero); restored on exit."""
-    params = sv.vector_parameters(model)
-    unknown = sorted(set(vectors) - set(params))
-    if unknown:
-        raise sv.SteeringError(f"vectors for layers {unknown}, which are not steered in this model")
-    saved = {layer: p.detach().clone() for layer, p in params.items()}
+    saved = sv.get_vectors(model)  # exact fp32 copies: restoring them gives back the same values in any dtype
+    zeros = {layer: torch.zeros_like(v) for layer, v in saved.items()}
+    sv.set_vectors(model, {**zeros, **vectors})  # a layer the model does not steer is set_vectors' error
     try:
-        with torch.no_grad():
-            for layer, p in params.items():
-                if layer in vectors:
-                    p.copy_(torch.as_tensor(vectors[layer]).reshape(p.shape).to(p.dtype).to(p.device))
-                else:
-                    p.zero_()
         yield
     finally:
-        with torch.no_grad():
-            for layer, p in params.items():
-                p.copy_(saved[layer])
+        sv.set_vectors(model, saved)
 
 
 # --------------------------------------------------------------------------------------------------------------------

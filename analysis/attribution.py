@@ -428,11 +428,8 @@ def run_attribution(model: nn.Module, tokenizer: Any, traces: Sequence[Mapping[s
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = cli.add_command(
-        subparsers, "attribution", func=main, formatter_class=argparse.HelpFormatter,
-        help="choose the layer of a DiffMean behaviour vector by attribution patching (per-layer scores + plot)",
-        description=__doc__.split("\n\n")[0] + " Default estimate: the second-order (Fisher) KL via JVPs; "
-        "--estimates exact adds the forward-pass ground truth. See docs/diffmean.md.")
+    p = cli.add_command(subparsers, "attribution", main, __doc__, help="choose the layer of a DiffMean behaviour "
+                        "vector by attribution patching (per-layer scores + plot)")
     p.add_argument("--vectors", required=True, metavar="DIR",
                    help="DiffMean checkpoint (or a `diffmean` output directory together with --label)")
     p.add_argument("--traces", required=True, metavar="FILE", help="labelled traces (JSONL, docs/diffmean.md)")

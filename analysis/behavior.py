@@ -30,10 +30,8 @@ from steering import vectors as sv
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = cli.add_command(
-        subparsers, "behavior", func=main, formatter_class=argparse.HelpFormatter,
-        help="generate with +c*u / 0 / -c*u at one layer and report the fraction of sentences per behaviour label",
-        description=__doc__.split("\n\n")[0] + " Output: OUT/result.json, OUT/behavior.png, OUT/generations.jsonl.")
+    p = cli.add_command(subparsers, "behavior", main, __doc__, help="generate with +c*u / 0 / -c*u at one layer "
+                        "and report the fraction of sentences per behaviour label")
     p.add_argument("--vectors", required=True, metavar="DIR",
                    help="DiffMean checkpoint (or a `diffmean` output directory together with --label)")
     p.add_argument("--label", default=None, help="target behaviour (default: the checkpoint's DiffMean label)")

@@ -40,15 +40,23 @@ class UsageError(Exception):
 # Commands and their output
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str,
-                func: Callable[[argparse.Namespace], int],
-                formatter_class: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFormatter,
-                **defaults: Any) -> argparse.ArgumentParser:
-    """The sub-parser of a command running ``func``. The description keeps its layout (a module docstring) unless
-    another ``formatter_class`` is given (``argparse.HelpFormatter`` wraps one paragraph); ``defaults`` override
-    argument defaults (``max_new_tokens=512``)."""
-    p = subparsers.add_parser(name, help=help, description=description, formatter_class=formatter_class)
+def add_command(subparsers: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+                description: str, *, help: str, **defaults: Any) -> argparse.ArgumentParser:
+    """The sub-parser of a command running ``func``, described by its module docstring (``description``, layout
+    kept); ``defaults`` override argument defaults (``max_new_tokens=512``)."""
+    p = subparsers.add_parser(name, help=help, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=func, **defaults)
+    return p
+
+
+def add_checkpoint_command(subparsers: argparse._SubParsersAction, name: str,
+                           func: Callable[[argparse.Namespace], int], description: str, *, help: str,
+                           checkpoint: str = "required", forward_batch: bool = False,
+                           **defaults: Any) -> argparse.ArgumentParser:
+    """:func:`add_command` with the checkpoint-command arguments (:func:`add_args`)."""
+    p = add_command(subparsers, name, func, description, help=help, **defaults)
+    add_args(p, checkpoint=checkpoint, forward_batch=forward_batch)
     return p
 
 
@@ -357,19 +365,32 @@ def check_eval_args(args: argparse.Namespace) -> None:
     try:
         grading_options(args)
     except ValueError as e:
-        raise UsageError(f"--reward-{str(e).replace('_', '-')}") from None
+        raise _flag_error(e, "--reward-") from None
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Each of the integer flags ``names`` (argparse dests, ``samples_per_problem``) is >= 1."""
+    for name in names:
+        value = vars(args)[name]
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
-    """``--temperature``, ``--top-p``, ``--top-k``, ``--max-new-tokens``."""
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    """``--temperature``, ``--top-p``, ``--top-k``, ``--max-new-tokens``: ``SamplingParams``' own checks."""
+    from steering.generation import GenerationError
+
+    try:
+        sampling_params(args)
+    except GenerationError as e:
+        raise _flag_error(e, "--") from None
+
+
+def _flag_error(error: Exception, prefix: str) -> UsageError:
+    """``"top_p must be ..."`` -> ``UsageError("--top-p must be ...")``: a library's message about one of its
+    parameters, said of the flag that sets it."""
+    name, _, rest = str(error).partition(" ")
+    return UsageError(f"{prefix}{name.replace('_', '-')} {rest}")
 
 
 def grading_options(args: argparse.Namespace):
@@ -466,8 +487,8 @@ def check_args(args: argparse.Namespace, checkpoints: Sequence[str | None] = (),
 
     check_eval_args(args)
     check_checkpoint_arg(_checkpoint_arg(args))
-    if vars(args).get("forward_batch_size", 1) < 1:
-        raise UsageError(f"--forward-batch-size must be >= 1, got {args.forward_batch_size}")
+    if "forward_batch_size" in vars(args):
+        check_positive(args, "forward_batch_size")
     if benchmarks:
         try:
             for spec in expand_specs(benchmark_specs(args, checkpoints)):
@@ -504,6 +525,14 @@ class Opened:
     model: Any
     tokenizer: Any
     vectors: dict[int, Any]
+
+    @property
+    def num_layers(self) -> int:
+        return sv.model_shape(self.model)[0]
+
+    def layers(self, text: str | None) -> list[int]:
+        """The checkpoint's layers ``--layers`` names (default: all of them)."""
+        return checkpoint_layers(text, self.vectors, self.num_layers)
 
 
 def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True) -> Opened:

@@ -90,9 +90,8 @@ def single_vectors(paths: list[str], model: Any) -> dict[int, tuple[torch.Tensor
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(subparsers, "compose", func=run, description=__doc__,
-                        help="evaluate pairs of single-layer vectors together: (pair − max single) / (all − max single)")
-    cli.add_args(p)
+    p = cli.add_checkpoint_command(subparsers, "compose", run, __doc__, help="evaluate pairs of single-layer "
+                                   "vectors together: (pair − max single) / (all − max single)")
     p.add_argument("--singles", nargs="+", default=None, metavar="DIR",
                    help="single-layer checkpoints (dirs, run dirs, or layer-ablation runs.json); default: the "
                         "all-layer checkpoint's own vectors, one at a time")

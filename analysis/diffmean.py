@@ -25,11 +25,8 @@ from steering import diffmean as dm
 from steering import vectors as sv
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = cli.add_command(
-        subparsers, "diffmean", func=main, formatter_class=argparse.HelpFormatter,
-        help="Difference-of-Means behaviour vectors from labelled traces, written as steering checkpoints",
-        description=__doc__.split("\n\n")[0] + " Output: OUT/<label>/ (a steering checkpoint per label), "
-        "OUT/means.safetensors, OUT/result.json, OUT/diffmean.png. See docs/diffmean.md.")
+    p = cli.add_command(subparsers, "diffmean", main, __doc__, help="Difference-of-Means behaviour vectors from "
+                        "labelled traces, written as steering checkpoints")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--traces", metavar="FILE",
                      help="labelled traces, JSONL {text, spans: [{start, end, label}], prompt?}")

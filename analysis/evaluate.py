@@ -1,6 +1,8 @@
 """``python -m analysis evaluate``: accuracy of a base model, steering / LoRA / full checkpoints on math benchmarks.
 
-Command::
+The rows are the unsteered base (``--model`` alone, or ``--include-base``) and the checkpoints (``--checkpoint``,
+repeatable: a steering checkpoint, a PEFT LoRA adapter dir, or a full model dir), each on every ``--benchmarks``
+spec::
 
     python -m analysis evaluate --model Qwen/Qwen2.5-Math-1.5B --include-base --base-greedy \\
         --checkpoint steering=runs/steer/checkpoint-314 --checkpoint lora=runs/lora/checkpoint-314 \\
@@ -136,12 +138,8 @@ def _empty_cuda_cache() -> None:
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(
-        subparsers, "evaluate", func=run, formatter_class=argparse.HelpFormatter,
-        help="accuracy of a base / steering / LoRA / full model on math benchmarks (the papers' table)",
-        description="Evaluate the unsteered base (--model alone) and/or checkpoints (--checkpoint, repeatable: a "
-                    "steering checkpoint, a PEFT LoRA adapter dir, or a full HF model dir) on benchmarks. Writes "
-                    "OUT/results.json, OUT/table.md and OUT/samples.jsonl.")
+    p = cli.add_command(subparsers, "evaluate", run, __doc__,
+                        help="accuracy of a base / steering / LoRA / full model on math benchmarks (the papers' table)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]DIR",
                    help="checkpoint to evaluate (repeatable). LABEL base/steering/lora/full names the paper row; the "
                         "kind is read from the dir: steering.json -> steering, adapter_config.json -> LoRA, "

@@ -48,9 +48,7 @@ import torch
 
 from analysis import _common as C
 from analysis import cli, plots
-from analysis.cli import UsageError
 from analysis.table import relative_improvement
-from steering import hooks as H
 from steering.diffmean import pad_id_of
 from steering.evaluation import avg_at_k, mean_std
 
@@ -162,10 +160,9 @@ def position_stats(model, seqs: C.Sequences, vectors, *, max_positions: int, bat
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(subparsers, "first-token", func=run, description=__doc__,
-                        help="per-position probability gain of a vector (default: the last layer's) and the "
-                             "first-token substitution test")
-    cli.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "first-token", run, __doc__, forward_batch=True,
+                                   help="per-position probability gain of a vector (default: the last layer's) and "
+                                        "the first-token substitution test")
     p.add_argument("--layers", default="last",
                    help="which of the checkpoint's vectors are on: last (default), all, or a list like 26,27")
     p.add_argument("--k", type=int, default=15, help="tokens listed in the rankings (default 15)")
@@ -177,13 +174,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("k", "max_positions", "samples_per_problem"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    cli.check_positive(args, "k", "max_positions", "samples_per_problem")
     o = cli.open_checkpoint(args)
     model, tokenizer, benches, out = o.model, o.tokenizer, o.benches, o.out
-    # "all" here means every layer the checkpoint steers (the default of checkpoint_layers)
-    layers = cli.checkpoint_layers(None if args.layers == "all" else args.layers, o.vectors, H.num_layers(model))
+    layers = o.layers(None if args.layers == "all" else args.layers)  # "all": every layer the checkpoint steers
     vectors = {layer: o.vectors[layer] for layer in layers}
     device = next(model.parameters()).device
     tmpl = cli.template(args)

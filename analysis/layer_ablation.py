@@ -333,7 +333,7 @@ def register(subparsers) -> None:
                                "every run against base and all-layer steering (collect)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", metavar="{make,collect}", required=True)
-    mk = cli.add_command(sub, "make", func=run_make, description=__doc__,
+    mk = cli.add_command(sub, "make", run_make, __doc__,
                          help="write per-layer training configs, a launch script and a W&B sweep")
     mk.add_argument("--model", default=None, metavar="BASE", help="base model (default: the --config's)")
     mk.add_argument("--config", default=None, metavar="YAML", help="training recipe to copy (e.g. configs/*.yaml)")
@@ -357,8 +357,7 @@ def register(subparsers) -> None:
     mk.add_argument("--validate", action="store_true",
                     help="check every config's keys against python -m train's (imports trl)")
 
-    co = cli.add_command(sub, "collect", func=run_collect, description=__doc__,
-                         help="evaluate every run at T=0 and T=1 against base and all-layer steering")
+    co = cli.add_checkpoint_command(sub, "collect", run_collect, __doc__, checkpoint="none",
+                                    help="evaluate every run at T=0 and T=1 against base and all-layer steering")
     co.add_argument("--runs", required=True, metavar="RUNS_JSON", help="runs.json of make (or its --out dir)")
     co.add_argument("--all-layers", default=None, metavar="DIR", help="all-layer steering checkpoint (reference line)")
-    cli.add_args(co, checkpoint="none")

@@ -175,10 +175,9 @@ def token_tables(out: Any, labels: Sequence[str], entries: Sequence[dict[str, An
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(subparsers, "logit-lens", func=run, description=__doc__, max_new_tokens=512,
-                        help="each layer's vector (and the final-residual shift) through the unembedding: top/bottom "
-                             "tokens, non-English share")
-    cli.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "logit-lens", run, __doc__, forward_batch=True, max_new_tokens=512,
+                                   help="each layer's vector (and the final-residual shift) through the "
+                                        "unembedding: top/bottom tokens, non-English share")
     p.add_argument("--k", type=int, default=20, help="top / bottom tokens per layer (default 20)")
     p.add_argument("--lens", choices=LENSES, default="norm", help="norm: final norm + lm_head (default); raw: lm_head "
                    "only; cosine: cosine with the unembedding rows")
@@ -189,11 +188,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.k < 1:
-        raise UsageError(f"--k must be >= 1, got {args.k}")
+    cli.check_positive(args, "k")
     o = cli.open_checkpoint(args, benchmarks=not args.no_shift)
     model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
-    layers = cli.checkpoint_layers(args.layers, vectors, H.num_layers(model))
+    layers = o.layers(args.layers)
     vocab = Vocab(tokenizer, H.causal_lm(model).lm_head.weight.shape[0])
     device = next(model.parameters()).device
 

@@ -250,10 +250,9 @@ def _only_when(hooks: list[tuple[str, H.HookFn]], active) -> list[tuple[str, H.H
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(subparsers, "path-patching", func=run, description=__doc__,
-                        help="patch a layer's steering into the next block's attention / Q / K / V / heads / MLP "
-                             "paths: accuracy and KL against full steering")
-    cli.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "path-patching", run, __doc__, forward_batch=True,
+                                   help="patch a layer's steering into the next block's attention / Q / K / V / "
+                                        "heads / MLP paths: accuracy and KL against full steering")
     p.add_argument("--layer", type=int, default=None,
                    help="layer whose vector is patched (default L-2; negative counts from the end)")
     p.add_argument("--head-accuracy", action="store_true",
@@ -291,8 +290,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backend != "hf":
         raise UsageError("path-patching patches through module hooks, which the 'static' generation backend bypasses; "
                          "use --backend hf")
-    if args.samples_per_problem < 1:
-        raise UsageError(f"--samples-per-problem must be >= 1, got {args.samples_per_problem}")
+    cli.check_positive(args, "samples_per_problem")
     base_id = cli.base_model_id(args.model, args.checkpoint)
     num_layers = int(cli.model_config(base_id).num_hidden_layers)
     layer = num_layers - 2 if args.layer is None else (args.layer + num_layers if args.layer < 0 else args.layer)

@@ -41,7 +41,6 @@ from torch import nn
 from analysis import _common as C
 from analysis import plots
 from analysis import cli
-from analysis.cli import UsageError
 from steering import hooks as H
 from steering.diffmean import pad_id_of
 
@@ -163,23 +162,21 @@ def sample_for_analysis(model: nn.Module, tokenizer: Any, vectors: Mapping[int, 
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(subparsers, "persistence", func=run, description=__doc__, max_new_tokens=512,
-                        help="per-token output change at later layers when steering one layer: cosine to the later "
-                             "vectors and to its own mean")
-    cli.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "persistence", run, __doc__, forward_batch=True, max_new_tokens=512,
+                                   help="per-token output change at later layers when steering one layer: cosine to "
+                                        "the later vectors and to its own mean")
     p.add_argument("--layers", default=None,
                    help="steering layers i (default: every layer the checkpoint steers), e.g. 0,4,8-10")
     add_sequence_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.samples_per_problem < 1:
-        raise UsageError(f"--samples-per-problem must be >= 1, got {args.samples_per_problem}")
+    cli.check_positive(args, "samples_per_problem")
     o = cli.open_checkpoint(args)
     model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
-    num_layers = H.num_layers(model)
-    steer = cli.checkpoint_layers(args.layers, vectors, num_layers)
+    steer = o.layers(args.layers)
     seqs = sample_for_analysis(model, tokenizer, vectors, args, o.benches)
+    num_layers = o.num_layers
     targets = list(range(num_layers))
     stats = shift_stats(model, seqs, vectors, steer, targets, positions=args.positions,
                         batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), args=args)

@@ -95,12 +95,8 @@ def _pct(x: float | None) -> str:
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(
-        subparsers, "select", func=run, formatter_class=argparse.HelpFormatter,
-        help="pick a run's checkpoint by validation accuracy; report it next to the test-best one",
-        description="Select a training run's checkpoint on held-out validation data (metrics.jsonl or --val), never on "
-                    "the test benchmarks; optionally score the candidates on --benchmarks (or read --test-results) "
-                    "and report the test-best checkpoint (the reference code's optimistic choice) next to it.")
+    p = cli.add_command(subparsers, "select", run, __doc__,
+                        help="pick a run's checkpoint by validation accuracy; report it next to the test-best one")
     p.add_argument("--run", required=True, metavar="DIR", help="training run directory (checkpoint-<step>/ dirs)")
     p.add_argument("--metrics", default=None, metavar="FILE", help="metrics file (default RUN/metrics.jsonl)")
     p.add_argument("--val-key", default="eval_accuracy", help="validation accuracy key in the metrics file (default eval_accuracy)")

@@ -25,10 +25,8 @@ from steering import vectors as sv
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = cli.add_command(
-        subparsers, "similarity", func=main, formatter_class=argparse.HelpFormatter,
-        help="cosine-similarity matrix between steering vectors (DiffMean behaviour vectors, RL checkpoints), heatmap",
-        description=__doc__.split("\n\n")[0])
+    p = cli.add_command(subparsers, "similarity", main, __doc__, help="cosine-similarity matrix between steering "
+                        "vectors (DiffMean behaviour vectors, RL checkpoints), heatmap")
     p.add_argument("--vectors", nargs="+", required=True, metavar="[NAME=]DIR",
                    help="steering checkpoints, or directories of them (e.g. a `diffmean` output)")
     p.add_argument("--layer", type=int, default=None, help="show this layer (default: every shared layer)")

@@ -84,10 +84,9 @@ def record(model, seqs: C.Sequences, *, batch_size: int, pad: int, args=None) ->
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(subparsers, "token-scaling", func=run, description=__doc__, max_new_tokens=512,
-                        help="per-token steering magnitude of a token-scaling checkpoint, per prompt segment, drawn "
-                             "over the text")
-    cli.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "token-scaling", run, __doc__, forward_batch=True,
+                                   max_new_tokens=512, help="per-token steering magnitude of a token-scaling "
+                                   "checkpoint, per prompt segment, drawn over the text")
     p.add_argument("--examples", type=int, default=3, help="sequences drawn over the text (default 3)")
     p.add_argument("--k", type=int, default=20, help="top tokens listed (default 20)")
 

@@ -58,9 +58,9 @@ def fits(meta: dict[str, Any], num_layers: int, hidden: int) -> str | None:
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(subparsers, "transfer", func=run, description=__doc__,
-                        help="copy vectors from donor checkpoints into recipient bases of the same shape and evaluate")
-    cli.add_args(p, checkpoint="optional")
+    p = cli.add_checkpoint_command(subparsers, "transfer", run, __doc__, checkpoint="optional",
+                                   help="copy vectors from donor checkpoints into recipient bases of the same shape "
+                                        "and evaluate")
     p.add_argument("--donors", nargs="+", default=[], metavar="DIR", help="donor steering checkpoints")
     p.add_argument("--recipients", nargs="+", default=None, metavar="BASE",
                    help="recipient base models (Hub ids or dirs); default: the donors' base models")

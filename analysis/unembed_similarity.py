@@ -35,7 +35,6 @@ from analysis import logit_lens as LL
 from analysis import persistence as P
 from analysis import plots
 from analysis import cli
-from analysis.cli import UsageError
 from steering import hooks as H
 from steering.diffmean import pad_id_of
 
@@ -49,10 +48,9 @@ def cosine_matrix(vectors: list[torch.Tensor]) -> list[list[float | None]]:
 
 
 def register(subparsers) -> None:
-    p = cli.add_command(subparsers, "unembed-similarity", func=run, description=__doc__, max_new_tokens=512,
-                        help="cosine matrix of the mean final-layer shifts caused by each layer's vector, and their "
-                             "logit lens")
-    cli.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "unembed-similarity", run, __doc__, forward_batch=True,
+                                   max_new_tokens=512, help="cosine matrix of the mean final-layer shifts caused by "
+                                   "each layer's vector, and their logit lens")
     p.add_argument("--layers", default=None, help="steering layers (default: every layer the checkpoint steers)")
     p.add_argument("--k", type=int, default=20, help="top / bottom tokens per shift (default 20)")
     p.add_argument("--lens", choices=LL.LENSES, default="norm", help="how a shift is read out (see logit-lens)")
@@ -61,13 +59,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.k < 1:
-        raise UsageError(f"--k must be >= 1, got {args.k}")
+    cli.check_positive(args, "k")
     o = cli.open_checkpoint(args)
     model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
-    num_layers = H.num_layers(model)
-    steer = cli.checkpoint_layers(args.layers, vectors, num_layers)
-    last = num_layers - 1
+    steer = o.layers(args.layers)
+    last = o.num_layers - 1
     seqs = P.sample_for_analysis(model, tokenizer, vectors, args, o.benches)
     pad = pad_id_of(tokenizer)
     stats = P.shift_stats(model, seqs, vectors, steer, [last], positions=args.positions,

@@ -365,6 +365,7 @@ def evaluate_model(
     settings = {"template": tmpl.name, "answer_format": fmt, "sampling": dataclasses.asdict(params),
                 "num_samples": num_samples, "seeds": seeds, "batch_size": batch_size,
                 "generation_seeds": [s * SEED_STRIDE for s in seeds], "reward_style": reward_style,
-                "reward_timeout_s": timeout_s, "grading_options": dataclasses.asdict(options or rewards.DEFAULT_OPTIONS),
+                "reward_timeout_s": timeout_s,
+                "grading_options": dataclasses.asdict(options or rewards.DEFAULT_OPTIONS),
                 "backend": backend, "max_length": max_length}
     return EvalResult(probs, num_samples, seed_results, settings)

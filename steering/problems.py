@@ -435,7 +435,8 @@ def load_problems(
                      fix)
     rows, skipped = to_problems(records, q_key, a_key, parser, where, skip_bad=True, limit=limit)
     if skipped:
-        logger.warning("dataset %s: skipped %d bad rows (empty question, or missing/unreadable answer)", source, skipped)
+        logger.warning("dataset %s: skipped %d bad rows (empty question, or missing/unreadable answer)", source,
+                       skipped)
     if not rows:
         raise DataError(f"{where}: no usable rows (skipped {skipped})")
     return Problems(rows, skipped, source)
