@@ -11,13 +11,14 @@
 - ``runs.json``: the manifest ``collect`` reads (layer, learning rate, config, output_dir per run).
 - ``lr_schedule.png`` and ``result.json`` (the same manifest plus the schedule).
 
-The default per-layer learning rates follow the paper (REFERENCE §4): log-linear interpolation over the relative depth
-``f = l / (L − 1)`` between anchors -- Qwen ``0:3e-3, 0.6:1e-2, 1:0.1`` (3e-3..1e-2 early, rising to 0.1 at the
+The default per-layer learning rates are those of the single-layer runs of Sinii et al., *Small Vectors, Big Effects*
+(arXiv 2509.06608): log-linear interpolation over the relative depth ``f = l / (L − 1)`` between anchors -- Qwen ``0:3e-3, 0.6:1e-2, 1:0.1`` (3e-3..1e-2 early, rising to 0.1 at the
 end), Llama ``0:5e-4, 1:7e-3``. ``--schedule`` picks one (default from the model's family), ``--lr-anchors`` gives
 your own, ``--constant-lr`` one rate for all, and ``--lr L=RATE`` overrides single layers.
 
-``collect`` evaluates every run's final checkpoint (``latest`` marker, else the highest ``checkpoint-N``, or the
-output dir itself) greedily (T = 0) and at ``--temperature`` (default 1), plus the unsteered base and, with
+``collect`` evaluates every run's final checkpoint (``analysis.cli.final_checkpoint``: the output dir itself if it is
+a checkpoint, else the complete checkpoint the ``latest`` marker names, else the highest complete ``checkpoint-N``,
+else ``final/``) greedily (T = 0) and at ``--temperature`` (default 1), plus the unsteered base and, with
 ``--all-layers DIR``, all-layer steering; it writes ``result.json`` and ``accuracy_per_layer.png`` (accuracy per
 layer at both temperatures, with base and all-layer lines). Runs without a checkpoint are reported as missing.
 
