@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import cli
+from analysis._common import sample_texts
 from analysis.cli import UsageError
 from steering import vectors as sv
 
@@ -94,7 +95,6 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from analysis._common import sample_texts
     from steering import diffmean as dm
     from steering.annotate import LABELS
 

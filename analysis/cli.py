@@ -89,7 +89,7 @@ def progress(iterable: Iterable[Any] | None = None, *, desc: str = "", total: in
     """A tqdm bar on stderr, off with ``--no-progress``."""
     from tqdm.auto import tqdm
 
-    disable = bool(args is not None and vars(args).get("no_progress"))
+    disable = args is not None and args.no_progress
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=sys.stderr, leave=False)
 
 
@@ -515,7 +515,7 @@ def template(args: argparse.Namespace, checkpoints: Sequence[str | None] = ()):
 
 
 @dataclass
-class Opened:
+class LoadedCheckpoint:
     """What a checkpoint command works on: the base id, the benchmarks, the output dir, the steerable model (zero
     vectors on every layer), its tokenizer and the checkpoint's vectors."""
 
@@ -535,7 +535,7 @@ class Opened:
         return checkpoint_layers(text, self.vectors, self.num_layers)
 
 
-def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True) -> Opened:
+def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True) -> LoadedCheckpoint:
     """Check the arguments, load the benchmarks (unless ``benchmarks`` is False), make ``--out``, load the steerable
     base and ``--checkpoint``'s vectors."""
     check_args(args, benchmarks=benchmarks)
@@ -543,7 +543,7 @@ def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True) -> Ope
     benches = load_benchmarks(benchmark_specs(args), args) if benchmarks else None
     out = prepare_out(args.out)
     model, tokenizer = load_steerable(base_id, args)
-    return Opened(base_id, benches, out, model, tokenizer, checkpoint_vectors(args.checkpoint, model))
+    return LoadedCheckpoint(base_id, benches, out, model, tokenizer, checkpoint_vectors(args.checkpoint, model))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import cli
+from analysis._common import sample_texts
 from analysis.cli import UsageError
 from steering import diffmean as dm
 from steering import vectors as sv
@@ -96,7 +97,6 @@ def main(args: argparse.Namespace) -> int:
     # ---- traces from generation, if asked
     model = tokenizer = None
     if traces is None:
-        from analysis._common import sample_texts
         from steering.annotate import annotate_traces
 
         annotator = cli.make_annotator_arg(args)
