@@ -50,7 +50,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.cli import UsageError, default_device, prepare_out, write_json
+from analysis import cli
+from analysis.cli import UsageError
 from steering import diffmean as dm
 from steering import compat
 from steering import hooks as H
@@ -340,16 +341,15 @@ def choose_layer(layers: Sequence[int], scores: Sequence[float], flagged: Iterab
 
 
 def plot(result: Mapping[str, Any], path: Path) -> Path:
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analysis import plots
 
     layers = result["layers"]
     scores = result["scores"]
     emb = result["embedding"]
     flagged = set(result["flagged_layers"])
-    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    fig, axes = plots.plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     ax = axes[0]
     for key, style in (("fisher", "o-"), ("exact_kl", "s--")):
         if key in scores:
@@ -369,8 +369,6 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
     ax.axhline(emb["threshold"], color="red", lw=0.8, ls=":", label="threshold")
     ax.set_ylabel("embedding similarity")
     ax.set_xlabel("layer")
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         for layer in flagged:
@@ -380,9 +378,7 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path, dpi=120)
 
 
 def run_attribution(model: nn.Module, tokenizer: Any, traces: Sequence[Mapping[str, Any]],
@@ -432,20 +428,15 @@ def run_attribution(model: nn.Module, tokenizer: Any, traces: Sequence[Mapping[s
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "attribution",
-        help="choose the layer of a DiffMean behaviour vector by attribution patching (per-layer scores + plot)",
-        description=__doc__.split("\n\n")[0] + " Default estimate: the second-order (Fisher) KL via JVPs; "
-        "--estimates exact adds the forward-pass ground truth. See docs/diffmean.md.",
-    )
+    p = cli.add_command(subparsers, "attribution", main, __doc__, help="choose the layer of a DiffMean behaviour "
+                        "vector by attribution patching (per-layer scores + plot)")
     p.add_argument("--vectors", required=True, metavar="DIR",
                    help="DiffMean checkpoint (or a `diffmean` output directory together with --label)")
     p.add_argument("--traces", required=True, metavar="FILE", help="labelled traces (JSONL, docs/diffmean.md)")
     p.add_argument("--label", default=None, help="behaviour label (default: the checkpoint's)")
     p.add_argument("--model", default=None, metavar="BASE",
                    help="the model to be steered (default: the base recorded in the checkpoint)")
-    dm_cli = _dm_cli()
-    dm_cli.add_position_args(p, default=None)
+    cli.add_position_args(p, default=None)
     p.add_argument("--estimates", nargs="+", default=["fisher", "logprob"], choices=ESTIMATES,
                    help="which estimates to compute (default: fisher logprob; add exact for the ground truth)")
     p.add_argument("--select", default="fisher", choices=ESTIMATES, help="estimate the layer is chosen by")
@@ -456,50 +447,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-first", type=int, default=0, metavar="N", help="also flag the first N layers")
     p.add_argument("--max-examples", type=int, default=0, help="use at most N traces with the label (0: all)")
     p.add_argument("--max-length", type=int, default=None, help="truncate sequences to this many tokens")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None)
+    cli.add_model_device_args(p)
     p.add_argument("--out", required=True, metavar="DIR")
-    p.set_defaults(func=main)
-
-
-def _dm_cli():
-    import analysis.diffmean as dm_cli
-
-    return dm_cli
 
 
 def main(args: argparse.Namespace) -> int:
-    dm_cli = _dm_cli()
     if args.select not in args.estimates:
         raise UsageError(f"--select {args.select} must be one of --estimates {args.estimates}")
     if args.coef == 0:
         raise UsageError("--coef 0 adds nothing; use a non-zero scale")
-    ckpt = dm_cli.resolve_vectors(args.vectors, args.label)
+    ckpt = cli.resolve_vectors(args.vectors, args.label)
     meta = dm.diffmean_meta(ckpt) or {}
     label = args.label or meta.get("label")
     if not label:
         raise UsageError(f"--vectors {ckpt} records no DiffMean label; pass --label")
-    spec = dm_cli.position_spec(args, meta.get("positions"))
-    traces = dm_cli.read_traces_arg(args.traces)
+    spec = cli.position_spec(args, meta.get("positions"))
+    traces = cli.read_traces_arg(args.traces)
     if not any(sp["label"] == label for t in traces for sp in t["spans"]):
         raise UsageError(f"--traces {args.traces}: no span is labelled {label!r} "
                          f"(labels present: {sorted(dm.trace_labels(traces))})")
-    model_id = dm_cli.steered_model_id(args.model, ckpt)
-    out = prepare_out(args.out)
-    vectors = dm_cli.load_checkpoint_vectors(ckpt)
-    model, tokenizer = dm_cli.load_plain(model_id, args.dtype, default_device(args.device), attn="eager")
-    dm_cli.check_vectors_fit(vectors, model, ckpt)
+    model_id = cli.base_model_id(args.model, ckpt)
+    out = cli.prepare_out(args.out)
+    vectors = cli.checkpoint_vectors(ckpt)
+    model, tokenizer = cli.load_plain(model_id, args, attn="eager")
+    cli.check_vectors_fit(vectors, model, f"--vectors {ckpt}")
     result = run_attribution(model, tokenizer, traces, vectors, label=label, spec=spec, coef=args.coef,
                              estimates=args.estimates, select=args.select, embed_threshold=args.embed_threshold,
                              skip_first=args.skip_first, max_length=args.max_length,
                              max_examples=args.max_examples or None)
     result.update({"vectors": str(ckpt), "model": model_id, "traces": str(args.traces)})
     result["plot"] = str(plot(result, out / "attribution.png"))
-    write_json(out / "result.json", result)
     s = result["scores"][result["select_by"]]
     print(f"attribution of {label!r}: {result['select_by']} per layer = "
           + ", ".join(f"{layer}:{v:.3g}" for layer, v in zip(result["layers"], s)), file=sys.stderr)
     print(f"flagged (embedding-like): {result['flagged_layers']}; chosen layer: {result['chosen_layer']}",
           file=sys.stderr)
-    print(out / "result.json")
-    return 0
+    return cli.finish(out, result)

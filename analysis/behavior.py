@@ -24,18 +24,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from analysis.cli import UsageError, default_device, prepare_out, write_json
+from analysis import cli
+from analysis._common import sample_texts
+from analysis.cli import UsageError
 from steering import vectors as sv
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    import analysis.diffmean as dmc
-
-    p = subparsers.add_parser(
-        "behavior",
-        help="generate with +c*u / 0 / -c*u at one layer and report the fraction of sentences per behaviour label",
-        description=__doc__.split("\n\n")[0] + " Output: OUT/result.json, OUT/behavior.png, OUT/generations.jsonl.",
-    )
+    p = cli.add_command(subparsers, "behavior", main, __doc__, help="generate with +c*u / 0 / -c*u at one layer "
+                        "and report the fraction of sentences per behaviour label")
     p.add_argument("--vectors", required=True, metavar="DIR",
                    help="DiffMean checkpoint (or a `diffmean` output directory together with --label)")
     p.add_argument("--label", default=None, help="target behaviour (default: the checkpoint's DiffMean label)")
@@ -47,12 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the model to steer (default: the base recorded in --vectors)")
     p.add_argument("--coefs", type=float, nargs="+", default=[-1.0, 0.0, 1.0],
                    help="steering coefficients c (c * u is added; default -1 0 1)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None)
+    cli.add_model_device_args(p)
     p.add_argument("--out", required=True, metavar="DIR")
-    dmc.add_generation_args(p, n_default=50)
-    dmc.add_annotator_args(p)
-    p.set_defaults(func=main)
+    cli.add_generation_args(p, n_default=50)
+    cli.add_annotator_args(p)
 
 
 def chosen_layer_from(path: str) -> int:
@@ -78,15 +73,12 @@ def summarize(texts: Sequence[str], spans: Sequence[Sequence[Mapping[str, Any]]]
 
 
 def plot(result: Mapping[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analysis import plots
 
     keys = list(result["labels"]) + ["none"]
     runs = result["runs"]
     width = 0.8 / max(1, len(runs))
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(keys)), 4.5))
+    fig, ax = plots.plt.subplots(figsize=(max(7, 1.3 * len(keys)), 4.5))
     for i, run in enumerate(runs):
         xs = [k + (i - (len(runs) - 1) / 2) * width for k in range(len(keys))]
         ax.bar(xs, [run["fractions"].get(k, 0.0) for k in keys], width, label=f"c = {run['coef']:g}")
@@ -99,39 +91,36 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
     ax.set_title(f"'{target}' vector at layer {result['layer']} ({result['annotator']} annotator)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path, dpi=120)
 
 
 def main(args: argparse.Namespace) -> int:
-    import analysis.diffmean as dmc
     from steering import diffmean as dm
     from steering.annotate import LABELS
 
     # ---- checks before any model loads
-    ckpt = dmc.resolve_vectors(args.vectors, args.label)
+    ckpt = cli.resolve_vectors(args.vectors, args.label)
     meta = dm.diffmean_meta(ckpt) or {}
     label = args.label or meta.get("label")
     layer = args.layer if args.layer is not None else chosen_layer_from(args.attribution)
-    vectors = dmc.load_checkpoint_vectors(ckpt)
+    vectors = cli.checkpoint_vectors(ckpt)
     if layer not in vectors:
         raise UsageError(f"layer {layer}: {ckpt} has vectors for layers {sorted(vectors)} only")
     if not args.coefs:
         raise UsageError("--coefs: give at least one coefficient")
-    dmc.check_generation_args(args, args.n)
-    model_id = dmc.steered_model_id(args.model, ckpt)
-    config = dmc.load_config(model_id, "--model")
+    cli.check_generation_args(args, args.n)
+    model_id = cli.base_model_id(args.model, ckpt)
+    config = cli.model_config(model_id, "--model")
     if int(config.hidden_size) != vectors[layer].numel() or layer >= int(config.num_hidden_layers):
         raise UsageError(f"--vectors {ckpt} (layer {layer}, hidden size {vectors[layer].numel()}) does not fit "
                          f"--model {model_id} ({config.num_hidden_layers} layers x hidden size {config.hidden_size})")
-    annotator = dmc.make_annotator_arg(args)
-    out = prepare_out(args.out)
+    annotator = cli.make_annotator_arg(args)
+    out = cli.prepare_out(args.out)
 
     # ---- one steered model; c scales its vector in place (c = 0: exactly the base)
-    base, tokenizer = dmc.load_plain(model_id, args.dtype, default_device(args.device))
+    base, tokenizer = cli.load_plain(model_id, args)
     model = sv.attach_steering(base, layers=[layer], init={layer: vectors[layer]}, base_model_id=model_id).eval()
-    rows = dmc.heldout_questions(args.task, args.n, args.seed)
+    rows = cli.heldout_questions(args, args.n)
     questions = [r["question"] for r in rows]
     labels = list(LABELS)
     if label and label not in labels:
@@ -142,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     with open(tmp, "w", encoding="utf-8") as f:
         for coef in args.coefs:
             with sv.steering_scale(model, coef):
-                prompts, texts = dmc.generate_texts(model, tokenizer, questions, args)
+                prompts, texts = sample_texts(model, tokenizer, questions, args)
             spans = [annotator.annotate(t) for t in texts]
             run = {"coef": coef, **summarize(texts, spans, labels)}
             runs.append(run)
@@ -168,6 +157,4 @@ def main(args: argparse.Namespace) -> int:
                                             - zero["fractions"].get(label, 0.0) for r in runs}
     result["plot"] = str(plot(result, out / "behavior.png"))
     result["generations"] = str(gen_path)
-    write_json(out / "result.json", result)
-    print(out / "result.json")
-    return 0
+    return cli.finish(out, result)

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from analysis import _common as C
-from analysis import plots
-from analysis.cli import UsageError, prepare_out, write_json
+from analysis import cli, plots
+from analysis.cli import UsageError
+from analysis.table import relative_improvement
 from steering import vectors as sv
 
 
@@ -46,13 +47,12 @@ def composition_score(pair: float | None, single_i: float | None, single_j: floa
     """(pair − max single) / (all-layer − max single); None if undefined."""
     if single_i is None or single_j is None:
         return None
-    return C.relative_score(pair, max(single_i, single_j), all_layers)
+    return relative_improvement(pair, max(single_i, single_j), all_layers, scale=1.0)
 
 
 def expand_singles(items: list[str]) -> list[str]:
-    """Checkpoint dirs from ``--singles`` items: dirs, run dirs (latest checkpoint), or a layer-ablation runs.json."""
-    from analysis.layer_ablation import find_final_checkpoint
-
+    """Checkpoint dirs from ``--singles`` items: checkpoint dirs, run dirs (their final checkpoint), or a
+    layer-ablation runs.json."""
     out: list[str] = []
     for item in items:
         p = Path(item)
@@ -62,12 +62,12 @@ def expand_singles(items: list[str]) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UsageError(f"--singles {item}: not a runs.json of layer-ablation make") from None
             for run in runs:
-                ck = find_final_checkpoint(Path(run["output_dir"]))
+                ck = cli.final_checkpoint(Path(run["output_dir"]))
                 if ck is None:
                     raise UsageError(f"--singles {item}: run {run['output_dir']} has no complete checkpoint yet")
                 out.append(str(ck))
         elif p.is_dir():
-            ck = p if sv.is_checkpoint(p) else find_final_checkpoint(p)
+            ck = cli.final_checkpoint(p)
             if ck is None:
                 raise UsageError(f"--singles {item}: not a steering checkpoint, nor a run directory with one")
             out.append(str(ck))
@@ -79,7 +79,7 @@ def expand_singles(items: list[str]) -> list[str]:
 def single_vectors(paths: list[str], model: Any) -> dict[int, tuple[torch.Tensor, str]]:
     out: dict[int, tuple[torch.Tensor, str]] = {}
     for path in paths:
-        vecs = C.checkpoint_vectors(path, model)
+        vecs = cli.checkpoint_vectors(path, model)
         if len(vecs) != 1:
             raise UsageError(f"--singles {path}: steers layers {sorted(vecs)}; a single-layer checkpoint steers one")
         (layer, vec), = vecs.items()
@@ -90,31 +90,24 @@ def single_vectors(paths: list[str], model: Any) -> dict[int, tuple[torch.Tensor
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "compose", help="evaluate pairs of single-layer vectors together: (pair − max single) / (all − max single)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_args(p)
+    p = cli.add_checkpoint_command(subparsers, "compose", run, __doc__, help="evaluate pairs of single-layer "
+                                   "vectors together: (pair − max single) / (all − max single)")
     p.add_argument("--singles", nargs="+", default=None, metavar="DIR",
                    help="single-layer checkpoints (dirs, run dirs, or layer-ablation runs.json); default: the "
                         "all-layer checkpoint's own vectors, one at a time")
     p.add_argument("--layers", default=None, help="only these single layers (and their pairs), e.g. 4,8,12")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    C.check_args(args)
     singles_paths = expand_singles(args.singles) if args.singles else None
-    base_id = C.base_model_id(args)
-    benches = C.load_benchmarks(args)
-    out = prepare_out(args.out)
-    model, tokenizer = C.load_steerable(base_id, args)
-    all_vectors = C.checkpoint_vectors(args.checkpoint, model)
+    o = cli.open_checkpoint(args)
+    model, tokenizer, benches, all_vectors = o.model, o.tokenizer, o.benches, o.vectors
     if singles_paths is not None:
         singles = single_vectors(singles_paths, model)
     else:
         singles = {layer: (v, f"{args.checkpoint} (layer {layer} alone)") for layer, v in all_vectors.items()}
     if args.layers:
-        wanted = C.parse_layers(args.layers, sv.model_shape(model)[0])
+        wanted = cli.parse_layers(args.layers, sv.model_shape(model)[0])
         missing = [layer for layer in wanted if layer not in singles]
         if missing:
             raise UsageError(f"--layers {args.layers}: no single-layer vector for layers {missing} "
@@ -124,13 +117,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"need at least two single-layer vectors to form pairs, have {sorted(singles)}")
     layers = sorted(singles)
     pairs = list(itertools.combinations(layers, 2))
-    tmpl = C.template(args)
+    tmpl = cli.template(args)
 
     jobs: list[tuple[str, dict[int, torch.Tensor]]] = [("base", {}), ("all", all_vectors)]
     jobs += [(f"L{i}", {i: singles[i][0]}) for i in layers]
     jobs += [(f"L{i}+L{j}", {i: singles[i][0], j: singles[j][0]}) for i, j in pairs]
     acc: dict[str, C.Accuracy] = {}
-    for label, vecs in C.progress(jobs, desc="compose", args=args):
+    for label, vecs in cli.progress(jobs, desc="compose", args=args):
         with C.use_vectors(model, vecs):
             acc[label] = C.accuracy(model, tokenizer, benches, args, tmpl)
 
@@ -147,19 +140,17 @@ def run(args: argparse.Namespace) -> int:
         for r, c in ((idx[i], idx[j]), (idx[j], idx[i])):
             score_m[r][c] = score
             pair_m[r][c] = x
-    files = [plots.heatmap(out / "score.png", score_m, layers, layers, cmap="RdBu_r", center=0.0,
+    files = [plots.heatmap(o.out / "score.png", score_m, layers, layers, cmap="RdBu_r", center=0.0,
                            title="(pair − max single) / (all-layer − max single)", xlabel="layer j",
                            ylabel="layer i").name,
-             plots.heatmap(out / "pair_accuracy.png", pair_m, layers, layers, cmap="viridis",
+             plots.heatmap(o.out / "pair_accuracy.png", pair_m, layers, layers, cmap="viridis",
                            title="accuracy of the pair", xlabel="layer j", ylabel="layer i").name,
-             plots.bar_plot(out / "singles.png", [str(i) for i in layers], [a[f"L{i}"] for i in layers],
+             plots.bar_plot(o.out / "singles.png", [str(i) for i in layers], [a[f"L{i}"] for i in layers],
                             title="single-layer vectors alone", xlabel="layer", ylabel="accuracy",
                             hlines={"base": a["base"], "all layers": a["all"]}).name]
-    result = {"command": "compose", "checkpoint": str(args.checkpoint), "base_model": base_id,
+    result = {"command": "compose", "checkpoint": str(args.checkpoint), "base_model": o.base_id,
               "isolated": singles_paths is not None, "layers": layers, "base_accuracy": a["base"],
               "all_layer_accuracy": a["all"], "singles": single_rows, "pairs": pair_rows, "score_matrix": score_m,
               "pair_accuracy_matrix": pair_m, "detail": {k: v.per_benchmark for k, v in acc.items()},
-              "settings": C.sampling_settings(args), "plots": files}
-    write_json(out / "result.json", result)
-    print(f"compose: {len(pairs)} pairs of {len(layers)} layers; wrote {out / 'result.json'}")
-    return 0
+              "settings": cli.sampling_settings(args), "plots": files}
+    return cli.finish(o.out, result, f"compose: {len(pairs)} pairs of {len(layers)} layers")

@@ -47,10 +47,10 @@ from typing import Any
 import torch
 
 from analysis import _common as C
-from analysis import metrics as M
-from analysis import plots
-from analysis.cli import UsageError, prepare_out, write_json
-from steering import hooks as H
+from analysis import cli, plots
+from analysis.table import relative_improvement
+from steering.diffmean import pad_id_of
+from steering.evaluation import avg_at_k, mean_std
 
 
 class SuffixTemplate:
@@ -68,7 +68,6 @@ class SuffixTemplate:
 
 def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
     """Accuracy of an evaluation whose every completion is scored as ``prefix + completion``."""
-    from analysis.evaluate import grading_options
     from steering.rewards import score_batch
 
     per: dict[str, Any] = {}
@@ -79,10 +78,10 @@ def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) ->
             flat = [s for row in seed.samples for s in row]
             verdicts = iter(score_batch([prefix + s["completion"] for s in flat], [s["answer"] for s in flat],
                                         answer_format=fmt, timeout_s=args.reward_timeout,
-                                        options=grading_options(args)))
+                                        options=cli.grading_options(args)))
             correct = [[bool(next(verdicts).correct) for _ in row] for row in seed.samples]
-            per_seed.append(M.avg_at_k(correct))
-        per[name] = {"accuracy": M.mean_std(per_seed)[0], "per_seed": per_seed}
+            per_seed.append(avg_at_k(correct))
+        per[name] = {"accuracy": mean_std(per_seed)[0], "per_seed": per_seed}
     return sum(v["accuracy"] for v in per.values()) / len(per), per
 
 
@@ -94,7 +93,7 @@ def first_position(model, tokenizer, prompts: list[str], vectors, batch_size: in
     ids_all = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     for start in range(0, len(ids_all), batch_size):
         chunk = ids_all[start:start + batch_size]
-        batch = C.Batch.build(chunk, [[] for _ in chunk], list(range(len(chunk))), device, C.pad_id(tokenizer))
+        batch = C.Batch.build(chunk, [[] for _ in chunk], list(range(len(chunk))), device, pad_id_of(tokenizer))
         last = (batch.length - 1).long()
         rows = torch.arange(len(chunk), device=device)
         with C.use_vectors(model, vectors):
@@ -123,7 +122,7 @@ def position_stats(model, seqs: C.Sequences, vectors, *, max_positions: int, bat
     tok_count: dict[int, int] = {}
     tok_first: dict[int, int] = {}
     per_row: dict[int, list[float]] = {}
-    for batch in C.progress(seqs.batches(batch_size, device, pad), desc="first-token", args=args,
+    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="first-token", args=args,
                             total=-(-len(seqs) // batch_size)):
         with C.use_vectors(model, vectors):
             ls = batch.forward(model).logits.float()
@@ -161,11 +160,9 @@ def position_stats(model, seqs: C.Sequences, vectors, *, max_positions: int, bat
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "first-token", help="per-position probability gain of a vector (default: the last layer's) and the "
-                            "first-token substitution test",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "first-token", run, __doc__, forward_batch=True,
+                                   help="per-position probability gain of a vector (default: the last layer's) and "
+                                        "the first-token substitution test")
     p.add_argument("--layers", default="last",
                    help="which of the checkpoint's vectors are on: last (default), all, or a list like 26,27")
     p.add_argument("--k", type=int, default=15, help="tokens listed in the rankings (default 15)")
@@ -174,30 +171,18 @@ def register(subparsers) -> None:
     p.add_argument("--substitute", default=None, metavar="TEXT",
                    help="text forced after the generation prompt (default: the top gained first token)")
     p.add_argument("--no-substitution", action="store_true", help="skip the substitution test (no evaluation)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    C.check_args(args)
-    for flag in ("k", "max_positions", "samples_per_problem"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    base_id = C.base_model_id(args)
-    benches = C.load_benchmarks(args)
-    out = prepare_out(args.out)
-    model, tokenizer = C.load_steerable(base_id, args)
-    all_vectors = C.checkpoint_vectors(args.checkpoint, model)
-    num_layers = H.num_layers(model)
-    layers = sorted(all_vectors) if args.layers == "all" else C.parse_layers(args.layers, num_layers)
-    missing = [layer for layer in layers if layer not in all_vectors]
-    if missing:
-        raise UsageError(f"--layers {args.layers}: the checkpoint has no vector at layers {missing} "
-                         f"(it has {sorted(all_vectors)}); pass --layers all or a list")
-    vectors = {layer: all_vectors[layer] for layer in layers}
+    cli.check_positive(args, "k", "max_positions", "samples_per_problem")
+    o = cli.open_checkpoint(args)
+    model, tokenizer, benches, out = o.model, o.tokenizer, o.benches, o.out
+    layers = o.layers(None if args.layers == "all" else args.layers)  # "all": every layer the checkpoint steers
+    vectors = {layer: o.vectors[layer] for layer in layers}
     device = next(model.parameters()).device
-    tmpl = C.template(args)
+    tmpl = cli.template(args)
     problems = C.problems_of(benches)
-    pad = C.pad_id(tokenizer)
+    pad = pad_id_of(tokenizer)
 
     with C.use_vectors(model, vectors):
         seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
@@ -232,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         probe = tokenizer(prompts[0] + text, add_special_tokens=True)["input_ids"]
         plain = tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
         matches = token_id is not None and probe == plain + [token_id]
-        bar = C.progress(total=3, desc="substitution test", args=args)
+        bar = cli.progress(total=3, desc="substitution test", args=args)
         with C.use_vectors(model, {}):
             acc_base = C.accuracy(model, tokenizer, benches, args, tmpl)
             bar.update(1)
@@ -246,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         subst = {"token": text, "token_id": token_id, "text": text, "source": source,
                  "suffix_tokenization_matches": bool(matches), "acc_base": acc_base.accuracy,
                  "acc_steered": acc_steered.accuracy, "acc_substituted": acc_sub,
-                 "recovered": C.relative_score(acc_sub, acc_base.accuracy, acc_steered.accuracy),
+                 "recovered": relative_improvement(acc_sub, acc_base.accuracy, acc_steered.accuracy, scale=1.0),
                  "detail": {"base": acc_base.per_benchmark, "steered": acc_steered.per_benchmark,
                             "substituted": sub_detail}}
 
@@ -267,13 +252,11 @@ def run(args: argparse.Namespace) -> int:
         files.append(plots.token_highlight(out / "completion_highlight.png", [], [], blocks=blocks, cmap="RdBu_r",
                                            vmin=-span, vmax=span, value_label="p_steered − p_base of the token").name)
     pos = {key: st[key] for key in ("positions", "mean_prob_gain", "mean_abs_logprob_change", "mean_kl", "count")}
-    result = {"command": "first-token", "checkpoint": str(args.checkpoint), "base_model": base_id, "layers": layers,
+    result = {"command": "first-token", "checkpoint": str(args.checkpoint), "base_model": o.base_id, "layers": layers,
               "position_gain": pos, "first_position_share": share, "first_token": first, "tokens_by_gain": by_gain,
               "substitution": subst, "num_sequences": len(seqs), "num_tokens": sum(len(c) for c in seqs.completion_ids),
-              "settings": C.sampling_settings(args), "plots": files}
-    write_json(out / "result.json", result)
+              "settings": cli.sampling_settings(args), "plots": files}
     msg = f"first-token: top first token {first['top_gained'][0]['token']!r}"
     if subst:
         msg += f", substitution recovers {subst['recovered']}"
-    print(f"{msg}; wrote {out / 'result.json'}")
-    return 0
+    return cli.finish(out, result, msg)

@@ -11,13 +11,14 @@
 - ``runs.json``: the manifest ``collect`` reads (layer, learning rate, config, output_dir per run).
 - ``lr_schedule.png`` and ``result.json`` (the same manifest plus the schedule).
 
-The default per-layer learning rates follow the paper (REFERENCE §4): log-linear interpolation over the relative depth
-``f = l / (L − 1)`` between anchors -- Qwen ``0:3e-3, 0.6:1e-2, 1:0.1`` (3e-3..1e-2 early, rising to 0.1 at the
+The default per-layer learning rates are those of the single-layer runs of Sinii et al., *Small Vectors, Big Effects*
+(arXiv 2509.06608): log-linear interpolation over the relative depth ``f = l / (L − 1)`` between anchors -- Qwen ``0:3e-3, 0.6:1e-2, 1:0.1`` (3e-3..1e-2 early, rising to 0.1 at the
 end), Llama ``0:5e-4, 1:7e-3``. ``--schedule`` picks one (default from the model's family), ``--lr-anchors`` gives
 your own, ``--constant-lr`` one rate for all, and ``--lr L=RATE`` overrides single layers.
 
-``collect`` evaluates every run's final checkpoint (``latest`` marker, else the highest ``checkpoint-N``, or the
-output dir itself) greedily (T = 0) and at ``--temperature`` (default 1), plus the unsteered base and, with
+``collect`` evaluates every run's final checkpoint (``analysis.cli.final_checkpoint``: the output dir itself if it is
+a checkpoint, else the complete checkpoint the ``latest`` marker names, else the highest complete ``checkpoint-N``,
+else ``final/``) greedily (T = 0) and at ``--temperature`` (default 1), plus the unsteered base and, with
 ``--all-layers DIR``, all-layer steering; it writes ``result.json`` and ``accuracy_per_layer.png`` (accuracy per
 layer at both temperatures, with base and all-layer lines). Runs without a checkpoint are reported as missing.
 
@@ -43,9 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis import _common as C
-from analysis import plots
-from analysis.cli import UsageError, check_checkpoint_arg, prepare_out, write_json
-from steering import vectors as sv
+from analysis import cli, plots
+from analysis.cli import UsageError
 
 SCHEDULES: dict[str, list[tuple[float, float]]] = {
     "qwen": [(0.0, 3e-3), (0.6, 1e-2), (1.0, 1e-1)],
@@ -88,37 +88,6 @@ def schedule(num_layers: int, anchors: list[tuple[float, float]]) -> list[float]
         else:
             out.append(anchors[-1][1] if f > anchors[-1][0] else anchors[0][1])
     return [float(f"{x:.4g}") for x in out]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Finding a run's checkpoint
-
-
-def find_final_checkpoint(run_dir: Path) -> Path | None:
-    """The run's final complete steering checkpoint: the dir itself, the ``latest`` marker, or the highest
-    ``checkpoint-N``; None if there is none."""
-    run_dir = Path(run_dir)
-    if sv.is_checkpoint(run_dir):
-        return run_dir
-    if not run_dir.is_dir():
-        return None
-    marker = run_dir / "latest"
-    if marker.is_file():
-        try:
-            name = json.loads(marker.read_text())["checkpoint"]
-            if sv.is_checkpoint(run_dir / name):
-                return run_dir / name
-        except (json.JSONDecodeError, KeyError, TypeError, OSError):
-            pass
-    best = None
-    for d in run_dir.iterdir():
-        m = re.match(r"^checkpoint-(\d+)$", d.name)
-        if m and sv.is_checkpoint(d) and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), d)
-    for name in ("final", "checkpoint-final"):
-        if best is None and sv.is_checkpoint(run_dir / name):
-            return run_dir / name
-    return None if best is None else best[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -199,9 +168,9 @@ def run_make(args: argparse.Namespace) -> int:
         if not 0 <= layer < num_layers or rate <= 0:
             raise UsageError(f"--lr {item}: layer must be in 0..{num_layers - 1} and the rate > 0")
         lrs[layer] = rate
-    layers = C.parse_layers(args.layers, num_layers) if args.layers else list(range(num_layers))
+    layers = cli.parse_layers(args.layers, num_layers) if args.layers else list(range(num_layers))
 
-    out = prepare_out(args.out)
+    out = cli.prepare_out(args.out)
     (out / "configs").mkdir(exist_ok=True)
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path(base_cfg.get("output_dir", "runs/layer-ablation"))
     run_name = base_cfg.get("run_name") or Path(str(model)).name
@@ -246,16 +215,15 @@ def run_make(args: argparse.Namespace) -> int:
         + yaml.safe_dump(sweep, sort_keys=False))
     manifest = {"model": model, "dataset": base_cfg.get("dataset"), "num_layers": num_layers,
                 "schedule": sched_name, "anchors": anchors, "runs": runs}
-    write_json(out / "runs.json", manifest)
+    cli.write_json(out / "runs.json", manifest)
     files = [plots.line_plot(out / "lr_schedule.png", list(range(num_layers)), {"learning rate": lrs},
                              title=f"per-layer learning rate ({sched_name})", xlabel="layer",
                              ylabel="learning rate").name]
     validated = _validate(runs) if args.validate else None
-    write_json(out / "result.json", {"command": "layer-ablation make", **manifest, "launch": "launch.sh",
-                                     "sweep": "sweep.yaml", "validated": validated, "plots": files})
-    print(f"layer-ablation make: {len(runs)} configs in {out / 'configs'}; run them with bash {out / 'launch.sh'} "
-          f"or wandb sweep {out / 'sweep.yaml'}")
-    return 0
+    return cli.finish(out, {"command": "layer-ablation make", **manifest, "launch": "launch.sh",
+                            "sweep": "sweep.yaml", "validated": validated, "plots": files},
+                      f"layer-ablation make: {len(runs)} configs in {out / 'configs'}; run them with bash "
+                      f"{out / 'launch.sh'} or wandb sweep {out / 'sweep.yaml'}")
 
 
 def _validate(runs: list[dict[str, Any]]) -> bool:
@@ -290,25 +258,24 @@ def run_collect(args: argparse.Namespace) -> int:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UsageError(f"--runs {runs_file}: not a runs.json of layer-ablation make") from None
     if args.all_layers:
-        check_checkpoint_arg(args.all_layers)
+        cli.check_checkpoint_arg(args.all_layers, "--all-layers")
     found = []
     for r in runs:
         out_dir = Path(r["output_dir"])
         if not out_dir.is_absolute() and not out_dir.exists() and (runs_file.parent / out_dir).exists():
             out_dir = runs_file.parent / out_dir
-        ck = find_final_checkpoint(out_dir)
+        ck = cli.final_checkpoint(out_dir)
         found.append((r, ck))
     cks = [str(ck) for _, ck in found if ck is not None]
     if not args.benchmarks and str(manifest.get("dataset") or "").startswith("procedural:"):
         args.benchmarks = [f"procedural:{manifest['dataset'].split(':')[1]}"]
     refs = cks + ([args.all_layers] if args.all_layers else [])
-    C.check_args(args, refs)
-    args.model = args.model or manifest.get("model")
-    base_id = C.base_model_id(args, refs[0] if refs else None)
-    benches = C.load_benchmarks(args, refs)
-    out = prepare_out(args.out)
-    model, tokenizer = C.load_steerable(base_id, args)
-    tmpl = C.template(args, refs)
+    cli.check_args(args, refs)
+    base_id = cli.base_model_id(args.model or manifest.get("model"), refs[0] if refs else None)
+    benches = cli.load_benchmarks(cli.benchmark_specs(args, refs), args)
+    out = cli.prepare_out(args.out)
+    model, tokenizer = cli.load_steerable(base_id, args)
+    tmpl = cli.template(args, refs)
     temps = [("T=0", True)] + ([(f"T={args.temperature:g}", False)] if args.temperature > 0 else [])
 
     def evaluate(vectors) -> tuple[dict[str, float], dict[str, Any]]:
@@ -319,12 +286,12 @@ def run_collect(args: argparse.Namespace) -> int:
                 acc[key], det[key] = a.accuracy, a.per_benchmark
         return acc, det
 
-    bar = C.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect", args=args)
+    bar = cli.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect", args=args)
     base_acc, base_det = evaluate({})
     bar.update(1)
     all_row = None
     if args.all_layers:
-        a, d = evaluate(C.checkpoint_vectors(args.all_layers, model))
+        a, d = evaluate(cli.checkpoint_vectors(args.all_layers, model))
         all_row = {"checkpoint": args.all_layers, **a, "detail": d}
         bar.update(1)
     rows = []
@@ -332,7 +299,7 @@ def run_collect(args: argparse.Namespace) -> int:
         row = {"layer": r["layer"], "learning_rate": r.get("learning_rate"), "output_dir": r["output_dir"],
                "checkpoint": None if ck is None else str(ck), "accuracy": None, "detail": None}
         if ck is not None:
-            vecs = C.checkpoint_vectors(ck, model)
+            vecs = cli.checkpoint_vectors(ck, model)
             if sorted(vecs) != [r["layer"]]:
                 raise UsageError(f"{ck}: steers layers {sorted(vecs)}, but the manifest says layer {r['layer']}")
             row["accuracy"], row["detail"] = evaluate(vecs)
@@ -351,12 +318,9 @@ def run_collect(args: argparse.Namespace) -> int:
               "layers": layers, "temperatures": [0.0] + ([args.temperature] if args.temperature > 0 else []),
               "runs": rows,
               "base": {**base_acc, "detail": base_det}, "all_layers": all_row, "missing": missing,
-              "settings": C.sampling_settings(args), "plots": files}
-    write_json(out / "result.json", result)
-    print(f"layer-ablation collect: {len(rows) - len(missing)} runs evaluated"
-          + (f", {len(missing)} without a checkpoint (layers {missing})" if missing else "")
-          + f"; wrote {out / 'result.json'}")
-    return 0
+              "settings": cli.sampling_settings(args), "plots": files}
+    return cli.finish(out, result, f"layer-ablation collect: {len(rows) - len(missing)} runs evaluated"
+                      + (f", {len(missing)} without a checkpoint (layers {missing})" if missing else ""))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -368,8 +332,8 @@ def register(subparsers) -> None:
                                "every run against base and all-layer steering (collect)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", metavar="{make,collect}", required=True)
-    mk = sub.add_parser("make", help="write per-layer training configs, a launch script and a W&B sweep",
-                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mk = cli.add_command(sub, "make", run_make, __doc__,
+                         help="write per-layer training configs, a launch script and a W&B sweep")
     mk.add_argument("--model", default=None, metavar="BASE", help="base model (default: the --config's)")
     mk.add_argument("--config", default=None, metavar="YAML", help="training recipe to copy (e.g. configs/*.yaml)")
     mk.add_argument("--dataset", default=None, help="training dataset (overrides the --config's)")
@@ -391,11 +355,8 @@ def register(subparsers) -> None:
                     help="accelerate --config_file for the launches (default launch/single_gpu.yaml; '' for none)")
     mk.add_argument("--validate", action="store_true",
                     help="check every config's keys against python -m train's (imports trl)")
-    mk.set_defaults(func=run_make)
 
-    co = sub.add_parser("collect", help="evaluate every run at T=0 and T=1 against base and all-layer steering",
-                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    co = cli.add_checkpoint_command(sub, "collect", run_collect, __doc__, checkpoint="none",
+                                    help="evaluate every run at T=0 and T=1 against base and all-layer steering")
     co.add_argument("--runs", required=True, metavar="RUNS_JSON", help="runs.json of make (or its --out dir)")
     co.add_argument("--all-layers", default=None, metavar="DIR", help="all-layer steering checkpoint (reference line)")
-    C.add_args(co, checkpoint="none")
-    co.set_defaults(func=run_collect)

@@ -44,8 +44,10 @@ from torch import nn
 
 from analysis import _common as C
 from analysis import plots
-from analysis.cli import UsageError, prepare_out, write_json
+from analysis import cli
+from analysis.cli import UsageError
 from steering import hooks as H
+from steering.diffmean import pad_id_of
 from steering import vectors as sv
 
 LENSES = ("norm", "raw", "cosine")
@@ -128,7 +130,7 @@ def final_shift(model: nn.Module, seqs: C.Sequences, *, positions: str = "all", 
     last = f"blocks.{H.num_layers(model) - 1}.hook_resid_post"
     device = next(model.parameters()).device
     total, count = None, 0
-    for batch in C.progress(seqs.batches(batch_size, device, pad), desc="final shift",
+    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="final shift",
                             total=-(-len(seqs) // batch_size), args=args):
         _, steered = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                       names=[last], logits_to_keep=1)
@@ -173,11 +175,9 @@ def token_tables(out: Any, labels: Sequence[str], entries: Sequence[dict[str, An
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "logit-lens", help="each layer's vector (and the final-residual shift) through the unembedding: top/bottom "
-                           "tokens, non-English share",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "logit-lens", run, __doc__, forward_batch=True, max_new_tokens=512,
+                                   help="each layer's vector (and the final-residual shift) through the "
+                                        "unembedding: top/bottom tokens, non-English share")
     p.add_argument("--k", type=int, default=20, help="top / bottom tokens per layer (default 20)")
     p.add_argument("--lens", choices=LENSES, default="norm", help="norm: final norm + lm_head (default); raw: lm_head "
                    "only; cosine: cosine with the unembedding rows")
@@ -185,44 +185,31 @@ def register(subparsers) -> None:
     p.add_argument("--no-shift", action="store_true", help="skip the final-residual shift (needs no problems)")
     p.add_argument("--positions", choices=["all", "prompt", "completion"], default="all",
                    help="tokens the final-residual shift is averaged over (default all)")
-    p.set_defaults(func=run, max_new_tokens=512)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.k < 1:
-        raise UsageError(f"--k must be >= 1, got {args.k}")
-    if args.no_shift:
-        args.benchmarks = args.benchmarks or ["procedural:arithmetic:1"]  # never loaded
-    C.check_args(args)
-    base_id = C.base_model_id(args)
-    benches = None if args.no_shift else C.load_benchmarks(args)
-    out = prepare_out(args.out)
-    model, tokenizer = C.load_steerable(base_id, args)
-    vectors = C.checkpoint_vectors(args.checkpoint, model)
-    num_layers = H.num_layers(model)
-    layers = C.parse_layers(args.layers, num_layers) or sorted(vectors)
-    missing = [layer for layer in layers if layer not in vectors]
-    if missing:
-        raise UsageError(f"--layers {args.layers}: the checkpoint has no vector at layers {missing} "
-                         f"(it has {sorted(vectors)})")
+    cli.check_positive(args, "k")
+    o = cli.open_checkpoint(args, benchmarks=not args.no_shift)
+    model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
+    layers = o.layers(args.layers)
     vocab = Vocab(tokenizer, H.causal_lm(model).lm_head.weight.shape[0])
     device = next(model.parameters()).device
 
     entries = []
     with torch.no_grad():
-        for layer in C.progress(layers, desc="logit lens", args=args):
+        for layer in cli.progress(layers, desc="logit lens", args=args):
             v = vectors[layer].to(device)
             entries.append({"layer": layer, "vector_norm": float(vectors[layer].norm()),
                             **readout(lens(model, v, args.lens), vocab, args.k)})
 
     shift_entry = None
     if not args.no_shift:
-        tmpl = C.template(args)
-        problems = C.problems_of(benches)
+        tmpl = cli.template(args)
+        problems = C.problems_of(o.benches)
         with C.use_vectors(model, vectors):
             seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args)
             shift, count = final_shift(model, seqs, positions=args.positions, batch_size=args.forward_batch_size,
-                                       pad=C.pad_id(tokenizer), args=args)
+                                       pad=pad_id_of(tokenizer), args=args)
         with torch.no_grad():
             shift_entry = {"num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
                            "norm": float(shift.norm()), **readout(lens(model, shift, args.lens), vocab, args.k)}
@@ -233,9 +220,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.lens} lens")
     files.append(share_plot(out / "non_latin_share.png", [e["layer"] for e in entries], entries, vocab, args.k,
                             f"non-Latin / non-English share among each vector's top/bottom-{args.k} tokens").name)
-    result = {"command": "logit-lens", "checkpoint": str(args.checkpoint), "base_model": base_id, "lens": args.lens,
+    result = {"command": "logit-lens", "checkpoint": str(args.checkpoint), "base_model": o.base_id, "lens": args.lens,
               "k": args.k, "vocab": vocab.shares(), "layers": entries, "final_shift": shift_entry,
-              "settings": C.sampling_settings(args) if shift_entry else None, "plots": files}
-    write_json(out / "result.json", result)
-    print(f"logit-lens: {len(entries)} layers; wrote {out / 'result.json'}")
-    return 0
+              "settings": cli.sampling_settings(args) if shift_entry else None, "plots": files}
+    return cli.finish(out, result, f"logit-lens: {len(entries)} layers")

@@ -60,9 +60,11 @@ from transformers import DynamicCache
 
 from analysis import _common as C
 from analysis import plots
-from analysis.cli import UsageError, prepare_out, write_json
+from analysis import cli
+from analysis.cli import UsageError
 from steering import compat
 from steering import hooks as H
+from steering.diffmean import pad_id_of
 
 PROJECTIONS = ("q", "k", "v")
 
@@ -248,11 +250,9 @@ def _only_when(hooks: list[tuple[str, H.HookFn]], active) -> list[tuple[str, H.H
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "path-patching", help="patch a layer's steering into the next block's attention / Q / K / V / heads / MLP "
-                              "paths: accuracy and KL against full steering",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "path-patching", run, __doc__, forward_batch=True,
+                                   help="patch a layer's steering into the next block's attention / Q / K / V / "
+                                        "heads / MLP paths: accuracy and KL against full steering")
     p.add_argument("--layer", type=int, default=None,
                    help="layer whose vector is patched (default L-2; negative counts from the end)")
     p.add_argument("--head-accuracy", action="store_true",
@@ -260,7 +260,6 @@ def register(subparsers) -> None:
     p.add_argument("--no-accuracy", action="store_true", help="KL only (no generation-based evaluation)")
     p.add_argument("--no-heads", action="store_true", help="summary variants only")
     p.add_argument("--samples-per-problem", type=int, default=1, help="completions per problem for the KL (default 1)")
-    p.set_defaults(func=run)
 
 
 def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, args: argparse.Namespace,
@@ -270,7 +269,7 @@ def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, arg
     count = 0
     full = Variant("full")
     n_batches = -(-len(seqs) // args.forward_batch_size)
-    bar = C.progress(total=n_batches * len(variants), desc="path patching (KL)", args=args, unit="pass")
+    bar = cli.progress(total=n_batches * len(variants), desc="path patching (KL)", args=args, unit="pass")
     for batch in seqs.batches(args.forward_batch_size, device, pad):
         mask = batch.positions("predict")
         ref = patcher.logits(full, batch.input_ids, batch.attention_mask)[mask]
@@ -287,38 +286,37 @@ def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, arg
 
 
 def run(args: argparse.Namespace) -> int:
-    C.check_args(args)
+    cli.check_args(args)
     if args.backend != "hf":
         raise UsageError("path-patching patches through module hooks, which the 'static' generation backend bypasses; "
                          "use --backend hf")
-    if args.samples_per_problem < 1:
-        raise UsageError(f"--samples-per-problem must be >= 1, got {args.samples_per_problem}")
-    base_id = C.base_model_id(args)
-    num_layers, _ = C.model_num_layers(base_id)
+    cli.check_positive(args, "samples_per_problem")
+    base_id = cli.base_model_id(args.model, args.checkpoint)
+    num_layers = int(cli.model_config(base_id).num_hidden_layers)
     layer = num_layers - 2 if args.layer is None else (args.layer + num_layers if args.layer < 0 else args.layer)
     if not 0 <= layer <= num_layers - 2:
         raise UsageError(f"--layer {args.layer}: must name a layer with a block after it, 0..{num_layers - 2}")
-    benches = C.load_benchmarks(args)
-    out = prepare_out(args.out)
-    model, tokenizer = C.load_plain(base_id, args)
-    vectors = C.checkpoint_vectors(args.checkpoint, model)
+    benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
+    out = cli.prepare_out(args.out)
+    model, tokenizer = cli.load_plain(base_id, args)
+    vectors = cli.checkpoint_vectors(args.checkpoint, model)
     if layer not in vectors:
         raise UsageError(f"the checkpoint has no vector at layer {layer} (it has {sorted(vectors)}); pass --layer")
     patcher = Patcher(model, layer, vectors[layer].to(next(model.parameters()).device))
     summary, per_head = build_variants(patcher.n_heads, patcher.n_kv)
     variants = summary + ([] if args.no_heads else per_head)
 
-    tmpl = C.template(args)
+    tmpl = cli.template(args)
     with patcher.apply(Variant("full")):
         seqs = C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, args,
                                   num_samples=args.samples_per_problem)
-    kl, count = kl_to_full(patcher, variants, seqs, args, C.pad_id(tokenizer))
+    kl, count = kl_to_full(patcher, variants, seqs, args, pad_id_of(tokenizer))
     kl["full"] = 0.0
 
     acc: dict[str, Any] = {}
     if not args.no_accuracy:
         todo = summary + (per_head if (args.head_accuracy and not args.no_heads) else [])
-        for v in C.progress(todo, desc="path patching (accuracy)", args=args):
+        for v in cli.progress(todo, desc="path patching (accuracy)", args=args):
             with patcher.apply(v):
                 acc[v.name] = C.accuracy(model, tokenizer, benches, args, tmpl)
 
@@ -364,7 +362,5 @@ def run(args: argparse.Namespace) -> int:
               "target_layer": layer + 1, "vector_norm": float(vectors[layer].norm()),
               "attention": {"n_heads": patcher.n_heads, "n_kv_heads": patcher.n_kv, "head_dim": patcher.d_head},
               "variants": rows, "heads": heads, "heads_accuracy": heads_acc, "num_sequences": len(seqs),
-              "num_tokens": count, "settings": C.sampling_settings(args), "plots": files}
-    write_json(out / "result.json", result)
-    print(f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1}); wrote {out / 'result.json'}")
-    return 0
+              "num_tokens": count, "settings": cli.sampling_settings(args), "plots": files}
+    return cli.finish(out, result, f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})")

@@ -40,8 +40,9 @@ from torch import nn
 
 from analysis import _common as C
 from analysis import plots
-from analysis.cli import UsageError, prepare_out, write_json
+from analysis import cli
 from steering import hooks as H
+from steering.diffmean import pad_id_of
 
 
 @dataclass
@@ -77,7 +78,7 @@ def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch
                 pad: int = 0, args: argparse.Namespace | None = None) -> dict[int, dict[int, ShiftStats]]:
     """``stats[i][j]`` for every steering layer ``i`` and target layer ``j >= i`` (``target_layers``: default all).
 
-    ``model`` must carry a steering vector on every layer (:func:`analysis._common.load_steerable`); it is steered
+    ``model`` must carry a steering vector on every layer (:func:`analysis.cli.load_steerable`); it is steered
     with ``{i: vectors[i]}`` alone for each ``i``."""
     num_layers = H.num_layers(model)
     targets = sorted(set(range(num_layers) if target_layers is None else target_layers))
@@ -87,7 +88,7 @@ def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch
         i: {j: ShiftStats(torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64))
             for j in targets if j >= i} for i in steer_layers}
     n_batches = -(-len(seqs) // batch_size)
-    bar = C.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), args=args, unit="pass")
+    bar = cli.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), args=args, unit="pass")
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         lo = min(steer_layers)
@@ -154,43 +155,31 @@ def add_sequence_args(p: argparse.ArgumentParser) -> None:
 
 def sample_for_analysis(model: nn.Module, tokenizer: Any, vectors: Mapping[int, torch.Tensor], args: argparse.Namespace,
                         benches: Sequence[Any]) -> C.Sequences:
-    tmpl = C.template(args)
+    tmpl = cli.template(args)
     with C.use_vectors(model, vectors if args.completions_from == "steered" else {}):
         return C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, args,
                                   num_samples=args.samples_per_problem)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "persistence", help="per-token output change at later layers when steering one layer: cosine to the later "
-                            "vectors and to its own mean",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "persistence", run, __doc__, forward_batch=True, max_new_tokens=512,
+                                   help="per-token output change at later layers when steering one layer: cosine to "
+                                        "the later vectors and to its own mean")
     p.add_argument("--layers", default=None,
                    help="steering layers i (default: every layer the checkpoint steers), e.g. 0,4,8-10")
     add_sequence_args(p)
-    p.set_defaults(func=run, max_new_tokens=512)
 
 
 def run(args: argparse.Namespace) -> int:
-    C.check_args(args)
-    if args.samples_per_problem < 1:
-        raise UsageError(f"--samples-per-problem must be >= 1, got {args.samples_per_problem}")
-    base_id = C.base_model_id(args)
-    benches = C.load_benchmarks(args)
-    out = prepare_out(args.out)
-    model, tokenizer = C.load_steerable(base_id, args)
-    vectors = C.checkpoint_vectors(args.checkpoint, model)
-    num_layers = H.num_layers(model)
-    steer = C.parse_layers(args.layers, num_layers) or sorted(vectors)
-    missing = [i for i in steer if i not in vectors]
-    if missing:
-        raise UsageError(f"--layers {args.layers}: the checkpoint has no vector at layers {missing} "
-                         f"(it has {sorted(vectors)})")
-    seqs = sample_for_analysis(model, tokenizer, vectors, args, benches)
+    cli.check_positive(args, "samples_per_problem")
+    o = cli.open_checkpoint(args)
+    model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
+    steer = o.layers(args.layers)
+    seqs = sample_for_analysis(model, tokenizer, vectors, args, o.benches)
+    num_layers = o.num_layers
     targets = list(range(num_layers))
     stats = shift_stats(model, seqs, vectors, steer, targets, positions=args.positions,
-                        batch_size=args.forward_batch_size, pad=C.pad_id(tokenizer), args=args)
+                        batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), args=args)
     mats = matrices(stats, vectors, steer, targets)
     files = []
     titles = {"cos_to_vector": "mean_t cos(Δ_j(t), s_j)", "cos_to_mean": "mean_t cos(Δ_j(t), mean Δ_j)"}
@@ -211,12 +200,10 @@ def run(args: argparse.Namespace) -> int:
                                  title="cos(Δ_j(t), s_j) per steering layer i", xlabel="target layer j",
                                  ylabel="mean cosine", cmap="coolwarm", ylim=(-1.05, 1.05)).name)
     count = next(iter(stats[steer[0]].values())).count
-    result = {"command": "persistence", "checkpoint": str(args.checkpoint), "base_model": base_id,
+    result = {"command": "persistence", "checkpoint": str(args.checkpoint), "base_model": o.base_id,
               "steer_layers": steer, "target_layers": targets, **mats,
               "vector_norms": {str(k): float(v.norm()) for k, v in vectors.items()},
               "num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
-              "completions_from": args.completions_from, "settings": C.sampling_settings(args), "plots": files}
-    write_json(out / "result.json", result)
-    print(f"persistence: {len(steer)} steering layers x {num_layers} targets over {count} tokens; "
-          f"wrote {out / 'result.json'}")
-    return 0
+              "completions_from": args.completions_from, "settings": cli.sampling_settings(args), "plots": files}
+    return cli.finish(out, result, f"persistence: {len(steer)} steering layers x {num_layers} targets over {count} "
+                                   "tokens")

@@ -28,10 +28,11 @@ def _finite(a: np.ndarray) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG (cropped to its content) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -83,7 +84,7 @@ def heatmap(path: str | Path, matrix: Sequence[Sequence[float | None]], row_labe
                     color = "white" if (frac < 0.5 if cmap in ("viridis", "magma", "inferno", "cividis") else
                                         abs(frac - 0.5) > 0.3) else "black"
                     ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color=color)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def line_plot(path: str | Path, x: Sequence[Any], series: Mapping[str, Sequence[float | None]], *, title: str = "",
@@ -112,7 +113,7 @@ def line_plot(path: str | Path, x: Sequence[Any], series: Mapping[str, Sequence[
     ax.grid(alpha=0.3)
     if len(series) + len(hlines or {}) > 1:
         ax.legend(fontsize=7, ncol=1 + (len(series) + len(hlines or {})) // 12, loc="best")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def bar_plot(path: str | Path, labels: Sequence[str], values: Sequence[float | None], *, title: str = "",
@@ -134,7 +135,7 @@ def bar_plot(path: str | Path, labels: Sequence[str], values: Sequence[float | N
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def token_table(path: str | Path, rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, title: str = "",
@@ -163,7 +164,7 @@ def token_table(path: str | Path, rows: Sequence[tuple[str, Sequence[tuple[str, 
     ax.set_xlabel("rank")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label=value_label)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def token_highlight(path: str | Path, tokens: Sequence[str], values: Sequence[float], *, title: str = "",
@@ -243,4 +244,4 @@ def token_highlight(path: str | Path, tokens: Sequence[str], values: Sequence[fl
     if seg_names:
         handles = [plt.Rectangle((0, 0), 1, 1, color=seg_color[s]) for s in seg_names]
         fig.legend(handles, seg_names, loc="lower right", ncol=len(seg_names), fontsize=7, frameon=False)
-    return _save(fig, path)
+    return save(fig, path)

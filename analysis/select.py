@@ -21,34 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from analysis.cli import UsageError, prepare_out, write_json
-
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+from analysis import cli
+from analysis.cli import UsageError
 
 
 def find_checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """``[(step, dir)]`` of the complete ``checkpoint-<step>`` directories of a run, by step."""
-    from analysis.evaluate import checkpoint_kind
-    from steering import vectors as sv
+    """``[(step, dir)]`` of the complete ``checkpoint-<step>`` directories of a run (those whose save finished, see
+    ``train.checkpointing``), by step."""
+    from train.checkpointing import run_checkpoints
 
-    out = []
-    for d in run.iterdir():
-        m = _CKPT_RE.match(d.name)
-        if not (m and d.is_dir()):
-            continue
-        try:
-            kind = checkpoint_kind(d)
-        except UsageError:
-            continue
-        if kind == "steering" and not sv.is_checkpoint(d):
-            continue
-        out.append((int(m.group(1)), d))
-    return sorted(out)
+    return [(int(d.name.removeprefix("checkpoint-")), d) for d in run_checkpoints(run)]
 
 
 def read_val_metrics(path: Path, key: str = "eval_accuracy") -> tuple[dict[int, float], int]:
@@ -109,13 +95,8 @@ def _pct(x: float | None) -> str:
 
 
 def register(subparsers) -> None:
-    from analysis.evaluate import add_eval_args
-
-    p = subparsers.add_parser(
-        "select", help="pick a run's checkpoint by validation accuracy; report it next to the test-best one",
-        description="Select a training run's checkpoint on held-out validation data (metrics.jsonl or --val), never on "
-                    "the test benchmarks; optionally score the candidates on --benchmarks (or read --test-results) "
-                    "and report the test-best checkpoint (the reference code's optimistic choice) next to it.")
+    p = cli.add_command(subparsers, "select", run, __doc__,
+                        help="pick a run's checkpoint by validation accuracy; report it next to the test-best one")
     p.add_argument("--run", required=True, metavar="DIR", help="training run directory (checkpoint-<step>/ dirs)")
     p.add_argument("--metrics", default=None, metavar="FILE", help="metrics file (default RUN/metrics.jsonl)")
     p.add_argument("--val-key", default="eval_accuracy", help="validation accuracy key in the metrics file (default eval_accuracy)")
@@ -127,16 +108,14 @@ def register(subparsers) -> None:
                    help="an evaluate results.json holding the candidates' test scores (rows matched by path or label)")
     p.add_argument("--model", default=None, metavar="BASE", help="base model (default: recorded in the checkpoints)")
     p.add_argument("--out", default=None, metavar="DIR", help="where select.json goes (default: RUN)")
-    add_eval_args(p)
-    p.set_defaults(func=run)
+    cli.add_eval_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.benchmarks import expand_specs, split_label
-    from analysis.evaluate import (RowSpec, build_rows, check_eval_args, check_loadable, evaluate_rows,
-                                   load_benchmarks_or_exit, resolve_template)
+    from analysis.evaluate import evaluate_rows
+    from steering.problems import expand_specs, split_label
 
-    check_eval_args(args)
+    cli.check_eval_args(args)
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UsageError(f"--run {args.run}: no such directory")
@@ -162,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
         if overlap:
             raise UsageError(f"--val and --benchmarks share {sorted(overlap)}: validation must be held out from the "
                              "test benchmarks")
-        val_benches = load_benchmarks_or_exit(args.val, args)
+        val_benches = cli.load_benchmarks(args.val, args)
     if args.benchmarks:
-        test_benches = load_benchmarks_or_exit(args.benchmarks, args)
+        test_benches = cli.load_benchmarks(args.benchmarks, args)
     if args.test_results:
         try:
             test_results = json.loads(Path(args.test_results).read_text(encoding="utf-8"))
@@ -198,27 +177,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         candidates = list(names)
 
-    rows: list[RowSpec] = []
+    rows: list[cli.RowSpec] = []
     template = None
     if val_benches is not None or test_benches is not None:
-        rows = build_rows([f"{n}={paths[n]}" for n in candidates], [], args.model, False, False)
+        rows = cli.build_rows([f"{n}={paths[n]}" for n in candidates], [], args.model, False, False)
         for r, n in zip(rows, candidates):
             r.role = "other"
             r.label = n
-        template = resolve_template(args.template, [str(paths[n]) for n in candidates])
-        check_loadable(rows)
-    out = prepare_out(args.out or run_dir)
+        template = cli.resolve_template(args.template, [str(paths[n]) for n in candidates])
+        cli.check_loadable(rows)
+    out = cli.prepare_out(args.out or run_dir)
 
     # ---- evaluate what needs evaluating
     if val_benches is not None:
-        res = evaluate_rows(rows, val_benches, args, template, prepare_out(out / "select-val"))
+        res = evaluate_rows(rows, val_benches, args, template, cli.prepare_out(out / "select-val"))
         val_scores = {r["label"]: r["avg"]["mean"] for r in res["rows"]}
         val_source = {"kind": "evaluated", "benchmarks": [b["name"] for b in res["benchmarks"]],
                       "results": str((out / "select-val" / "results.json").resolve())}
     test_scores: dict[str, float] = {}
     test_source: dict[str, Any] | None = None
     if test_benches is not None:
-        res = evaluate_rows(rows, test_benches, args, template, prepare_out(out / "select-test"))
+        res = evaluate_rows(rows, test_benches, args, template, cli.prepare_out(out / "select-test"))
         test_scores = {r["label"]: r["avg"]["mean"] for r in res["rows"]}
         test_source = {"kind": "evaluated", "benchmarks": [b["name"] for b in res["benchmarks"]],
                        "results": str((out / "select-test" / "results.json").resolve())}
@@ -254,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         "note": "Report validation_selected. test_best is chosen on the test benchmarks themselves (what the reference "
                 "code does) and is optimistic.",
     }
-    write_json(out / "select.json", report)
+    cli.write_json(out / "select.json", report)
     line = f"validation-selected: {selected} (val {_pct(val_scores.get(selected))}"
     if test_source is not None:
         line += f", test {_pct(test_scores.get(selected))})"

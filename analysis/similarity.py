@@ -19,21 +19,18 @@ from typing import Any
 
 import torch
 
-from analysis.cli import UsageError, prepare_out, write_json
+from analysis import cli
+from analysis.cli import UsageError
 from steering import vectors as sv
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "similarity",
-        help="cosine-similarity matrix between steering vectors (DiffMean behaviour vectors, RL checkpoints), heatmap",
-        description=__doc__.split("\n\n")[0],
-    )
+    p = cli.add_command(subparsers, "similarity", main, __doc__, help="cosine-similarity matrix between steering "
+                        "vectors (DiffMean behaviour vectors, RL checkpoints), heatmap")
     p.add_argument("--vectors", nargs="+", required=True, metavar="[NAME=]DIR",
                    help="steering checkpoints, or directories of them (e.g. a `diffmean` output)")
     p.add_argument("--layer", type=int, default=None, help="show this layer (default: every shared layer)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.set_defaults(func=main)
 
 
 def expand(items: Sequence[str]) -> list[tuple[str, Path]]:
@@ -101,10 +98,7 @@ def _heat(ax, mat, names, title, ylabels=True):
 
 
 def plot(result: Mapping[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analysis import plots
 
     names = result["names"]
     if result["layer"] is not None:
@@ -116,7 +110,7 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     size = 2.2 + 0.35 * len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.5, size * rows + 1), squeeze=False,
+    fig, axes = plots.plt.subplots(rows, cols, figsize=(size * cols + 1.5, size * rows + 1), squeeze=False,
                              layout="constrained")
     im = None
     for i, (ax, (title, mat)) in enumerate(zip(axes.flat, panels)):
@@ -124,23 +118,16 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="cosine")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def main(args: argparse.Namespace) -> int:
     items = expand(args.vectors)
     named: dict[str, dict[int, torch.Tensor]] = {}
     for name, path in items:
-        try:
-            named[name] = sv.load_vectors(path)
-        except sv.CheckpointError as e:
-            raise UsageError(str(e)) from None
+        named[name] = cli.checkpoint_vectors(path)
     result = similarity(named, args.layer)
     result["paths"] = {n: str(p) for n, p in items}
-    out = prepare_out(args.out)
+    out = cli.prepare_out(args.out)
     result["plot"] = str(plot(result, out / "similarity.png"))
-    write_json(out / "result.json", result)
-    print(out / "result.json")
-    return 0
+    return cli.finish(out, result)

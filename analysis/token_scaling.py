@@ -37,8 +37,10 @@ import torch
 
 from analysis import _common as C
 from analysis import plots
-from analysis.cli import UsageError, prepare_out, write_json
+from analysis import cli
+from analysis.cli import UsageError
 from steering import token_scaling as ts
+from steering.diffmean import pad_id_of
 from steering import vectors as sv
 
 SEGMENTS = ("system", "question", "generation_prompt", "generation")
@@ -70,7 +72,7 @@ def record(model, seqs: C.Sequences, *, batch_size: int, pad: int, args=None) ->
     """``α_l(t)`` per sequence: a list (one per row) of ``{layer: (len,) tensor}``."""
     device = next(model.parameters()).device
     per_row: list[dict[int, torch.Tensor]] = [dict() for _ in range(len(seqs))]
-    for batch in C.progress(seqs.batches(batch_size, device, pad), desc="token-scaling", args=args,
+    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="token-scaling", args=args,
                             total=-(-len(seqs) // batch_size)):
         with ts.record_alphas(model) as rec:
             batch.forward(model, logits_to_keep=1)
@@ -82,25 +84,22 @@ def record(model, seqs: C.Sequences, *, batch_size: int, pad: int, args=None) ->
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "token-scaling", help="per-token steering magnitude of a token-scaling checkpoint, per prompt segment, drawn "
-                              "over the text",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "token-scaling", run, __doc__, forward_batch=True,
+                                   max_new_tokens=512, help="per-token steering magnitude of a token-scaling "
+                                   "checkpoint, per prompt segment, drawn over the text")
     p.add_argument("--examples", type=int, default=3, help="sequences drawn over the text (default 3)")
     p.add_argument("--k", type=int, default=20, help="top tokens listed (default 20)")
-    p.set_defaults(func=run, max_new_tokens=512)
 
 
 def run(args: argparse.Namespace) -> int:
-    C.check_args(args)
+    cli.check_args(args)
     if not ts.checkpoint_has_gates(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no {ts.GATE_FILE}; it was not trained with "
                          "token_scaling: true")
-    base_id = C.base_model_id(args)
-    benches = C.load_benchmarks(args)
-    out = prepare_out(args.out)
-    base, tokenizer = C.load_plain(base_id, args)
+    base_id = cli.base_model_id(args.model, args.checkpoint)
+    benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
+    out = cli.prepare_out(args.out)
+    base, tokenizer = cli.load_plain(base_id, args)
     try:
         model = ts.load_token_scaled_model(args.checkpoint, base=base)
     except sv.SteeringError as e:
@@ -112,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     layers = sorted(gates)
     norms = {layer: float(vectors[layer].norm()) for layer in layers}
     total_norm = sum(norms.values()) or 1.0
-    tmpl = C.template(args)
+    tmpl = cli.template(args)
     problems = C.problems_of(benches)
     seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args)
-    alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=C.pad_id(tokenizer), args=args)
+    alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), args=args)
 
     seg_rho: dict[str, list[float]] = {s: [] for s in SEGMENTS}
     seg_alpha: dict[str, dict[int, list[float]]] = {s: {layer: [] for layer in layers} for s in SEGMENTS}
@@ -176,9 +175,6 @@ def run(args: argparse.Namespace) -> int:
                        "biases": {str(layer): float(g.bias.detach()) for layer, g in gates.items()}},
               "alpha_stats": alpha_stats, "segments": segments, "concentration": {"top_10pct_share": conc},
               "top_tokens": top, "examples": examples, "num_sequences": len(seqs), "num_tokens": len(tokens_all),
-              "settings": C.sampling_settings(args), "plots": files}
-    write_json(out / "result.json", result)
-    print(f"token-scaling: {len(tokens_all)} tokens; "
-          + ", ".join(f"{s} ρ={segments[s]['mean_relative_magnitude']:.3f}" for s in present)
-          + f"; wrote {out / 'result.json'}")
-    return 0
+              "settings": cli.sampling_settings(args), "plots": files}
+    return cli.finish(out, result, f"token-scaling: {len(tokens_all)} tokens; "
+                      + ", ".join(f"{s} ρ={segments[s]['mean_relative_magnitude']:.3f}" for s in present))

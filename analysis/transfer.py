@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from analysis import _common as C
-from analysis import plots
-from analysis.cli import UsageError, check_checkpoint_arg, prepare_out, write_json
+from analysis import cli, plots
+from analysis.cli import UsageError
+from analysis.table import relative_improvement
 from steering import vectors as sv
 
 
@@ -57,10 +58,9 @@ def fits(meta: dict[str, Any], num_layers: int, hidden: int) -> str | None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "transfer", help="copy vectors from donor checkpoints into recipient bases of the same shape and evaluate",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_args(p, checkpoint="optional")
+    p = cli.add_checkpoint_command(subparsers, "transfer", run, __doc__, checkpoint="optional",
+                                   help="copy vectors from donor checkpoints into recipient bases of the same shape "
+                                        "and evaluate")
     p.add_argument("--donors", nargs="+", default=[], metavar="DIR", help="donor steering checkpoints")
     p.add_argument("--recipients", nargs="+", default=None, metavar="BASE",
                    help="recipient base models (Hub ids or dirs); default: the donors' base models")
@@ -68,7 +68,6 @@ def register(subparsers) -> None:
                    help="each recipient's own steering checkpoint (for the score's denominator)")
     p.add_argument("--skip-incompatible", action="store_true",
                    help="leave donor/recipient pairs of different shapes empty instead of failing")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no donors: give --checkpoint DIR and/or --donors DIR ...")
     donor_meta = []
     for d in donors:
-        check_checkpoint_arg(d)
+        cli.check_checkpoint_arg(d)
         donor_meta.append(sv.read_meta(d))
-    C.check_args(args, donors)
+    cli.check_args(args, donors)
     if args.model and not args.recipients:
         args.recipients = [args.model]
     recipients = list(args.recipients) if args.recipients else list(dict.fromkeys(
@@ -93,14 +92,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--self-trained {item}: write BASE=DIR")
         if m.group(1) not in recipients:
             raise UsageError(f"--self-trained {item}: {m.group(1)} is not a recipient ({recipients})")
-        check_checkpoint_arg(m.group(2))
+        cli.check_checkpoint_arg(m.group(2), "--self-trained")
         self_trained[m.group(1)] = m.group(2)
     for r in recipients:
         if r not in self_trained:
             own = [d for d, meta in zip(donors, donor_meta) if meta.get("base_model") == r]
             if own:
                 self_trained[r] = own[0]
-    shapes = {r: C.model_num_layers(r) for r in recipients}
+    configs = {r: cli.model_config(r, "--recipients") for r in recipients}
+    shapes = {r: (int(c.num_hidden_layers), int(c.hidden_size)) for r, c in configs.items()}
     incompatible = []
     for d, meta in zip(donors, donor_meta):
         for r in recipients:
@@ -117,17 +117,17 @@ def run(args: argparse.Namespace) -> int:
                          f"({shapes[first['recipient']][0]} layers x hidden size {shapes[first['recipient']][1]}): "
                          f"{first['reason']}; transfer needs the same shape (or pass --skip-incompatible)")
     bad = {(x["donor"], x["recipient"]) for x in incompatible}
-    benches = C.load_benchmarks(args, donors)
-    out = prepare_out(args.out)
+    benches = cli.load_benchmarks(cli.benchmark_specs(args, donors), args)
+    out = cli.prepare_out(args.out)
 
     acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
     score_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
     rec_rows, detail = [], {}
-    bar = C.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", args=args)
+    bar = cli.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", args=args)
     for c, r in enumerate(recipients):
         bar.set_postfix_str(f"loading {_label(r)}")
-        model, tokenizer = C.load_steerable(r, args)
-        tmpl = C.template(args, donors)
+        model, tokenizer = cli.load_steerable(r, args)
+        tmpl = cli.template(args, donors)
         with C.use_vectors(model, {}):
             base = C.accuracy(model, tokenizer, benches, args, tmpl)
         bar.update(1)
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             if (d, r) in bad:
                 bar.update(1)
                 continue
-            with C.use_vectors(model, C.checkpoint_vectors(d, model)):
+            with C.use_vectors(model, cli.checkpoint_vectors(d, model)):
                 cache[d] = C.accuracy(model, tokenizer, benches, args, tmpl)
             detail[f"{d}|{r}"] = cache[d].per_benchmark
             acc_m[d_i][c] = cache[d].accuracy
@@ -146,13 +146,13 @@ def run(args: argparse.Namespace) -> int:
         own_acc = None
         if own is not None:
             if own not in cache:
-                with C.use_vectors(model, C.checkpoint_vectors(own, model)):
+                with C.use_vectors(model, cli.checkpoint_vectors(own, model)):
                     cache[own] = C.accuracy(model, tokenizer, benches, args, tmpl)
                 detail[f"{own}|{r}"] = cache[own].per_benchmark
             own_acc = cache[own].accuracy
         bar.update(1)
         for d_i, d in enumerate(donors):
-            score_m[d_i][c] = C.relative_score(acc_m[d_i][c], base.accuracy, own_acc)
+            score_m[d_i][c] = relative_improvement(acc_m[d_i][c], base.accuracy, own_acc, scale=1.0)
         rec_rows.append({"label": _label(r), "model": r, "num_hidden_layers": shapes[r][0], "hidden_size": shapes[r][1],
                          "base_accuracy": base.accuracy, "self_trained": own, "self_trained_accuracy": own_acc})
         del model, tokenizer
@@ -173,7 +173,5 @@ def run(args: argparse.Namespace) -> int:
               "donors": [{"label": _label(d), "path": d, "base_model": m.get("base_model"), "layers": m["layers"],
                           "hidden_size": m["hidden_size"]} for d, m in zip(donors, donor_meta)],
               "recipients": rec_rows, "accuracy": acc_m, "score": score_m, "incompatible": incompatible,
-              "detail": detail, "settings": C.sampling_settings(args), "plots": files}
-    write_json(out / "result.json", result)
-    print(f"transfer: {len(donors)} donors x {len(recipients)} recipients; wrote {out / 'result.json'}")
-    return 0
+              "detail": detail, "settings": cli.sampling_settings(args), "plots": files}
+    return cli.finish(out, result, f"transfer: {len(donors)} donors x {len(recipients)} recipients")

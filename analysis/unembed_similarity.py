@@ -34,8 +34,9 @@ from analysis import _common as C
 from analysis import logit_lens as LL
 from analysis import persistence as P
 from analysis import plots
-from analysis.cli import UsageError, prepare_out, write_json
+from analysis import cli
 from steering import hooks as H
+from steering.diffmean import pad_id_of
 
 
 def cosine_matrix(vectors: list[torch.Tensor]) -> list[list[float | None]]:
@@ -47,36 +48,24 @@ def cosine_matrix(vectors: list[torch.Tensor]) -> list[list[float | None]]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "unembed-similarity", help="cosine matrix of the mean final-layer shifts caused by each layer's vector, and "
-                                   "their logit lens",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_args(p, forward_batch=True)
+    p = cli.add_checkpoint_command(subparsers, "unembed-similarity", run, __doc__, forward_batch=True,
+                                   max_new_tokens=512, help="cosine matrix of the mean final-layer shifts caused by "
+                                   "each layer's vector, and their logit lens")
     p.add_argument("--layers", default=None, help="steering layers (default: every layer the checkpoint steers)")
     p.add_argument("--k", type=int, default=20, help="top / bottom tokens per shift (default 20)")
     p.add_argument("--lens", choices=LL.LENSES, default="norm", help="how a shift is read out (see logit-lens)")
     p.add_argument("--no-all", action="store_true", help="skip the all-vectors shift")
     P.add_sequence_args(p)
-    p.set_defaults(func=run, max_new_tokens=512)
 
 
 def run(args: argparse.Namespace) -> int:
-    C.check_args(args)
-    if args.k < 1:
-        raise UsageError(f"--k must be >= 1, got {args.k}")
-    base_id = C.base_model_id(args)
-    benches = C.load_benchmarks(args)
-    out = prepare_out(args.out)
-    model, tokenizer = C.load_steerable(base_id, args)
-    vectors = C.checkpoint_vectors(args.checkpoint, model)
-    num_layers = H.num_layers(model)
-    steer = C.parse_layers(args.layers, num_layers) or sorted(vectors)
-    missing = [i for i in steer if i not in vectors]
-    if missing:
-        raise UsageError(f"--layers {args.layers}: the checkpoint has no vector at layers {missing}")
-    last = num_layers - 1
-    seqs = P.sample_for_analysis(model, tokenizer, vectors, args, benches)
-    pad = C.pad_id(tokenizer)
+    cli.check_positive(args, "k")
+    o = cli.open_checkpoint(args)
+    model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
+    steer = o.layers(args.layers)
+    last = o.num_layers - 1
+    seqs = P.sample_for_analysis(model, tokenizer, vectors, args, o.benches)
+    pad = pad_id_of(tokenizer)
     stats = P.shift_stats(model, seqs, vectors, steer, [last], positions=args.positions,
                           batch_size=args.forward_batch_size, pad=pad, args=args)
     shifts = [stats[i][last].mean.float() for i in steer]
@@ -104,11 +93,9 @@ def run(args: argparse.Namespace) -> int:
     per_layer = [r for r in readouts if r["layer"] is not None]
     files.append(LL.share_plot(out / "non_latin_share.png", [r["layer"] for r in per_layer], per_layer, vocab, args.k,
                                f"non-Latin share among the top/bottom-{args.k} tokens of each layer's shift").name)
-    result = {"command": "unembed-similarity", "checkpoint": str(args.checkpoint), "base_model": base_id,
+    result = {"command": "unembed-similarity", "checkpoint": str(args.checkpoint), "base_model": o.base_id,
               "lens": args.lens, "k": args.k, "labels": labels, "steer_layers": steer, "cosine": cos,
               "shift_norms": {label: float(m.norm()) for label, m in zip(labels, shifts)}, "readouts": readouts,
               "vocab": vocab.shares(), "num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
-              "completions_from": args.completions_from, "settings": C.sampling_settings(args), "plots": files}
-    write_json(out / "result.json", result)
-    print(f"unembed-similarity: {len(steer)} layers over {count} tokens; wrote {out / 'result.json'}")
-    return 0
+              "completions_from": args.completions_from, "settings": cli.sampling_settings(args), "plots": files}
+    return cli.finish(out, result, f"unembed-similarity: {len(steer)} layers over {count} tokens")

@@ -10,7 +10,7 @@ An annotator turns a trace's text into labelled **character spans** ``{"start": 
   (OpenAI, vLLM, SGLang, llama.cpp server, ...), as in the papers (they used GPT-4o). Plain stdlib HTTP
   (``urllib``); the transport is pluggable, so prompt building and response parsing are tested offline.
 
-The labels (REFERENCE §5, Venhoff et al.) and what they mean:
+The labels of Venhoff et al. (arXiv 2506.18167) and what they mean:
 
 ==========================  ===========================================================================
 ``initializing``            rephrasing the task, stating initial thoughts

@@ -31,8 +31,9 @@ is skipped (counted in ``skipped_spans``). The prompt therefore only provides co
 **Means** at every requested hook point (default ``blocks.{l}.hook_resid_post`` for every layer ``l``: the output of
 decoder layer ``l``, which is exactly where the steering vector ``s_l`` -- the ``down_proj`` bias -- is added):
 
-- positive mean for label ``c``: with ``weighting="span"`` (default, REFERENCE §5) the mean over each span's
-  positions, averaged over spans; with ``weighting="token"`` the mean over all positive positions pooled;
+- positive mean for label ``c``: with ``weighting="span"`` (default, as Venhoff et al.: every span counts once,
+  however long) the mean over each span's positions, averaged over spans; with ``weighting="token"`` the mean over
+  all positive positions pooled;
 - negative mean: the mean over *all* trace tokens of all traces (also "the overall mean activation");
 - ``u = pos - neg``, rescaled per layer to the norm of the negative (overall mean) activation.
 

@@ -94,7 +94,7 @@ def eval_args(toy, max_new=14):
 
 def evaluate(toy, vectors=None, base_dir=None, max_new=14):
     """Independent greedy evaluation: a freshly loaded model with exactly these vectors (None: the plain base)."""
-    from analysis.evaluate import evaluate_model
+    from steering.evaluation import evaluate_model
     from steering.vectors import load_tokenizer
     from steering.generation import SamplingParams
     from steering.templates import get_template
@@ -307,11 +307,14 @@ def test_layer_ablation_make_and_collect(toy, tmp_path):
     lrs = [x["learning_rate"] for x in read(tmp_path / "llama")["runs"]]
     assert lrs[0] == pytest.approx(5e-4) and lrs[-1] == pytest.approx(7e-3) and lrs == sorted(lrs)
 
-    # fake finished runs: layer 0 via the latest marker, layer 1 via the highest checkpoint-N, layer 2 missing
-    shutil.copytree(cks[0], runs / "layer_00" / "checkpoint-7")
+    # fake finished runs: layer 0 via the latest marker, layer 1 via the highest checkpoint-N, layer 2 missing;
+    # each checkpoint completed by its manifest, as training completes them
+    from train import checkpointing as ckpt_io
+
+    for src, dst in [(cks[0], runs / "layer_00" / "checkpoint-7"), (cks[2], runs / "layer_01" / "checkpoint-3"),
+                     (cks[1], runs / "layer_01" / "checkpoint-9")]:  # checkpoint-3: older, wrong layer: not picked
+        ckpt_io.write_manifest(Path(shutil.copytree(src, dst)))
     (runs / "layer_00" / "latest").write_text(json.dumps({"checkpoint": "checkpoint-7"}))
-    shutil.copytree(cks[2], runs / "layer_01" / "checkpoint-3")  # older, wrong layer: must not be picked
-    shutil.copytree(cks[1], runs / "layer_01" / "checkpoint-9")
     out = tmp_path / "collect"
     assert main(["layer-ablation", "collect", "--runs", str(make), "--all-layers", str(cks["all"]), "--out", str(out),
                  "--benchmarks", f"file:{toy['bench']}", "--template", str(toy["template"]), "--max-new-tokens", "14",

@@ -162,7 +162,7 @@ def test_token_scaling_command(gated_checkpoint, tiny_checkpoint, tmp_path, caps
         rho = sum(ex["alpha"][str(l)][t] * norms[str(l)] for l in range(3)) / sum(norms.values())
         assert ex["relative_magnitude"][t] == pytest.approx(rho, rel=1e-5)
     # the question segment is exactly the question's text
-    from analysis.benchmarks import load_benchmark
+    from steering.problems import load_benchmark
 
     question = load_benchmark("procedural:arithmetic:3").problems[0]["question"]
     text = "".join(tok for tok, s in zip(ex["tokens"], ex["segments"]) if s == "question")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from analysis.__main__ import main
-from analysis.benchmarks import (HUB_BENCHMARKS, SUITES, BenchmarkError, expand_specs, last_boxed, load_benchmark,
-                                 load_benchmarks, normalize_answer)
+from steering.problems import (BENCHMARKS, SUITES, DataError, expand_specs, load_benchmark, load_benchmarks,
+                               parse_answer)
+from steering.rewards import extract_answer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BASE = REPO / "assets" / "demo-base"
@@ -49,23 +50,23 @@ def read_samples(out):
 
 
 def test_registry_names_and_suite():
-    assert set(SUITES["six"]) <= set(HUB_BENCHMARKS)
-    assert HUB_BENCHMARKS["aime24"].hub_id == "Maxwell-Jia/AIME_2024"
-    assert HUB_BENCHMARKS["aime25"].configs == ("AIME2025-I", "AIME2025-II")
-    assert {HUB_BENCHMARKS[n].default_samples for n in ("aime24", "aime25", "amc23")} == {32}
-    assert {HUB_BENCHMARKS[n].default_samples for n in ("math500", "minerva", "olympiadbench", "gsm8k")} == {1}
+    assert set(SUITES["six"]) <= set(BENCHMARKS)
+    assert BENCHMARKS["aime24"].hub_id == "Maxwell-Jia/AIME_2024"
+    assert BENCHMARKS["aime25"].configs == ("AIME2025-I", "AIME2025-II")
+    assert {BENCHMARKS[n].default_samples for n in ("aime24", "aime25", "amc23")} == {32}
+    assert {BENCHMARKS[n].default_samples for n in ("math500", "minerva", "olympiadbench", "gsm8k")} == {1}
     assert expand_specs(["six,gsm8k"]) == [*SUITES["six"], "gsm8k"]
-    with pytest.raises(BenchmarkError, match="unknown benchmark 'aime2'.*aime24.*math500"):
+    with pytest.raises(DataError, match="unknown benchmark 'aime2'.*aime24.*math500"):
         load_benchmarks(["aime2"])
 
 
 def test_answer_normalisation():
-    assert last_boxed(r"a \boxed{1} then \boxed{\frac{1}{2}} end") == r"\frac{1}{2}"
-    assert last_boxed("no box") is None
-    assert normalize_answer("Natalia sold ... #### 1,072") == "1072"
-    assert normalize_answer(r"so $\boxed{x^2}$") == "x^2"
-    assert normalize_answer(27.0) == "27"
-    assert normalize_answer(["3\\sqrt{2}"]) == "3\\sqrt{2}"
+    assert extract_answer(r"a \boxed{1} then \boxed{\frac{1}{2}} end", "boxed") == r"\frac{1}{2}"
+    assert extract_answer("no box", "boxed") is None
+    assert parse_answer("Natalia sold ... #### 1,072") == "1072"
+    assert parse_answer(r"so $\boxed{x^2}$") == "x^2"
+    assert parse_answer(27.0) == "27"
+    assert parse_answer(["3\\sqrt{2}"]) == "3\\sqrt{2}"
 
 
 def test_local_files_json_jsonl_parquet(tmp_path, local_jsonl):
@@ -77,7 +78,7 @@ def test_local_files_json_jsonl_parquet(tmp_path, local_jsonl):
     js.write_text(json.dumps([{"q": "1+1?", "gt": 2}, {"q": "2+2?", "gt": "4"}]))
     b = load_benchmark(f"mine={js}", question_key="q", answer_key="gt")
     assert b.name == "mine" and [p["answer"] for p in b.problems] == ["2", "4"]
-    with pytest.raises(BenchmarkError, match="cannot find the question key"):
+    with pytest.raises(DataError, match="cannot find the question key"):
         load_benchmark(str(js))
     # parquet
     import pyarrow as pa
@@ -95,17 +96,17 @@ def test_local_files_json_jsonl_parquet(tmp_path, local_jsonl):
 def test_bad_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "answer": "1"}\n{oops\n')
-    with pytest.raises(BenchmarkError, match="line 2 is not valid JSON"):
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
         load_benchmark(str(bad))
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    with pytest.raises(BenchmarkError, match="no rows"):
+    with pytest.raises(DataError, match="no rows"):
         load_benchmark(str(empty))
-    with pytest.raises(BenchmarkError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_benchmark(f"file:{tmp_path / 'nope.jsonl'}")
     corrupt = tmp_path / "c.parquet"
     corrupt.write_bytes(b"not parquet")
-    with pytest.raises(BenchmarkError, match="not a readable Parquet"):
+    with pytest.raises(DataError, match="not a readable Parquet"):
         load_benchmark(str(corrupt))
 
 
@@ -121,14 +122,14 @@ def test_procedural_specs_match_split_tasks():
     assert len(load_benchmark("procedural:mixed").problems) == 100
     for spec, msg in [("procedural:nope:3", "unknown procedural task"), ("procedural:arithmetic:x", "integer"),
                       ("procedural:arithmetic:0", ">= 1"), ("procedural:arithmetic:3:part=test", "part")]:
-        with pytest.raises(BenchmarkError, match=msg):
+        with pytest.raises(DataError, match=msg):
             load_benchmark(spec)
 
 
 def test_hub_benchmark_fails_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(BenchmarkError, match="could not load math500 = HuggingFaceH4/MATH-500"):
+    with pytest.raises(DataError, match="could not load math500 = HuggingFaceH4/MATH-500"):
         load_benchmark("math500")
 
 
@@ -138,7 +139,7 @@ def test_hub_benchmark_fails_clearly_offline(monkeypatch):
 
 def test_evaluate_model_accounting(monkeypatch):
     import steering.generation as gen
-    from analysis.evaluate import evaluate_model
+    from steering.evaluation import evaluate_model
 
     problems = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"},
                 {"question": "What is 3 + 3?", "answer": "6"}]
@@ -351,7 +352,7 @@ def test_paper_rows_lora_and_full_checkpoints(tiny_base_dir, tiny_checkpoint, tm
 
 
 def test_table_relative_columns():
-    from analysis.evaluate import add_relative, render_table
+    from analysis.table import add_relative, render_table
 
     def row(label, role, avg):
         return {"label": label, "role": role, "results": {"b": {"accuracy": avg, "std": 0.0}},

@@ -1,4 +1,5 @@
-"""Metric functions of analysis.metrics against hand-computed values."""
+"""Metric functions of steering.evaluation and the table's relative columns (analysis.table) against hand-computed
+values."""
 
 import math
 from itertools import combinations
@@ -7,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis import metrics as M
+from analysis import table as T
+from steering import evaluation as M
 
 
 def test_avg_at_k_hand_computed():
@@ -75,19 +77,19 @@ def test_mean_std():
 
 def test_relative_and_relative_improvement():
     # Steering 0.75, base 0.25, full 0.85
-    assert M.relative(0.75, 0.85) == pytest.approx(100 * 0.75 / 0.85)
-    assert M.relative_improvement(0.75, 0.25, 0.85) == pytest.approx(100 * 0.5 / 0.6)
-    assert M.relative(0.85, 0.85) == pytest.approx(100.0)
-    assert M.relative_improvement(0.25, 0.25, 0.85) == 0.0
-    assert M.relative_improvement(0.85, 0.25, 0.85) == pytest.approx(100.0)
+    assert T.relative(0.75, 0.85) == pytest.approx(100 * 0.75 / 0.85)
+    assert T.relative_improvement(0.75, 0.25, 0.85) == pytest.approx(100 * 0.5 / 0.6)
+    assert T.relative(0.85, 0.85) == pytest.approx(100.0)
+    assert T.relative_improvement(0.25, 0.25, 0.85) == 0.0
+    assert T.relative_improvement(0.85, 0.25, 0.85) == pytest.approx(100.0)
     # undefined cases
-    assert M.relative(0.5, 0.0) is None
-    assert M.relative_improvement(0.5, 0.3, 0.3) is None
+    assert T.relative(0.5, 0.0) is None
+    assert T.relative_improvement(0.5, 0.3, 0.3) is None
     # paper sanity row (Qwen2.5-Math-1.5B, GSM8K): base 29.26, full 86.49, steering 79.89
-    assert M.relative_improvement(79.89, 29.26, 86.49) == pytest.approx(100 * 50.63 / 57.23)
+    assert T.relative_improvement(79.89, 29.26, 86.49) == pytest.approx(100 * 50.63 / 57.23)
 
 
 def test_format_mean_std():
-    assert M.format_mean_std(0.12345, 0.01) == "12.35 ± 1.00"
-    assert M.format_mean_std(0.5, None) == "50.00"
-    assert M.format_mean_std(None) == "–"
+    assert T.format_mean_std(0.12345, 0.01) == "12.35 ± 1.00"
+    assert T.format_mean_std(0.5, None) == "50.00"
+    assert T.format_mean_std(None) == "–"

@@ -346,10 +346,10 @@ def bad_rows_run(tmp_path_factory):
 
 @needs_demo_base
 def test_bad_rows_are_skipped_counted_and_training_goes_on(bad_rows_run, caplog):
-    from train.data import load_problems
+    from steering.problems import load_problems
 
     trainer, run = bad_rows_run
-    with caplog.at_level("WARNING", logger="train.data"):
+    with caplog.at_level("WARNING", logger="steering.problems"):
         load_problems(str(run.parent / "data.jsonl"), answer_parser="gsm8k")
     assert f"skipped {len(BAD_ROWS)} bad rows" in caplog.text
     [data_line] = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "data"]
@@ -387,10 +387,8 @@ def test_resuming_a_finished_run_trains_no_further_with_the_restricted_unpickler
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "reward" in r] == [1], "a step was trained"
 
 
-@pytest.mark.xfail(reason="train/data.py checks columns on records[0] only, so a bad first row that lacks the answer "
-                          "key rejects the whole file (fix: check the union of the records' keys)", strict=False)
 def test_bad_first_row_is_skipped_too(tmp_path):
-    from train.data import load_problems
+    from steering.problems import load_problems
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [{"question": "What is 1 + 1?"}] + GOOD_ROWS[:3]))

@@ -11,18 +11,21 @@ from analysis.select import find_checkpoints, pick_best, read_val_metrics
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_base_dir, tmp_path_factory):
-    """A training run: checkpoint-10/20/30 (steering), plus an interrupted save and a non-checkpoint dir."""
+    """A training run: checkpoint-10/20/30 (steering, each completed by its manifest as training completes them),
+    plus an interrupted save (checkpoint-40: model files, no manifest) and a non-checkpoint dir."""
     from steering import vectors as sv
+    from train import checkpointing as ckpt_io
 
     run = tmp_path_factory.mktemp("run")
     base = sv.load_base_model(str(tiny_base_dir), dtype="float32")
     model = sv.attach_steering(base)
     g = torch.Generator().manual_seed(1)
-    for step in (10, 20, 30):
+    for step in (10, 20, 30, 40):
         sv.set_vectors(model, {l: 0.5 * torch.randn(base.config.hidden_size, generator=g)
                                for l in sv.steered_layers(model)})
-        sv.save_checkpoint(model, run / f"checkpoint-{step}", base_model=str(tiny_base_dir), step=step)
-    (run / ".checkpoint-40.tmp-123").mkdir()
+        ckpt = sv.save_checkpoint(model, run / f"checkpoint-{step}", base_model=str(tiny_base_dir), step=step)
+        if step != 40:  # the save of checkpoint-40 was interrupted before its manifest
+            ckpt_io.write_manifest(ckpt)
     (run / "checkpoint-50").mkdir()  # incomplete: no files
     return run
 

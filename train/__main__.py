@@ -45,7 +45,7 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     from steering import vectors as sv
     from steering.templates import get_template
     from train import checkpointing as ckpt_io
-    from train.data import load_problems, split_off_validation
+    from steering.problems import load_problems, split_off_validation
 
     c = config
     if c.build_demo_base and not Path(c.model_name_or_path).exists():
@@ -133,7 +133,7 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
 
     from steering import vectors as sv
     from steering.rewards import MathReward
-    from train.data import to_prompt_dataset
+    from steering.problems import to_prompt_dataset
     from train.rollout import StaticRollouts
     from train.trainer import SteeringGRPOTrainer, write_metrics_line
     from train.validation import Validator
@@ -202,7 +202,7 @@ def cli(argv: list[str] | None = None) -> int:
     from steering import vectors as sv
     from steering.templates import TemplateError
     from train import checkpointing as ckpt_io
-    from train.data import DataError
+    from steering.problems import DataError
     from train.trainer import TrainingDiverged
 
     argv = list(sys.argv[1:] if argv is None else argv)

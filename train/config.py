@@ -146,7 +146,8 @@ class SteeringGRPOConfig(GRPOConfig):
     answer_parser: str | None = field(
         default=None,
         metadata={"help": "How to read the ground truth: 'plain', 'gsm8k' (text after ####), 'boxed' (last \\boxed{} "
-                          "of a solution, as in MATH); default from the registry."})
+                          "of a solution, as in MATH) or 'auto' (gsm8k if the text has ####, else boxed if it has a "
+                          "box, else plain); default from the registry (steering/problems.py)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     procedural_size: int = field(default=5000, metadata={"help": "Rows generated for a 'procedural:' dataset."})
     val_dataset: str | None = field(

@@ -125,7 +125,6 @@ def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 _INT_RE = re.compile(r"-?\d+")
 
 
@@ -164,12 +163,6 @@ def boxed_completion(question: str, answer: str) -> str:
     return FORMATS[0][2].format(eq=equation_of(question), a=answer)
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (no nested braces), or None."""
-    found = _BOXED_RE.findall(text)
-    return found[-1].strip() if found else None
-
-
 def last_integer(text: str) -> str | None:
     found = _INT_RE.findall(text)
     return found[-1] if found else None
@@ -178,11 +171,13 @@ def last_integer(text: str) -> str | None:
 def score_completion(completion: str, answer: str) -> dict[str, bool]:
     """``boxed``: has a ``\\boxed{}``; ``number_correct``: its last integer is the answer;
     ``boxed_correct``: the last boxed content is the answer (what the reward pays for)."""
-    boxed = last_boxed(completion)
+    from steering.rewards import extract_answer
+
+    boxed = extract_answer(completion, "boxed")
     return {
         "boxed": boxed is not None,
         "number_correct": last_integer(completion) == answer,
-        "boxed_correct": boxed is not None and boxed == answer,
+        "boxed_correct": boxed is not None and boxed.strip() == answer,
     }
 
 

@@ -1,4 +1,5 @@
-"""Held-out validation accuracy during training: generate with the current model, score with the reward module.
+"""Held-out validation accuracy during training, through the evaluation core (``steering.evaluation``): the same
+generation path and the same reward check as ``python -m analysis evaluate``.
 
 Problems are sharded across processes and the counts summed, so every rank returns the same accuracy."""
 
@@ -8,6 +9,9 @@ from typing import Any
 
 import torch
 
+from steering.evaluation import as_problems, sample_and_score
+from steering.generation import SamplingParams
+
 
 class Validator:
     def __init__(self, rows: list[dict[str, str]], template: Any, tokenizer: Any, *, max_new_tokens: int,
@@ -16,27 +20,25 @@ class Validator:
         self.rows = rows
         self.template = template
         self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                     do_sample=temperature > 0)
         self.batch_size = batch_size
         self.seed = seed
         self.timeout_s = timeout_s
         self.options = options  # steering.rewards.GradingOptions; None: math-verify's defaults
-        self.prompts = [template.render(r["question"], tokenizer) for r in rows]
+        self.problems = as_problems(rows)
+        self.prompts = [template.render(p["question"], tokenizer) for p in self.problems]
 
     def correct(self, model: Any, indices: list[int]) -> list[bool]:
-        from steering.generation import SamplingParams, generate
-        from steering.rewards import score
-
+        """The verdict of one completion (seeded with ``seed``) of each problem in ``indices``."""
         if not indices:
             return []
-        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                do_sample=self.temperature > 0)
-        result = generate(model, self.tokenizer, [self.prompts[i] for i in indices], params,
-                          batch_size=self.batch_size, seed=self.seed)
-        texts = result.completions  # one row per prompt (num_return_sequences=1)
-        return [score(t, self.rows[i]["answer"], self.template.answer_format, timeout_s=self.timeout_s,
-                      options=self.options).correct for t, i in zip(texts, indices)]
+        result = sample_and_score(model, self.tokenizer, [self.problems[i] for i in indices],
+                                  [self.prompts[i] for i in indices], params=self.params,
+                                  answer_format=self.template.answer_format, seed=self.seed,
+                                  generation_seed=self.seed, batch_size=self.batch_size, timeout_s=self.timeout_s,
+                                  options=self.options)
+        return [row[0] for row in result.correct]
 
     def accuracy(self, model: Any, accelerator: Any = None) -> float:
         rank = accelerator.process_index if accelerator is not None else 0
