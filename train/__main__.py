@@ -203,7 +203,6 @@ def cli(argv: list[str] | None = None) -> int:
     from steering.templates import TemplateError
     from train import checkpointing as ckpt_io
     from steering.problems import DataError
-    from train.trainer import TrainingDiverged
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -215,6 +214,10 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, TemplateError, DataError, sv.SteeringError) as e:
         print(f"python -m train: error: {e}", file=sys.stderr)
         return 2
+    # Imported only now: the trainer pulls in TRL's integrations (W&B, …), whose import-time warnings must not get
+    # between a bad configuration and its one-line error.
+    from train.trainer import TrainingDiverged
+
     try:
         main(config, inputs)
     except TrainingDiverged as e:
