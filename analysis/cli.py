@@ -173,13 +173,14 @@ def base_model_id(model: str | None, checkpoint: str | os.PathLike | None = None
 
 
 def training_config(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
-    """The training config a steering checkpoint records ({} if none or unreadable)."""
+    """The training config a steering checkpoint records ({} if it records none); an unreadable checkpoint is a usage
+    error, not a silent default template."""
     if not checkpoint:
         return {}
     try:
         tc = sv.read_meta(checkpoint).get("training_config") or {}
-    except sv.CheckpointError:
-        return {}
+    except sv.CheckpointError as e:
+        raise UsageError(str(e)) from None
     return tc if isinstance(tc, dict) else {}
 
 

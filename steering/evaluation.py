@@ -1,7 +1,8 @@
 """Accuracy of a model on problems: generate with the shared generation path, score with the reward, aggregate.
 
 Training validation (``train.validation.Validator``) and ``python -m analysis evaluate`` both go through
-:func:`sample_and_score`, so a validation accuracy and an evaluated one are the same number for the same settings:
+:func:`sample_and_score`, so the same problems, model and settings give the same verdicts (at T=0 the same number;
+at T>0 the two seed their samples differently, and validation shards the problems across processes):
 
 - completions come from :func:`steering.generation.generate`, the path training's rollouts use, with the steering
   vectors (or LoRA, or nothing) the model carries;
@@ -141,7 +142,7 @@ class SeedResult:
             "num_samples": k,
             "num_correct": sum(sum(row) for row in self.correct),
             "num_completions": sum(len(row) for row in self.correct),
-            "num_unparsed": sum(1 for row in self.samples for s in row if s.get("extracted") is None),
+            "num_unparsed": sum(1 for row in self.samples for s in row if not s.get("parsed")),  # the reward's count
             "num_timed_out": sum(1 for row in self.samples for s in row if s.get("timed_out")),
         }
         for pk in sorted(set(pass_ks)):

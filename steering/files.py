@@ -2,8 +2,9 @@
 
 A reader (a resume, an analysis command, another process) sees the old version or the new one, never a torn one:
 files are written to a temporary name in the same directory, flushed and ``fsync``ed, then renamed over the target;
-directories are filled under a hidden temporary name, then renamed into place (an existing one is first moved aside,
-so the name never points at a half-written directory); the parent directory is ``fsync``ed after each rename.
+directories are filled under a hidden temporary name, then renamed into place (an existing one is first moved aside:
+between the two renames the name is briefly absent, but it never points at a half-written directory); the parent
+directory is ``fsync``ed after each rename.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None 
 
 @contextmanager
 def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """``with publish_dir(out) as tmp:`` fill ``tmp``; on a clean exit it is fsynced and renamed to ``out`` (replacing
-    an existing directory atomically). On an exception the temporary directory is removed and ``out`` is untouched."""
+    """``with publish_dir(out) as tmp:`` fill ``tmp``; on a clean exit it is fsynced and renamed to ``out`` (an existing
+    directory is moved aside first, then removed: ``out`` is never half-written). On an exception the temporary directory is removed and ``out`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")

@@ -30,7 +30,9 @@ def load_corpus(path: str | Path = DEFAULT_CORPUS) -> list[dict]:
 
 def math_verify_text(case: dict) -> str:
     """The text math-verify reads for a case: the completion itself (``boxed``), or the last ``<answer>`` tag's
-    content in a box (``answer_tag``), the project's documented rule for the r1 format."""
+    content in a box (``answer_tag``), the project's documented rule for the r1 format. (math-verify has no notion of
+    answer tags, so for ``answer_tag`` cases "project = math-verify" checks that rule is applied faithfully; the
+    comparison with the suites' expectations is the independent one.)"""
     if case["answer_format"] == "boxed":
         return case["completion"]
     content = case["completion"].rsplit("<answer>", 1)[1].split("</answer>", 1)[0].strip()

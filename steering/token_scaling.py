@@ -31,10 +31,11 @@ Training wiring (what ``train`` calls when ``token_scaling: true``)::
     gates = ts.attach_token_scaling(model)                   # after attach_steering, before the optimizer is built
     groups = sv.param_groups(model, lr, layer_lr) + ts.param_groups(model, lr)
     ...
-    sv.save_checkpoint(model, tmp, ..., extra=ts.checkpoint_extra(model))
-    ts.save_token_gates(model, tmp)                          # into the same (temporary) checkpoint directory
+    # SteeringGRPOTrainer.save_model, into the checkpoint directory transformers is writing:
+    ts.save_token_gates(model, ckpt)                         # then steering.json, last:
+    sv.write_meta(ckpt, model, ..., extra=ts.checkpoint_extra(model))
     ...
-    ts.load_token_gates(model, ckpt)                         # on resume, or attach_token_scaling(model, init=ckpt)
+    ts.attach_token_scaling(model, init=ckpt)                # on resume (the gates live outside the PEFT adapter)
 """
 
 from __future__ import annotations

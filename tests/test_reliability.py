@@ -149,6 +149,12 @@ BAD_CONFIGS = {
     "save_total_limit 1": ("save_total_limit: 1\n", ["save_total_limit", "2 or more"]),
     "rloo with reward_weights": ("preset: paper\nreward_weights: [2.0]\n", ["reward_weights", "rloo"]),
     "static rollouts with vLLM": ("rollout_backend: static\nuse_vllm: true\n", ["static", "use_vllm", "exclusive"]),
+    "a new run over another run's checkpoints": (lambda tmp, base: (tmp / "o").mkdir() or (tmp / "o" / "latest")
+                                                 .write_text('{"checkpoint": "checkpoint-3"}') and "",
+                                                 ["output_dir", "already holds", "--resume_from_checkpoint latest",
+                                                  "--overwrite_output_dir true"]),
+    "overwrite and resume": ("overwrite_output_dir: true\nresume_from_checkpoint: latest\n",
+                             ["overwrite_output_dir", "resume_from_checkpoint"]),
     "resume latest before any checkpoint": ("resume_from_checkpoint: latest\n",
                                             ["resume_from_checkpoint", "latest", "no `latest` marker",
                                              "drop --resume_from_checkpoint"]),
@@ -324,7 +330,7 @@ BAD_ROWS = [
 @pytest.fixture(scope="module")
 def bad_rows_run(tmp_path_factory):
     """One real training step on a JSONL file with bad rows mixed in, with a stale, half-written checkpoint-1 (an
-    interrupted save of an earlier attempt, with an old manifest) in the way of the first save."""
+    interrupted save of an earlier attempt: no manifest) in the way of the first save."""
     if not (DEMO_BASE / "config.json").is_file():
         pytest.skip(f"the offline demo base is missing at {DEMO_BASE}; build it with `python -m train.demo_base`")
     from train.__main__ import main, parse_config
@@ -338,7 +344,7 @@ def bad_rows_run(tmp_path_factory):
     stale = tmp / "run" / "checkpoint-1"
     stale.mkdir(parents=True)
     (stale / "adapter_model.safetensors").write_bytes(b"half-written")
-    ckpt_io.write_manifest(stale)  # even a (stale) manifest must not survive the new save
+    (stale / "optimizer.pt.partial").write_bytes(b"half-written")  # a file the new save does not write
     cfg = small_config(tmp, dataset=str(data), answer_parser="gsm8k", max_steps=1, reward_timeout=1.0)
     trainer = main(parse_config(["--config", str(cfg)]))
     return trainer, tmp / "run"
@@ -361,6 +367,26 @@ def test_bad_rows_are_skipped_counted_and_training_goes_on(bad_rows_run, caplog)
     saved = sv.load_vectors(run / "checkpoint-1")
     for layer, v in sv.get_vectors(trainer.model).items():
         assert torch.equal(saved[layer], v)
+    assert not (run / "checkpoint-1" / "optimizer.pt.partial").exists(), "the interrupted save was not cleaned up"
+
+
+@needs_demo_base
+def test_overwrite_output_dir_starts_over_and_removes_the_old_run(bad_rows_run, tmp_path):
+    """Without --resume_from_checkpoint a run directory that holds a run is refused (tests above); with
+    --overwrite_output_dir true the new run starts from scratch and nothing of the old one is left to mix with it."""
+    from train.__main__ import main, parse_config
+
+    _, done = bad_rows_run
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    (run / "checkpoint-9").mkdir()
+    cfg = yaml.safe_load((done.parent / "run.yaml").read_text())
+    cfg.update(output_dir=str(run), max_steps=2, save_steps=2)
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(cfg))
+    trainer = main(parse_config(["--config", str(tmp_path / "again.yaml"), "--overwrite_output_dir", "true"]))
+    assert trainer.state.global_step == 2
+    assert [d.name for d in ckpt_io.checkpoint_dirs(run)] == ["checkpoint-2"] and _marker(run) == "checkpoint-2"
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "reward" in r] == [1, 2]
 
 
 @needs_demo_base

@@ -45,7 +45,7 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     from steering import vectors as sv
     from steering.templates import get_template
     from train import checkpointing as ckpt_io
-    from steering.problems import load_problems, split_off_validation
+    from steering.problems import DATASETS, load_problems, split_off_validation
 
     c = config
     if c.build_demo_base and not Path(c.model_name_or_path).exists():
@@ -87,8 +87,10 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
                              answer_parser=c.answer_parser, procedural_size=c.procedural_size, seed=c.seed,
                              limit=c.max_train_samples)
     if c.val_dataset:
-        val_problems = load_problems(c.val_dataset, split="train" if c.val_dataset.startswith("procedural:") else "test",
-                                     procedural_size=c.val_size, seed=c.seed + 1, limit=c.val_size)
+        known = DATASETS.get(c.val_dataset)
+        split = known.test_split or c.dataset_split if known is not None else "test"  # procedural sources ignore it
+        val_problems = load_problems(c.val_dataset, split=split, procedural_size=c.val_size, seed=c.seed + 1,
+                                     limit=c.val_size)
         train_rows = problems.rows
         seen = {r["question"] for r in train_rows}
         val_rows = [r for r in val_problems.rows if r["question"] not in seen]
@@ -97,6 +99,11 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
         train_rows, val_rows = split_off_validation(problems, c.val_size, c.seed)
         skipped = problems.skipped
     resume = ckpt_io.resolve_resume(c.resume_from_checkpoint, c.output_dir)
+    if resume is None and not c.overwrite_output_dir and ckpt_io.holds_a_run(c.output_dir):
+        # Never start a second run on top of another's checkpoints: a later `resume latest` would mix the two.
+        raise ConfigError(f"output_dir: {c.output_dir} already holds a run's checkpoints; continue it with "
+                          "--resume_from_checkpoint latest, start over with --overwrite_output_dir true (deletes "
+                          "them), or choose another output_dir")
     return RunInputs(template, train_rows, val_rows, skipped, init_vectors, resume)
 
 
@@ -138,10 +145,18 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     from train.trainer import SteeringGRPOTrainer, write_metrics_line
     from train.validation import Validator
 
+    from accelerate import PartialState
+
+    from train import checkpointing as ckpt_io
+
     inputs = inputs if inputs is not None else prepare_inputs(config)
     c = config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     Path(c.output_dir).mkdir(parents=True, exist_ok=True)
+    if PartialState().is_main_process:
+        ckpt_io.prepare_run_dir(c.output_dir, overwrite=c.overwrite_output_dir and inputs.resume is None,
+                                metrics_file=c.metrics_file)
+    PartialState().wait_for_everyone()
     tokenizer = sv.load_tokenizer(c.model_name_or_path, revision=c.model_revision)
     train_ds = to_prompt_dataset(inputs.train_rows, inputs.template, tokenizer)
     # Seeded before the model is built, as TRL's scripts do: LoRA's random init must be the same run after run.

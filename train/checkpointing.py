@@ -81,7 +81,12 @@ def verify_checkpoint(ckpt: Path) -> None:
         raise CheckpointError(f"{ckpt} is not a complete checkpoint: it has no {MANIFEST} (written last, so its save "
                               "was interrupted or is still running)")
     manifest = _read_json(ckpt / MANIFEST)
-    for rel, entry in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                              and isinstance(e.get("sha256"), str) for e in files.values()):
+        raise CheckpointError(f"{ckpt / MANIFEST} is not a checksum manifest (tampered with?); resume from an earlier "
+                              "checkpoint")
+    for rel, entry in files.items():
         path = ckpt / rel
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint (listed in {MANIFEST})")
@@ -91,10 +96,6 @@ def verify_checkpoint(ckpt: Path) -> None:
     _read_json(ckpt / TRAINER_STATE)
     if (ckpt / META_FILE).is_file():
         load_vectors(ckpt)  # and its own checks: shapes, finite values
-
-
-def trainer_step(ckpt: Path) -> int:
-    return int(_read_json(ckpt / TRAINER_STATE)["global_step"])
 
 
 # -------------------------------------------------------------------------------------------------------- run dirs
@@ -115,12 +116,39 @@ def read_latest(run_dir: Path) -> Path | None:
     return Path(run_dir) / name
 
 
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoint-<step>`` directory of a run directory, complete or not, by step."""
+    run_dir = Path(run_dir)
+    found = [(int(m.group(1)), d) for d in run_dir.iterdir() if (m := _CHECKPOINT_RE.match(d.name)) and d.is_dir()] \
+        if run_dir.is_dir() else []
+    return [d for _, d in sorted(found)]
+
+
+def holds_a_run(run_dir: str | os.PathLike) -> bool:
+    """Whether a directory already holds a run's checkpoints (a `latest` marker or a complete checkpoint)."""
+    return (Path(run_dir) / LATEST).is_file() or bool(run_checkpoints(run_dir))
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, metrics_file: str) -> None:
+    """Before training (rank 0): remove the interrupted saves (``checkpoint-<step>`` without a manifest: never usable,
+    and they would count towards transformers' ``save_total_limit`` rotation); with ``overwrite``, also another run's
+    checkpoints, its ``latest`` marker, ``final/`` and its metrics file."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    for d in checkpoint_dirs(run_dir):
+        if overwrite or not is_complete(d):
+            shutil.rmtree(d)
+    if overwrite:
+        for name in (LATEST, metrics_file):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+    fsync_dir(run_dir)
+
+
 def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The complete checkpoints of a run directory (``checkpoint-<step>`` with a manifest), by step."""
-    run_dir = Path(run_dir)
-    found = [(int(m.group(1)), d) for d in run_dir.iterdir() if (m := _CHECKPOINT_RE.match(d.name))
-             and is_complete(d)] if run_dir.is_dir() else []
-    return [d for _, d in sorted(found)]
+    return [d for d in checkpoint_dirs(run_dir) if is_complete(d)]
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
@@ -148,28 +176,15 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 
 class CheckpointCallback(TrainerCallback):
     """Completes each checkpoint transformers writes: after every process has saved its part, rank 0 writes the
-    manifest, then the ``latest`` marker. Before a step is saved into a directory that already exists (a step redone
-    after a resume), its old manifest is removed first, so a save interrupted halfway never looks complete."""
-
-    def _checkpoint(self, args, state) -> Path:
-        return Path(args.output_dir) / f"checkpoint-{state.global_step}"
-
-    def _before_save(self, args, state, control) -> None:
-        if control.should_save and state.is_world_process_zero:
-            remove_manifest(self._checkpoint(args, state))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._before_save(args, state, control)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._before_save(args, state, control)
+    manifest, then the ``latest`` marker. (A directory written again — a step redone after a resume — loses its old
+    manifest first, in ``SteeringGRPOTrainer.save_model``, so a save interrupted halfway never looks complete.)"""
 
     def on_save(self, args, state, control, **kwargs):
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()  # every rank's shards (DeepSpeed, per-rank RNG) are on disk
         if state.is_world_process_zero:
-            ckpt = self._checkpoint(args, state)
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_manifest(ckpt)
             write_latest(Path(args.output_dir), ckpt)
         PartialState().wait_for_everyone()

@@ -169,6 +169,10 @@ class SteeringGRPOConfig(GRPOConfig):
         default="vectors",
         metadata={"help": "With use_vllm: 'vectors' pushes all weights once, then only the steering vectors; 'trl' "
                           "is TRL's own full sync (which cannot merge BEFT biases)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that already holds a run's checkpoints, deleting them (its "
+                          "latest marker, final/ and metrics file too). Without it such a start is refused."})
     metrics_file: str = field(
         default="metrics.jsonl", metadata={"help": "Per-step metrics, one JSON object per line, under output_dir."})
     plot_curves: bool = field(
@@ -223,6 +227,9 @@ class SteeringGRPOConfig(GRPOConfig):
             raise ConfigError(f"reward_{e}") from None
         if self.val_size < 0 or self.val_steps < 0:
             raise ConfigError("val_size and val_steps must be >= 0")
+        if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
+            raise ConfigError("overwrite_output_dir: true deletes the checkpoints that resume_from_checkpoint would "
+                              "continue from; set one of them")
         if self.init_from is not None and not Path(self.init_from).is_dir():
             raise ConfigError(f"init_from: {self.init_from!r} is not a directory; give a steering checkpoint directory")
 

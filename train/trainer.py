@@ -35,7 +35,7 @@ from trl import GRPOTrainer
 from steering import token_scaling as ts
 from steering.rewards import accuracy_from_reward
 from steering import vectors as sv
-from train.checkpointing import CheckpointCallback
+from train.checkpointing import CheckpointCallback, remove_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,14 @@ class SteeringGRPOTrainer(GRPOTrainer):
         if steering:
             # Never save a poisoned checkpoint (it would become `latest`), whatever logging_steps is.
             self._check_vectors(f"{self.state.global_step}; not saving {out.name}")
-            if self.args.should_save and (out / sv.META_FILE).exists():
-                (out / sv.META_FILE).unlink()
+        if _internal_call:
+            # The first write of every checkpoint save (every rank calls this): a directory written again (a step
+            # redone after a resume) is incomplete before any process writes into it.
+            if self.args.should_save:
+                remove_manifest(out)
+            self.accelerator.wait_for_everyone()
+        if steering and self.args.should_save and (out / sv.META_FILE).exists():
+            (out / sv.META_FILE).unlink()
         super().save_model(str(out), _internal_call)
         if steering and self.args.should_save:
             model = self.accelerator.unwrap_model(self.model)
