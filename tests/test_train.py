@@ -198,3 +198,49 @@ def test_token_scaling_trains_through_the_same_trainer(tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, trainer.model(x).logits.cpu())
+
+
+@pytest.mark.parametrize("init", ["zero", "init_from"])
+def test_base_is_validated_on_its_own_only_when_the_step_0_model_differs(tmp_path, init, monkeypatch):
+    """Zero vectors: the step-0 model is the base, so one validation gives both numbers; vectors from init_from: the
+    base is validated separately (and may differ)."""
+    from train.__main__ import main, parse_config
+    from train.validation import Validator
+
+    calls = []
+    accuracy = Validator.accuracy
+
+    def counted(self, model, accelerator=None):
+        calls.append(1)
+        return accuracy(self, model, accelerator)
+
+    monkeypatch.setattr(Validator, "accuracy", counted)
+    extra = {}
+    if init == "init_from":
+        extra["init_from"] = str(ROOT / "assets" / "demo-checkpoint")
+    trainer = main(parse_config(["--config", str(small_config(tmp_path, max_steps=1, val_size=8, **extra))]))
+    rows = read_metrics(tmp_path / "run")
+    [base] = [r for r in rows if "base_eval_accuracy" in r and r.get("event") != "final"]
+    [step0] = [r for r in rows if "eval_accuracy" in r and r["step"] == 0]
+    assert len(calls) == (2 if init == "zero" else 3)  # step 0 (+ the base on its own), then the final step
+    if init == "zero":
+        assert base["base_eval_accuracy"] == step0["eval_accuracy"]
+    else:
+        assert trainer.validation.base_accuracy == base["base_eval_accuracy"]
+
+
+def test_console_prints_one_short_line_per_step():
+    from types import SimpleNamespace
+
+    from train.trainer import ConsoleLog
+
+    console = ConsoleLog(progress_bar=False)
+    state = SimpleNamespace(global_step=3, max_steps=30, is_world_process_zero=True)
+    args = SimpleNamespace(reward_style="pm1")
+    console._last = None
+    logs = {"reward": 0.5, "completions/mean_length": 21.25, "loss": 0.1, "grad_norm": 1.0, "kl": 0.0,
+            "vector_norm/0": 1.0, "vector_norm/1": 3.0, **{f"noise/{i}": float(i) for i in range(40)}}
+    line = console.format(args, state, logs)
+    assert line == "step 3/30 | reward +0.500 | accuracy 75.0% | length 21.2 | |s| 2.000"
+    assert console.format(args, state, {"eval_accuracy": 0.94}) == "step 3/30 | held-out accuracy 94.0%"
+    assert console.format(args, state, {"learning_rate": 1e-3}) is None  # nothing worth a line
