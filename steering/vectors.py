@@ -137,9 +137,10 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None):
     return tokenizer
 
 
-def model_shape(model: nn.Module) -> tuple[int, int]:
-    """(num_hidden_layers, hidden_size) of a base model or a PeftModel around one."""
-    cfg = model.config
+def model_shape(model: Any) -> tuple[int, int]:
+    """(num_hidden_layers, hidden_size) of a base model, a PeftModel around one, or a model config (so shapes can be
+    checked before any weights load)."""
+    cfg = model.config if isinstance(model, nn.Module) else model
     return int(cfg.num_hidden_layers), int(cfg.hidden_size)
 
 
@@ -392,11 +393,20 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
-    """``{layer: (hidden_size,) fp32}`` from a checkpoint directory or an ``adapter_model.safetensors`` file."""
+    """``{layer: (hidden_size,) fp32}`` from a checkpoint directory, an ``adapter_model.safetensors`` file, or a
+    llama.cpp control-vector ``.gguf`` file (repeng, EasySteer, ``analysis export --to gguf``; its ``direction.N`` is
+    layer ``N``: ``steering.gguf_vectors``)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from steering import gguf_vectors
+
     path = Path(path)
+    if gguf_vectors.is_control_vector_path(path) and not path.is_dir():
+        try:
+            return gguf_vectors.read_control_vector(path).vectors
+        except gguf_vectors.ControlVectorError as e:
+            raise CheckpointError(str(e)) from None
     file = path / ADAPTER_WEIGHTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no steering vectors at {str(file)!r}")
@@ -427,8 +437,8 @@ def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
     return dict(sorted(out.items()))
 
 
-def check_fits(vectors: Mapping[int, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
-    """Raise an error naming both shapes unless every vector fits the model."""
+def check_fits(vectors: Mapping[int, torch.Tensor], model: Any, source: str = "checkpoint") -> None:
+    """Raise an error naming both shapes unless every vector fits the model (a model or its config)."""
     num_layers, hidden = model_shape(model)
     sizes = {int(v.numel()) for v in vectors.values()}
     top = max(vectors) + 1 if vectors else 0

@@ -98,7 +98,8 @@ class SteeringGRPOConfig(GRPOConfig):
                           "use learning_rate."})
     init_from: str | None = field(
         default=None,
-        metadata={"help": "Start the vectors from this steering checkpoint (e.g. DiffMean vectors) instead of zero."})
+        metadata={"help": "Start the vectors from this steering checkpoint (e.g. DiffMean vectors) or llama.cpp "
+                          "control-vector .gguf file (repeng, EasySteer; direction.N is layer N) instead of zero."})
     init_scale: Any = field(
         default=1.0,
         metadata={"help": "Multiplier for init_from vectors: a number, or a per-layer JSON mapping {layer: scale}."})
@@ -231,7 +232,11 @@ class SteeringGRPOConfig(GRPOConfig):
             raise ConfigError("overwrite_output_dir: true deletes the checkpoints that resume_from_checkpoint would "
                               "continue from; set one of them")
         if self.init_from is not None and not Path(self.init_from).is_dir():
-            raise ConfigError(f"init_from: {self.init_from!r} is not a directory; give a steering checkpoint directory")
+            from steering.gguf_vectors import is_control_vector_path
+
+            if not (is_control_vector_path(self.init_from) and Path(self.init_from).is_file()):
+                raise ConfigError(f"init_from: {self.init_from!r} is neither a directory nor a .gguf file; give a "
+                                  "steering checkpoint directory or a llama.cpp control-vector .gguf file")
 
         # TRL's and transformers' own checks (one line of their message).
         try:
