@@ -52,6 +52,14 @@ class Stops:
     token_ids: tuple[int, ...] = ()
     strings: tuple[str, ...] = ()
 
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """The same stops as vLLM ``SamplingParams`` fields: vLLM ends a sequence at the token whose text completes a
+        stop string (what :func:`steering.generation.end_completions` cuts to) and keeps the string."""
+        out: dict[str, Any] = {"stop_token_ids": list(self.token_ids)}
+        if self.strings:
+            out.update(stop=list(self.strings), include_stop_str_in_output=True)
+        return out
+
 
 @dataclass(frozen=True)
 class PromptTemplate:

@@ -198,6 +198,7 @@ def qwen_paths(qwen_base_dir, qwen_checkpoint, tmp_path_factory):
             "run": run, "traces": EXAMPLES}
 
 
+@pytest.mark.filterwarnings("error:Glyph")  # a token drawn as empty boxes fails the command
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_analysis_command_on_the_real_tokenizer(command, qwen_paths, tmp_path):
     from analysis.__main__ import main
@@ -210,3 +211,31 @@ def test_analysis_command_on_the_real_tokenizer(command, qwen_paths, tmp_path):
     assert result.get("command", command).split()[0] == command
     for name in result.get("plots", []):
         assert (out / name).stat().st_size > 0
+
+
+GLYPH_TOKENS = ["别的", " 的", "שלום", "🤣", "Привет", "<think>", "\\boxed{4}", "日本語テキスト"]
+
+
+@pytest.mark.filterwarnings("error:Glyph")  # matplotlib's "Glyph N missing from font(s)": an empty box in the plot
+def test_token_plots_draw_every_script(tmp_path):
+    from analysis import plots
+
+    for tok in GLYPH_TOKENS:
+        shown = plots.legible(tok)
+        for ch in set(tok) - set(shown):  # a character that was not drawn is spelled out with its script
+            assert f"{ord(ch):04X}" in shown
+    if ord("别") not in plots._covered():  # no CJK font installed (CI): spelled out, with the script named
+        assert plots.legible("别的 x") == "[Han 522B 7684] x" and plots.show_token("别的") == "[Han×2]"
+        assert plots.show_token("🤣") == "[Sym 1F923]" and plots.show_token("テキスト") == "[Kana×4]"
+    plots.token_table(tmp_path / "t.png", [("L0", [(t, float(i)) for i, t in enumerate(GLYPH_TOKENS)])])
+    plots.token_highlight(tmp_path / "h.png", GLYPH_TOKENS, list(range(len(GLYPH_TOKENS))), title="别的")
+    plots.bar_plot(tmp_path / "b.png", [plots.show_token(t) for t in GLYPH_TOKENS], list(range(len(GLYPH_TOKENS))))
+    plots.heatmap(tmp_path / "m.png", [[1.0] * len(GLYPH_TOKENS)], ["r"], [plots.show_token(t) for t in GLYPH_TOKENS])
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("t.png", "h.png", "b.png", "m.png"))
+
+
+def test_vllm_gets_the_same_stops(qwen_base_dir):
+    model, tok = load(qwen_base_dir)
+    assert get_template("r1").stops(tok, model).vllm_kwargs() == {
+        "stop_token_ids": [ENDOFTEXT], "stop": ["</answer>"], "include_stop_str_in_output": True}
+    assert get_template("qwen_math").stops(tok, model).vllm_kwargs() == {"stop_token_ids": [ENDOFTEXT, IM_END]}

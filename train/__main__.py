@@ -179,9 +179,7 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     stops = inputs.template.stops(tokenizer, model)
     model.generation_config.eos_token_id = list(stops.token_ids)
     if c.use_vllm:  # vLLM's own sampling parameters; TRL passes generation_kwargs to them
-        c.generation_kwargs = {**(c.generation_kwargs or {}), "stop_token_ids": list(stops.token_ids),
-                               **({"stop": list(stops.strings), "include_stop_str_in_output": True}
-                                  if stops.strings else {})}
+        c.generation_kwargs = {**(c.generation_kwargs or {}), **stops.vllm_kwargs()}
     rollout_func = None
     if c.rollout_backend == "static" or (stops.strings and not c.use_vllm):
         # TRL's own generate call passes no tokenizer, which transformers' stop strings need: ours does.
