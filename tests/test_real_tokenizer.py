@@ -239,3 +239,19 @@ def test_vllm_gets_the_same_stops(qwen_base_dir):
     assert get_template("r1").stops(tok, model).vllm_kwargs() == {
         "stop_token_ids": [ENDOFTEXT], "stop": ["</answer>"], "include_stop_str_in_output": True}
     assert get_template("qwen_math").stops(tok, model).vllm_kwargs() == {"stop_token_ids": [ENDOFTEXT, IM_END]}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mask_truncated_completions", "true"], "mask_truncated_completions: template 'r1' ends completions"),
+    (["--generation_kwargs", '{"stop": ["x"]}'], "generation_kwargs: ['stop'] are set from the template's stops"),
+])
+def test_training_refuses_settings_that_fight_the_template_stops(qwen_base_dir, tmp_path, capsys, extra, message):
+    import train.__main__ as entry
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    rc = entry.cli(["--model_name_or_path", str(qwen_base_dir), "--template", "r1", "--dataset", str(data),
+                    "--val_size", "0", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
