@@ -160,7 +160,8 @@ def sample(model: nn.Module, tokenizer: Any, questions: Sequence[str], template:
 
     prompts = [template.render(q, tokenizer=tokenizer) for q in questions]
     return prompts, generate(model, tokenizer, prompts, params, num_return_sequences=num_samples,
-                             batch_size=batch_size, seed=seed, backend=backend, progress=progress)
+                             batch_size=batch_size, seed=seed, backend=backend, progress=progress,
+                             stops=template.stops(tokenizer, model))
 
 
 def sample_sequences(model: nn.Module, tokenizer: Any, problems: Sequence[Mapping[str, Any]], template: Any,

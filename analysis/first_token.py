@@ -65,6 +65,9 @@ class SuffixTemplate:
     def render(self, question: str, tokenizer: Any = None) -> str:
         return self.base.render(question, tokenizer=tokenizer) + self.suffix
 
+    def stops(self, tokenizer: Any = None, model: Any = None):
+        return self.base.stops(tokenizer, model)  # the completion still ends where the base template's does
+
 
 def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
     """Accuracy of an evaluation whose every completion is scored as ``prefix + completion``."""

@@ -2,11 +2,18 @@
 per-token highlights. Headless (Agg backend); every function writes one PNG and returns its path.
 
 Missing values (None / NaN) are drawn blank (grey) and never break a plot.
+
+Token text is drawn legibly whatever its script (:func:`legible`): characters the plot fonts have are drawn as they
+are; CJK and other scripts are drawn in an installed font that covers them (:data:`FALLBACK_FONTS`, e.g. Debian's
+``fonts-noto-cjk``), and characters no installed font covers are written out as their script and code point,
+``[Han 522B]``, instead of the empty boxes matplotlib would draw.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,74 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 _MISSING = "#dddddd"
+
+TOKEN_FONT = "DejaVu Sans Mono"  # matplotlib's own monospace font: always there
+# Fonts with CJK (and other non-Latin) coverage, used for token text when installed (in this order).
+FALLBACK_FONTS = ("Noto Sans Mono CJK SC", "Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC",
+                  "WenQuanYi Zen Hei Mono", "WenQuanYi Zen Hei", "Droid Sans Fallback", "Noto Sans")
+
+
+@functools.cache
+def token_fonts() -> tuple[str, ...]:
+    """The font families token text is drawn with: the monospace font, then the installed fallback fonts."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return (TOKEN_FONT, *[name for name in FALLBACK_FONTS if name in installed])
+
+
+@functools.cache
+def _covered() -> frozenset[int]:
+    """Code points that some font of :func:`token_fonts` has a glyph for."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    points: set[int] = set()
+    for family in token_fonts():
+        path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        points.update(FT2Font(path).get_charmap())
+    return frozenset(points)
+
+
+# Tick labels and titles (DejaVu Sans) fall back to the same fonts.
+matplotlib.rcParams["font.sans-serif"] = ["DejaVu Sans", *token_fonts()[1:],
+                                          *[f for f in matplotlib.rcParams["font.sans-serif"] if f != "DejaVu Sans"]]
+
+
+def _script(ch: str) -> str:
+    """A short name for the script of a character: the first word of its Unicode name (``Han`` for CJK)."""
+    name = unicodedata.name(ch, "")
+    if unicodedata.category(ch).startswith("S"):
+        return "Sym"
+    word = name.split(" ")[0] if name else "U"
+    return {"CJK": "Han", "HIRAGANA": "Kana", "KATAKANA": "Kana"}.get(word, word.title())
+
+
+def legible(text: str, *, compact: bool = False) -> str:
+    """``text`` with every character no plot font can draw written as ``[Script HEX ...]`` (a run of the same script
+    in one bracket; ``compact``: ``[Script×n]`` for runs of several, for short labels), so a plot never shows empty
+    boxes; everything else unchanged."""
+    covered = _covered()
+    out: list[str] = []
+    run_script, run = None, []
+
+    def flush() -> None:
+        if run:
+            out.append(f"[{run_script}×{len(run)}]" if compact and len(run) > 1 else f"[{run_script} {' '.join(run)}]")
+            run.clear()
+
+    for ch in text:
+        if ord(ch) in covered or ch in "\n\t\r":
+            flush()
+            out.append(ch)
+            continue
+        script = _script(ch)
+        if script != run_script:
+            flush()
+        run_script = script
+        run.append(f"{ord(ch):04X}")
+    flush()
+    return "".join(out)
 
 
 def _array(matrix: Sequence[Sequence[float | None]]) -> np.ndarray:
@@ -38,8 +113,10 @@ def save(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
 
 
 def show_token(text: str, limit: int = 14) -> str:
-    """A token's text made visible: whitespace and control characters escaped, long tokens shortened."""
+    """A token's text made visible: whitespace and control characters escaped, characters no font has spelled out
+    (:func:`legible`), long tokens shortened."""
     out = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    out = legible(out, compact=True)
     out = out.replace("$", r"\$")  # matplotlib mathtext
     if out.strip() == "":
         out = out.replace(" ", "␣") or "∅"
@@ -156,7 +233,7 @@ def token_table(path: str | Path, rows: Sequence[tuple[str, Sequence[tuple[str, 
     im = ax.imshow(np.ma.masked_invalid(vals), cmap=cm, vmin=-span or -1, vmax=span or 1, aspect="auto")
     for i, (_, cells) in enumerate(rows):
         for j, (tok, _) in enumerate(cells):
-            ax.text(j, i, show_token(tok), ha="center", va="center", fontsize=7, family="monospace")
+            ax.text(j, i, show_token(tok), ha="center", va="center", fontsize=7, family=list(token_fonts()))
     ax.set_yticks(range(n_rows))
     ax.set_yticklabels([label for label, _ in rows], fontsize=8)
     ax.set_xticks(range(n_cols))
@@ -204,7 +281,7 @@ def token_highlight(path: str | Path, tokens: Sequence[str], values: Sequence[fl
                     # draw the newline itself as a visible marker, then break
                     placed.append((line, col, "↵", vals[k], segs[k] if segs else None))
                     line, col = line + 1, 0
-                text = part.replace("\t", "    ")
+                text = legible(part.replace("\t", "    "))
                 if not text:
                     continue
                 if col + len(text) > width and col > 0:
@@ -226,7 +303,7 @@ def token_highlight(path: str | Path, tokens: Sequence[str], values: Sequence[fl
     ax.axis("off")
     y0 = 0
     for block_title, placed, n_lines in layouts:
-        ax.text(0, y0 + 0.7, block_title, fontsize=9, weight="bold", va="bottom")
+        ax.text(0, y0 + 0.7, legible(block_title), fontsize=9, weight="bold", va="bottom")
         y0 += 1.5
         for line, col, text, value, seg in placed:
             v = float(value) if value is not None and math.isfinite(value) else None
@@ -235,7 +312,7 @@ def token_highlight(path: str | Path, tokens: Sequence[str], values: Sequence[fl
             if seg is not None:
                 ax.add_patch(plt.Rectangle((col, y0 + line + 0.88), len(text), 0.12, facecolor=seg_color[seg],
                                            edgecolor="none"))
-            ax.text(col, y0 + line + 0.45, text.replace("$", r"\$"), fontsize=font, family="monospace",
+            ax.text(col, y0 + line + 0.45, text.replace("$", r"\$"), fontsize=font, family=list(token_fonts()),
                     va="center", ha="left")
         y0 += n_lines + 0.5
     sm = matplotlib.cm.ScalarMappable(cmap=cm, norm=matplotlib.colors.Normalize(lo, hi))

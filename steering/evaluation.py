@@ -231,6 +231,7 @@ def sample_and_score(
     backend: str = "hf",
     progress: bool = False,
     budgets: Sequence[int] | None = None,
+    stops: Any = None,
 ) -> SeedResult:
     """One evaluation seed: ``num_samples`` completions of each prompt (``prompts[i]`` asks ``problems[i]``), each
     scored against its ground truth.
@@ -238,12 +239,13 @@ def sample_and_score(
     ``generate`` gets ``generation_seed`` (chunk ``c`` of the call is seeded ``generation_seed + c``); ``seed`` is
     what the result records. ``budgets[i]``, if given, cuts problem ``i``'s completions to that many tokens (see
     :func:`evaluate_model`'s ``max_length``). The other arguments go to ``steering.generation.generate``
-    (``params``, ``batch_size``, ``backend``, ``progress``) and ``steering.rewards.score_batch`` (``answer_format``,
+    (``params``, ``batch_size``, ``backend``, ``progress``, ``stops``: the template's, ``template.stops(tokenizer)``) and ``steering.rewards.score_batch`` (``answer_format``,
     ``reward_style``, ``timeout_s``, ``options``)."""
     if len(prompts) != len(problems):
         raise ValueError(f"{len(prompts)} prompts for {len(problems)} problems")
     result = generation.generate(model, tokenizer, list(prompts), params, num_return_sequences=num_samples,
-                                 batch_size=batch_size, seed=generation_seed, backend=backend, progress=progress)
+                                 batch_size=batch_size, seed=generation_seed, backend=backend, progress=progress,
+                                 stops=stops)
     if budgets is not None:
         _truncate(result, tokenizer, budgets, num_samples)
     texts, extras = _completion_texts(result, len(prompts), num_samples)
@@ -275,7 +277,8 @@ def _completion_texts(result: Any, n_prompts: int, n_samples: int) -> tuple[list
         raise RuntimeError(f"generate returned {len(flat)} completions for {n_prompts} prompts x {n_samples} samples")
     ids, finished = result.completion_ids, result.finished
     texts = [flat[i * n_samples:(i + 1) * n_samples] for i in range(n_prompts)]
-    extras = [[{"num_tokens": len(ids[i * n_samples + j]), "finished": bool(finished[i * n_samples + j])}
+    extras = [[{"num_tokens": len(ids[i * n_samples + j]), "finished": bool(finished[i * n_samples + j]),
+                "ended": result.ended[i * n_samples + j]}
                for j in range(n_samples)] for i in range(n_prompts)]
     return texts, extras
 
@@ -288,6 +291,7 @@ def _truncate(result: Any, tokenizer: Any, budgets: Sequence[int], n: int) -> No
             result.completion_ids[r] = ids[:budget]
             result.completions[r] = tokenizer.decode(ids[:budget], skip_special_tokens=True)
             result.finished[r] = False
+            result.ended[r] = "length"
 
 
 # Generation seeds chunk c of a call with ``seed + c``; evaluation seed s uses ``s * SEED_STRIDE`` so that the chunks of
@@ -319,8 +323,9 @@ def evaluate_model(
         model, tokenizer: a causal LM (plain, steered PeftModel, LoRA PeftModel, ...) and its tokenizer.
         problems: ``{"question", "answer"}`` mappings (an ``id`` is kept if present).
         template: a :class:`steering.templates.PromptTemplate` or a name / path for ``get_template`` ("qwen_math",
-            "r1"). The prompt is ``template.render(question, tokenizer)``; answers are extracted in the template's
-            ``answer_format`` (unless ``answer_format`` is given).
+            "r1"). The prompt is ``template.render(question, tokenizer)``; completions end where
+            ``template.stops(tokenizer, model)`` says; answers are extracted in the template's ``answer_format``
+            (unless ``answer_format`` is given).
         params: :class:`steering.generation.SamplingParams` (T = 0 is greedy). Default: T = 1, 1024 new tokens.
         num_samples: completions per problem and seed (k of avg@k).
         seeds: one evaluation per seed; ``generate`` gets ``seed * SEED_STRIDE`` (see :data:`SEED_STRIDE`).
@@ -353,6 +358,7 @@ def evaluate_model(
     if params is None:
         params = generation.SamplingParams(max_new_tokens=1024, temperature=1.0)
     prompts = [tmpl.render(p["question"], tokenizer=tokenizer) for p in probs]
+    stops = tmpl.stops(tokenizer, model)  # where completions end: the template's, as in training
     budgets = None
     if max_length is not None:
         lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
@@ -361,12 +367,14 @@ def evaluate_model(
     seed_results = [sample_and_score(model, tokenizer, probs, prompts, params=params, answer_format=fmt, seed=seed,
                                      generation_seed=seed * SEED_STRIDE, num_samples=num_samples,
                                      batch_size=batch_size, reward_style=reward_style, timeout_s=timeout_s,
-                                     options=options, backend=backend, progress=progress, budgets=budgets)
+                                     options=options, backend=backend, progress=progress, budgets=budgets,
+                                     stops=stops)
                     for seed in seeds]
     settings = {"template": tmpl.name, "answer_format": fmt, "sampling": dataclasses.asdict(params),
                 "num_samples": num_samples, "seeds": seeds, "batch_size": batch_size,
                 "generation_seeds": [s * SEED_STRIDE for s in seeds], "reward_style": reward_style,
                 "reward_timeout_s": timeout_s,
                 "grading_options": dataclasses.asdict(options or rewards.DEFAULT_OPTIONS),
-                "backend": backend, "max_length": max_length}
+                "backend": backend, "max_length": max_length,
+                "stops": {"token_ids": list(stops.token_ids), "strings": list(stops.strings)}}
     return EvalResult(probs, num_samples, seed_results, settings)

@@ -84,12 +84,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return (not self.do_sample) or self.temperature == 0
 
-    def generation_config(self, tokenizer: Any = None, model: nn.Module | None = None):
+    def generation_config(self, tokenizer: Any = None, model: nn.Module | None = None, stops: Any = None):
         """The ``transformers.GenerationConfig`` both backends use. Every sampling field is set explicitly, so the
-        model's own ``generation_config.json`` defaults (e.g. Qwen's top_k=20) never leak in."""
+        model's own ``generation_config.json`` defaults (e.g. Qwen's top_k=20) never leak in. ``stops``
+        (``steering.templates.Stops``) adds its end tokens and its stop strings."""
         from transformers import GenerationConfig
 
-        eos = eos_token_ids(tokenizer, model, self.stop_token_ids)
+        eos = eos_token_ids(tokenizer, model, [*(self.stop_token_ids or []), *(stops.token_ids if stops else ())])
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         if pad is None and model is not None:
             pad = getattr(model.generation_config, "pad_token_id", None)
@@ -101,6 +102,8 @@ class SamplingParams:
             pad_token_id=pad,
             repetition_penalty=float(self.repetition_penalty),
         )
+        if stops is not None and stops.strings:
+            kwargs["stop_strings"] = list(stops.strings)
         if self.greedy:
             kwargs.update(do_sample=False)
         else:
@@ -113,8 +116,10 @@ class SamplingParams:
 class GenerationResult:
     """Outputs in row order: prompt ``i``'s ``num_return_sequences`` samples are rows ``i*n .. i*n+n-1``.
 
-    ``completion_ids`` are cut after the first end token, which is kept; ``finished[r]`` says whether row ``r`` ended
-    on an end token (False = it hit ``max_new_tokens``). ``completions`` are decoded with special tokens stripped.
+    ``completion_ids`` are cut after the first end token or after the first token that completes a stop string (that
+    token kept: see :func:`end_completions`); ``ended[r]`` says how row ``r`` ended: ``"stop"`` (a stop string),
+    ``"eos"`` (an end token) or ``"length"`` (``max_new_tokens``); ``finished[r]`` is ``ended[r] != "length"``.
+    ``completions`` are decoded with special tokens stripped.
     """
 
     prompt_ids: list[list[int]]
@@ -125,6 +130,7 @@ class GenerationResult:
     backend: str = "hf"
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    ended: list[str] = field(default_factory=list)
 
     @property
     def num_completion_tokens(self) -> int:
@@ -167,8 +173,12 @@ def generate(
     add_special_tokens: bool = True,
     compile: bool | None = None,
     kv_block: int | None = None,
+    stops: Any = None,
 ) -> GenerationResult:
     """Sample completions for ``prompts`` (strings, or lists of token ids) with the steering vectors active.
+
+    ``stops`` (``steering.templates.Stops``, from ``template.stops(tokenizer)``) says where completions end, besides
+    the tokenizer's and the model's EOS: both backends stop there and cut there (:func:`end_completions`).
 
     ``batch_size`` bounds the number of *rows* (prompts x ``num_return_sequences``) per ``generate`` call. With a
     ``seed``, chunk ``c`` is seeded with ``seed + c``, so results do not depend on what earlier chunks consumed, and the
@@ -184,7 +194,10 @@ def generate(
     if not len(prompts):
         return GenerationResult([], [], [], [], n, backend)
     prompt_ids = _tokenize(tokenizer, prompts, add_special_tokens)
-    gen_cfg = params.generation_config(tokenizer, model)
+    gen_cfg = params.generation_config(tokenizer, model, stops)
+    stop_strings = list(stops.strings) if stops is not None else []
+    if stop_strings and tokenizer is None:
+        raise GenerationError("stop strings need the tokenizer (to read the text of the tokens); pass tokenizer=...")
     # Rows are repeated here (prompt i -> rows i*n .. i*n+n-1), exactly as transformers' own num_return_sequences
     # expansion does; doing it ourselves also allows n > 1 with greedy decoding, which transformers refuses.
     eos = list(gen_cfg.eos_token_id or [])
@@ -199,7 +212,7 @@ def generate(
 
         iterator = tqdm(iterator, total=len(chunks), desc=f"generate[{backend}]")
     completion_ids: list[list[int]] = []
-    finished: list[bool] = []
+    ended: list[str] = []
     stats: dict[str, Any] = {"steps": 0, "chunks": len(chunks)}
     start = time.perf_counter()
     was_training = model.training
@@ -210,10 +223,11 @@ def generate(
                 _seed_all(seed + c)
             input_ids, attention_mask = left_pad([prompt_ids[i] for i in idx for _ in range(n)], pad, device)
             static = {"compile": compile, "kv_block": kv_block} if backend == "static" else {}
-            sequences = generate_ids(model, input_ids, attention_mask, gen_cfg, backend=backend, **static)
-            comp, fin = cut_at_eos(sequences[:, input_ids.shape[1]:], eos)
+            sequences = generate_ids(model, input_ids, attention_mask, gen_cfg, backend=backend, tokenizer=tokenizer,
+                                     **static)
+            comp, how = end_completions(sequences[:, input_ids.shape[1]:], eos, stop_strings, tokenizer)
             completion_ids.extend(comp)
-            finished.extend(fin)
+            ended.extend(how)
             stats["steps"] += int(sequences.shape[1] - input_ids.shape[1])
     finally:
         model.train(was_training)
@@ -222,7 +236,8 @@ def generate(
     seconds = time.perf_counter() - start
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if tokenizer is not None else []
     rows_prompts = [prompt_ids[i] for i in range(len(prompt_ids)) for _ in range(n)]
-    return GenerationResult(rows_prompts, completion_ids, texts, finished, n, backend, seconds, stats)
+    finished = [e != "length" for e in ended]
+    return GenerationResult(rows_prompts, completion_ids, texts, finished, n, backend, seconds, stats, ended=ended)
 
 
 def check_backend(backend: str) -> str:
@@ -240,26 +255,38 @@ def generate_ids(
     *,
     backend: str = "hf",
     compile: bool | None = None,
+    tokenizer: Any = None,
     **static_options: Any,
 ) -> torch.Tensor:
     """``(batch*n, prompt_len + new)`` token ids from a left-padded batch: ``model.generate`` with either decoding loop.
 
-    Used by :func:`generate` and by the GRPO static rollouts (``train/rollout.py``, which pass TRL's own
-    ``GenerationConfig``)."""
+    Used by :func:`generate` and by the GRPO rollouts (``train/rollout.py``, which pass TRL's own
+    ``GenerationConfig``). ``tokenizer`` is needed when the config has ``stop_strings`` (transformers reads the token
+    texts); the rows that stop there are padded to the batch's end, and :func:`end_completions` cuts them."""
+    import copy
+
     check_backend(backend)
+    cfg = copy.deepcopy(generation_config)
+    extra: dict[str, Any] = {}
+    if getattr(cfg, "stop_strings", None):
+        if tokenizer is None:
+            raise GenerationError("the generation config has stop_strings: pass tokenizer=... to generate_ids")
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        # Passed as a criterion, not left in the config: generate(custom_generate=<callable>) does not hand the
+        # tokenizer on to the criteria it builds (transformers 5.x), so config stop strings fail on the static path.
+        extra["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tokenizer, list(cfg.stop_strings))])
+        cfg.stop_strings = None
     if backend == "hf":
         if compile or static_options:
             raise GenerationError(f"options {sorted(static_options) + (['compile'] if compile else [])} are for the "
                                   "static backend")
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
-    import copy
-
-    cfg = copy.deepcopy(generation_config)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=cfg, **extra)
     # The static loop owns its KV cache: keep transformers from allocating one of its own.
     cfg.cache_implementation = None
     loop = functools.partial(static_decode, compile=compile, **static_options)
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=cfg,
-                          custom_generate=loop)
+                          custom_generate=loop, **extra)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
@@ -274,19 +301,80 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
     return ids.to(device), mask.to(device)
 
 
-def cut_at_eos(completions: torch.Tensor, eos_ids: Sequence[int]) -> tuple[list[list[int]], list[bool]]:
-    """Cut each row after its first end token (kept), exactly like TRL's GRPOTrainer does."""
-    completions = completions.cpu()
-    if completions.numel() == 0:
-        return [[] for _ in range(completions.shape[0])], [False] * completions.shape[0]
-    if eos_ids:
-        is_eos = torch.isin(completions, torch.tensor(list(eos_ids), dtype=completions.dtype))
-    else:
-        is_eos = torch.zeros_like(completions, dtype=torch.bool)
-    has = is_eos.any(dim=1)
-    first = torch.where(has, is_eos.int().argmax(dim=1), torch.full_like(has, completions.shape[1], dtype=torch.long))
-    out = [row[: int(k) + 1].tolist() if h else row.tolist() for row, k, h in zip(completions, first, has)]
-    return out, has.tolist()
+END_REASONS = ("stop", "eos", "length")
+
+
+def end_completions(completions: torch.Tensor | Sequence[Sequence[int]], eos_ids: Sequence[int],
+                    stop_strings: Sequence[str] = (), tokenizer: Any = None) -> tuple[list[list[int]], list[str]]:
+    """Each row cut where its completion ends, and how it ended (``"stop"``, ``"eos"`` or ``"length"``).
+
+    A row ends at its first end token (kept), or at the first token at which the decoded text contains one of
+    ``stop_strings`` (kept, even when the string ends inside it), whichever comes first. That is where vLLM's ``stop``
+    ends a sequence; transformers' ``StopStringCriteria`` never stops earlier (it may stop later: it needs the string
+    to overlap the last token's start), so cutting here makes every backend return the same tokens. Padding after the
+    end is dropped with the rest."""
+    rows = [list(map(int, r)) for r in (completions.cpu().tolist() if torch.is_tensor(completions) else completions)]
+    eos = {int(t) for t in eos_ids}
+    out: list[list[int]] = []
+    how: list[str] = []
+    for row in rows:
+        end = next((k for k, t in enumerate(row) if t in eos), None)
+        head = row if end is None else row[: end + 1]
+        stop = _first_stop(head, stop_strings, tokenizer) if stop_strings else None
+        if stop is not None and (end is None or stop < end):
+            out.append(head[: stop + 1])
+            how.append("stop")
+        elif end is not None:
+            out.append(head)
+            how.append("eos")
+        else:
+            out.append(head)
+            how.append("length")
+    return out, how
+
+
+class EndCounter:
+    """How rollouts ended, counted between reads: the fraction that ended at a stop string, at an end token, or at the
+    length limit. ``record`` takes completions as they are trained on (already cut by whichever backend made them);
+    cutting again changes nothing, so :func:`end_completions` classifies them."""
+
+    def __init__(self, eos_ids: Sequence[int], stop_strings: Sequence[str] = (), tokenizer: Any = None):
+        self.eos_ids = [int(t) for t in eos_ids]
+        self.stop_strings = list(stop_strings)
+        self.tokenizer = tokenizer
+        self.counts = dict.fromkeys(END_REASONS, 0)
+
+    def record(self, completion_ids: Sequence[Sequence[int]]) -> None:
+        _, how = end_completions(completion_ids, self.eos_ids, self.stop_strings, self.tokenizer)
+        for h in how:
+            self.counts[h] += 1
+
+    def pop_stats(self) -> dict[str, float]:
+        """``completions/ended_by_{stop,eos,length}``: fractions since the last call (empty if nothing was recorded)."""
+        total = sum(self.counts.values())
+        out = {f"completions/ended_by_{k}": v / total for k, v in self.counts.items()} if total else {}
+        self.counts = dict.fromkeys(END_REASONS, 0)
+        return out
+
+
+def _first_stop(ids: list[int], stop_strings: Sequence[str], tokenizer: Any) -> int | None:
+    """The index of the first token at which ``decode(ids[:k+1])`` contains a stop string (None: never).
+
+    Containment only grows with ``k``, so a binary search needs O(log n) decodes."""
+    def contains(k: int) -> bool:
+        text = tokenizer.decode(ids[: k + 1], skip_special_tokens=False)
+        return any(s in text for s in stop_strings)
+
+    if not ids or not contains(len(ids) - 1):
+        return None
+    lo, hi = 0, len(ids) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if contains(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 # --------------------------------------------------------------------------------------------------------------------

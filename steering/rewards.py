@@ -57,6 +57,7 @@ import dataclasses
 import logging
 import re
 import threading
+from typing import Any
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -468,13 +469,16 @@ class MathReward:
     """Callable for ``trl.GRPOTrainer(reward_funcs=[MathReward(...)])``: one float per completion, +1/-1 (``pm1``)
     or 1/0 (``binary``), ground truths from the dataset column ``answer_column``, graded with ``options``.
 
-    Keeps counters since the last ``pop_stats()``, which the trainer writes to its log lines."""
+    Keeps counters since the last ``pop_stats()``, which the trainer writes to its log lines. ``ends``
+    (``steering.generation.EndCounter``) also counts how the scored completions ended: the reward is the one place
+    every rollout backend's completions (TRL's, ours, vLLM's) pass through."""
 
     __name__ = "math_verify"  # TRL names the reward column after this
 
     def __init__(self, answer_format: str = "boxed", reward_style: str = "pm1", timeout_s: float = 2.0,
-                 answer_column: str = "answer", options: GradingOptions | None = None):
+                 answer_column: str = "answer", options: GradingOptions | None = None, ends: Any = None):
         self.options = _check_options(answer_format, reward_style, options)
+        self.ends = ends
         self.answer_format = answer_format
         self.reward_style = reward_style
         self.timeout_s = timeout_s
@@ -488,6 +492,8 @@ class MathReward:
                              f"{sorted(k for k in kwargs if k not in ('trainer_state', 'log_metric', 'log_extra'))}; "
                              f"pass answer_column=... to MathReward")
         truths = list(kwargs[self.answer_column])
+        if self.ends is not None and kwargs.get("completion_ids") is not None:
+            self.ends.record(kwargs["completion_ids"])
         texts = [_completion_text(c) for c in completions]
         results = score_batch(texts, truths, self.answer_format, self.reward_style, self.timeout_s, self.options)
         unparsed = sum(not r.parsed for r in results)
@@ -510,6 +516,7 @@ class MathReward:
             c = dict(self._counts)
             for key in self._counts:
                 self._counts[key] = 0
+        ends = self.ends.pop_stats() if self.ends is not None else {}
         return {"reward/num": c["num"], "reward/unparsed": c["unparsed"],
                 "reward/unparsed_frac": c["unparsed"] / c["num"] if c["num"] else 0.0,
-                "reward/timeouts": c["timeouts"], "reward/errors": c["errors"]}
+                "reward/timeouts": c["timeouts"], "reward/errors": c["errors"], **ends}

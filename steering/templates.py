@@ -6,14 +6,20 @@ Two built-ins reproduce the papers (docs/recipe.md):
   final answer within \\boxed{}.", the problem as the user turn and the generation prompt added; the answer is
   the last ``\\boxed{}``.
 - ``r1``: a plain-text prompt for base models ending in ``Assistant: <think>``; the answer is the last
-  ``<answer>...</answer>``.
+  ``<answer>...</answer>``, and generation stops at the first ``</answer>`` (kept), as public R1-template code does.
+
+Each template owns where generation ends (:meth:`PromptTemplate.stops`): the tokenizer's EOS and the model's
+``generation_config`` EOS always; for chat templates also the end-of-turn token the chat template writes after an
+assistant message (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3), whatever ``config.json`` and
+``tokenizer_config.json`` say the EOS is; and the template's stop strings (``r1``: ``</answer>``).
 
 Custom templates come from a file:
 
 - ``.yaml`` / ``.yml`` / ``.json`` with the fields ``name`` (optional, defaults to the file name),
   ``answer_format`` (``boxed`` or ``answer_tag``, default ``boxed``), and either ``text`` (a plain-text prompt) or
   ``system`` and/or ``user`` (a chat prompt; ``user`` defaults to the bare problem). ``text`` or ``user`` must
-  contain ``{question}``.
+  contain ``{question}``. Optional ``stop``: a list of stop strings (generation ends at the first token that completes
+  one; that token is kept).
   In YAML, write a multi-line ``text`` with ``|-`` unless you want its final newline in the prompt.
 - ``.txt``: the whole file is a plain-text prompt containing ``{question}``, with a boxed answer.
 
@@ -26,15 +32,33 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from steering.rewards import ANSWER_FORMATS
 
 PLACEHOLDER = "{question}"
-_FILE_FIELDS = {"name", "answer_format", "system", "user", "text"}
+_FILE_FIELDS = {"name", "answer_format", "system", "user", "text", "stop"}
 
 
 class TemplateError(ValueError):
     """A template that cannot be used, with the reason and the fix in one line."""
+
+
+@dataclass(frozen=True)
+class Stops:
+    """Where generation ends: at any of ``token_ids`` (kept in the completion), or at the first token whose text
+    completes one of ``strings`` (that token kept; nothing after it is sampled, scored or trained on)."""
+
+    token_ids: tuple[int, ...] = ()
+    strings: tuple[str, ...] = ()
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """The same stops as vLLM ``SamplingParams`` fields: vLLM ends a sequence at the token whose text completes a
+        stop string (what :func:`steering.generation.end_completions` cuts to) and keeps the string."""
+        out: dict[str, Any] = {"stop_token_ids": list(self.token_ids)}
+        if self.strings:
+            out.update(stop=list(self.strings), include_stop_str_in_output=True)
+        return out
 
 
 @dataclass(frozen=True)
@@ -44,8 +68,12 @@ class PromptTemplate:
     system: str | None = None  # chat templates: the system message (None: no system turn)
     user: str = PLACEHOLDER  # chat templates: the user turn
     text: str | None = None  # plain-text templates (no chat template): the whole prompt
+    stop: tuple[str, ...] = ()  # stop strings: generation ends at the first token that completes one (kept)
 
     def __post_init__(self):
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise TemplateError(f"template {self.name!r}: stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
         if self.answer_format not in ANSWER_FORMATS:
             raise TemplateError(f"template {self.name!r}: answer_format must be one of {ANSWER_FORMATS}, "
                                 f"got {self.answer_format!r}")
@@ -78,6 +106,38 @@ class PromptTemplate:
                                 f"plain-text template such as 'r1'")
         return tokenizer.apply_chat_template(self.messages(question), tokenize=False, add_generation_prompt=True)
 
+    def stops(self, tokenizer: Any = None, model: Any = None) -> Stops:
+        """Where generation ends with this template: the EOS of ``tokenizer`` and of ``model``'s generation config,
+        the chat template's end-of-turn token (chat templates), and the template's stop strings."""
+        from steering.generation import eos_token_ids
+
+        ids = eos_token_ids(tokenizer, model)
+        if self.is_chat and tokenizer is not None:
+            ids += [t for t in end_of_turn_ids(tokenizer) if t not in ids]
+        return Stops(token_ids=tuple(ids), strings=self.stop)
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token a chat template writes right after an assistant message's content (``<|im_end|>`` for
+    ChatML, ``<|eot_id|>`` for Llama 3), found by rendering one assistant turn; ``[]`` when the template writes no
+    special token there. Read off the template itself because checkpoints disagree about their EOS: Qwen2.5 base
+    models say ``<|endoftext|>`` while their turns end with ``<|im_end|>``."""
+    marker = "Zq7-answer-end-marker"
+    turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception as e:  # a template that cannot render an assistant turn cannot tell us where turns end
+        raise TemplateError(f"the tokenizer's chat template cannot render an assistant turn ({type(e).__name__}: "
+                            f"{e}); use a plain-text template or a chat template that renders assistant turns") from None
+    if marker not in text:
+        raise TemplateError("the tokenizer's chat template drops the assistant message's content; cannot tell where "
+                            "an assistant turn ends")
+    after = text[text.rindex(marker) + len(marker):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {int(i) for i, t in tokenizer.added_tokens_decoder.items()
+                                                 if t.special}
+    return [int(ids[0])] if ids and int(ids[0]) in special else []
+
 
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 R1_TEXT = (
@@ -90,7 +150,7 @@ R1_TEXT = (
 
 BUILTIN_TEMPLATES: dict[str, PromptTemplate] = {
     "qwen_math": PromptTemplate(name="qwen_math", answer_format="boxed", system=QWEN_MATH_SYSTEM),
-    "r1": PromptTemplate(name="r1", answer_format="answer_tag", text=R1_TEXT),
+    "r1": PromptTemplate(name="r1", answer_format="answer_tag", text=R1_TEXT, stop=("</answer>",)),
 }
 
 
@@ -139,6 +199,9 @@ def load_template(path: str) -> PromptTemplate:
     unknown = set(data) - _FILE_FIELDS
     if unknown:
         raise TemplateError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_FILE_FIELDS)}")
+    stop = data.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise TemplateError(f"{path}: field 'stop' must be a list of non-empty strings, got {stop!r}")
     for field in ("name", "answer_format", "system", "user", "text"):
         if field in data and not isinstance(data[field], str):
             # YAML reads an unquoted "{question}" as a mapping: the commonest way to get here.
@@ -157,4 +220,4 @@ def load_template(path: str) -> PromptTemplate:
     if answer_format not in ANSWER_FORMATS:
         raise TemplateError(f"{path}: answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     return PromptTemplate(name=data.get("name", stem), answer_format=answer_format, system=data.get("system"),
-                          user=data.get("user", PLACEHOLDER), text=data.get("text"))
+                          user=data.get("user", PLACEHOLDER), text=data.get("text"), stop=tuple(stop))

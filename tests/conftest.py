@@ -46,3 +46,70 @@ def tiny_checkpoint(tiny_base_dir, tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     sv.set_vectors(model, {l: torch.randn(base.config.hidden_size, generator=g) for l in sv.steered_layers(model)})
     return sv.save_checkpoint(model, tmp_path_factory.mktemp("ck") / "checkpoint-1", base_model=str(tiny_base_dir), step=1)
+
+
+QWEN_TOKENIZER_DATA = os.path.join(os.path.dirname(__file__), "data", "qwen2.5-tokenizer")
+QWEN_VOCAB = 151936  # Qwen2.5's embedding rows (151,643 BPE tokens + specials + padding)
+ENDOFTEXT, IM_START, IM_END = 151643, 151644, 151645
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """The real Qwen2.5 tokenizer and chat template (tests/data/qwen2.5-tokenizer, tokenizer.json xz-compressed),
+    unpacked where ``AutoTokenizer.from_pretrained`` reads it. Its EOS is ``<|im_end|>`` (an instruct model's)."""
+    import lzma
+    import shutil
+
+    out = tmp_path_factory.mktemp("qwen2.5-tokenizer")
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(os.path.join(QWEN_TOKENIZER_DATA, name), out / name)
+    with lzma.open(os.path.join(QWEN_TOKENIZER_DATA, "tokenizer.json.xz")) as src, open(out / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return out
+
+
+def save_tiny_qwen(out, tokenizer_dir, *, seed: int = 0, model=None, flavour: str = "base"):
+    """Save a tiny random Qwen2 (or ``model``) with the real Qwen2.5 vocabulary and tokenizer as a Hub-style model.
+
+    The end tokens are written as the real checkpoints write them. ``"base"`` (Qwen2.5-Math-1.5B): the tokenizer's EOS,
+    ``config.json`` and ``generation_config.json`` all say ``<|endoftext|>`` (151643), although a chat turn ends with
+    ``<|im_end|>``. ``"instruct"``: the tokenizer's EOS and ``config.json`` say ``<|im_end|>`` (151645),
+    ``generation_config.json`` both."""
+    from transformers import AutoTokenizer
+
+    from steering.tiny import tiny_model
+
+    if model is None:
+        model = tiny_model("qwen2", seed=seed, vocab_size=QWEN_VOCAB, max_position_embeddings=1024)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if flavour == "base":
+        tok.eos_token = "<|endoftext|>"
+        model.config.eos_token_id = model.generation_config.eos_token_id = ENDOFTEXT
+    elif flavour == "instruct":
+        model.config.eos_token_id, model.generation_config.eos_token_id = IM_END, [IM_END, ENDOFTEXT]
+    else:
+        raise ValueError(f"flavour must be 'base' or 'instruct', got {flavour!r}")
+    for cfg in (model.config, model.generation_config):
+        cfg.pad_token_id, cfg.bos_token_id = ENDOFTEXT, ENDOFTEXT
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_base_dir(qwen_tokenizer_dir, tmp_path_factory):
+    """A tiny random Qwen2 (vocab 151936) on the real Qwen2.5 tokenizer, saved like a Hub model."""
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen-real-tok"), qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(qwen_base_dir, tmp_path_factory):
+    """A steering checkpoint with random vectors on every layer of ``qwen_base_dir``."""
+    from steering import vectors as sv
+
+    base = sv.load_base_model(str(qwen_base_dir), dtype="float32")
+    model = sv.attach_steering(base)
+    g = torch.Generator().manual_seed(1)
+    sv.set_vectors(model, {l: 0.5 * torch.randn(base.config.hidden_size, generator=g) for l in sv.steered_layers(model)})
+    return sv.save_checkpoint(model, tmp_path_factory.mktemp("qwen-ck") / "checkpoint-1", base_model=str(qwen_base_dir),
+                              step=1)

@@ -148,7 +148,7 @@ def test_evaluate_model_accounting(monkeypatch):
     calls = []
 
     def fake_generate(model, tokenizer, prompts, params, *, num_return_sequences=1, batch_size=None, seed=None,
-                      backend="hf", progress=False):
+                      backend="hf", progress=False, stops=None):
         calls.append((len(prompts), num_return_sequences, seed))
         s = seed // 1_000_003
         texts = []
@@ -158,7 +158,8 @@ def test_evaluate_model_accounting(monkeypatch):
                 ans = problems[i]["answer"] if script[s][i][j] else "-1"
                 texts.append(f"Thinking... the answer is \\boxed{{{ans}}}")
         ids = [[0] * 5 for _ in texts]
-        return gen.GenerationResult([[0]] * len(texts), ids, texts, [True] * len(texts), num_return_sequences)
+        return gen.GenerationResult([[0]] * len(texts), ids, texts, [True] * len(texts), num_return_sequences,
+                                    ended=["eos"] * len(texts))
 
     monkeypatch.setattr(gen, "generate", fake_generate)
     from steering.tiny import build_char_tokenizer
@@ -306,7 +307,7 @@ def test_results_match_samples_with_nonzero_accuracy(tiny_base_dir, tmp_path, mo
                 right = (i + j + seed // 1_000_003) % 3 == 0
                 texts.append(f"\\boxed{{{answer if right else 'x'}}}")
         return gen.GenerationResult([[0]] * len(texts), [[1, 2]] * len(texts), texts, [True] * len(texts),
-                                    num_return_sequences)
+                                    num_return_sequences, ended=["eos"] * len(texts))
 
     monkeypatch.setattr(gen, "generate", fake_generate)
     out = tmp_path / "scripted"

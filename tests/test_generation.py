@@ -9,7 +9,7 @@ from steering.generation import (
     GenerationError,
     SamplingParams,
     StaticDecoder,
-    cut_at_eos,
+    end_completions,
     generate,
     left_pad,
 )
@@ -183,8 +183,8 @@ def test_errors_and_helpers(tok):
         SamplingParams(max_new_tokens=1, top_p=0.0)
     with pytest.raises(GenerationError, match="all strings or all token-id lists"):
         generate(model, tok, [[5, 6], "a"], SamplingParams(max_new_tokens=2))
-    comp, fin = cut_at_eos(torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]]), [2])
-    assert comp == [[5, 2], [5, 6, 7, 8]] and fin == [True, False]
+    comp, how = end_completions(torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]]), [2])
+    assert comp == [[5, 2], [5, 6, 7, 8]] and how == ["eos", "length"]
     cfg = SamplingParams(max_new_tokens=3, temperature=0).generation_config(tok, model)
     assert cfg.do_sample is False and tok.eos_token_id in cfg.eos_token_id
 
@@ -299,13 +299,13 @@ def _grpo_trainer(tmp_path, tok, rollout_func=None):
 
 
 def test_static_rollouts_equal_trls_own_in_real_grpo_steps(tmp_path, tok):
-    """Same seed, same model: two GRPO steps with TRL's own generation and two with ``rollout_func=StaticRollouts``
+    """Same seed, same model: two GRPO steps with TRL's own generation and two with ``rollout_func=Rollouts``
     sample the same completions token for token, and so end with the same vectors."""
-    from train.rollout import StaticRollouts
+    from train.rollout import Rollouts
 
     ref, ref_seen = _grpo_trainer(tmp_path / "trl", tok)
     ref.train()
-    rollouts = StaticRollouts()
+    rollouts = Rollouts()
     ours, our_seen = _grpo_trainer(tmp_path / "ours", tok, rollout_func=rollouts)
     ours.train()
     assert rollouts.stats["calls"] == 2 and rollouts.stats["completion_tokens"] > 0

@@ -81,6 +81,17 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
         init_vectors = {l: v * (scale.get(l, 1.0) if isinstance(scale, dict) else float(scale))
                         for l, v in init_vectors.items() if l in wanted}
     template = get_template(c.template)
+    if template.stop and c.mask_truncated_completions:
+        # TRL counts a completion as truncated unless its last token is an end token: it would mask every completion
+        # that ended at the template's stop string.
+        raise ConfigError(f"mask_truncated_completions: template {template.name!r} ends completions at the stop "
+                          f"string(s) {list(template.stop)}, which TRL would count as truncated; set "
+                          "mask_truncated_completions: false")
+    taken = sorted({"stop", "stop_token_ids", "include_stop_str_in_output", "stop_strings"}
+                   & set(c.generation_kwargs or {}))
+    if taken:
+        raise ConfigError(f"generation_kwargs: {taken} are set from the template's stops (template.stops); remove "
+                          "them, or declare stop strings in a template file ('stop: [...]')")
 
     problems = load_problems(c.dataset, split=c.dataset_split, config=c.dataset_config,
                              question_column=c.question_column, answer_column=c.answer_column,
@@ -141,7 +152,8 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     from steering import vectors as sv
     from steering.rewards import MathReward
     from steering.problems import to_prompt_dataset
-    from train.rollout import StaticRollouts
+    from steering.generation import EndCounter
+    from train.rollout import Rollouts
     from train.trainer import SteeringGRPOTrainer, write_metrics_line
     from train.validation import Validator
 
@@ -162,15 +174,25 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     # Seeded before the model is built, as TRL's scripts do: LoRA's random init must be the same run after run.
     set_seed(c.seed)
     model = build_model(c, inputs)
+    # Where rollouts end is the template's (end-of-turn token, EOS, stop strings), whatever the checkpoint's files
+    # say. TRL reads its end tokens off model.generation_config when it is built, for generation and for the cut.
+    stops = inputs.template.stops(tokenizer, model)
+    model.generation_config.eos_token_id = list(stops.token_ids)
+    if c.use_vllm:  # vLLM's own sampling parameters; TRL passes generation_kwargs to them
+        c.generation_kwargs = {**(c.generation_kwargs or {}), **stops.vllm_kwargs()}
+    rollout_func = None
+    if c.rollout_backend == "static" or (stops.strings and not c.use_vllm):
+        # TRL's own generate call passes no tokenizer, which transformers' stop strings need: ours does.
+        rollout_func = Rollouts(c.rollout_backend, stops.strings, compile=c.rollout_compile)
     reward = MathReward(answer_format=inputs.template.answer_format, reward_style=c.reward_style,
-                        timeout_s=c.reward_timeout, options=c.grading_options())
+                        timeout_s=c.reward_timeout, options=c.grading_options(),
+                        ends=EndCounter(stops.token_ids, stops.strings, tokenizer))
     validator = Validator(inputs.val_rows, inputs.template, tokenizer, max_new_tokens=c.max_completion_length,
                           temperature=c.val_temperature, batch_size=c.val_batch_size, seed=c.seed,
-                          timeout_s=c.reward_timeout, options=reward.options)
+                          timeout_s=c.reward_timeout, options=reward.options, stops=stops)
     trainer = SteeringGRPOTrainer(
         model=model, reward_funcs=[reward], args=c, train_dataset=train_ds, processing_class=tokenizer,
-        validator=validator, rollout_func=StaticRollouts(compile=c.rollout_compile) if c.rollout_backend == "static"
-        else None)
+        validator=validator, rollout_func=rollout_func)
     if trainer.is_world_process_zero():
         write_metrics_line(trainer.metrics_path, {"step": 0, "event": "data", "train_rows": len(inputs.train_rows),
                                                   "val_rows": len(inputs.val_rows), "skipped_rows": inputs.skipped_rows})

@@ -140,7 +140,7 @@ class GenerateTimer:
     (TRL's own ``model.generate``, or our static path, which is ``model.generate(custom_generate=...)`` too)."""
 
     def __init__(self, model: Any, device: str):
-        from steering.generation import cut_at_eos
+        from steering.generation import end_completions
 
         self.calls: list[dict[str, float]] = []
         inner = model.generate
@@ -153,7 +153,7 @@ class GenerateTimer:
             seconds = time.perf_counter() - start
             input_ids, mask, cfg = kwargs["input_ids"], kwargs.get("attention_mask"), kwargs["generation_config"]
             eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-            completions, _ = cut_at_eos(out[:, input_ids.shape[1]:], [e for e in eos if e is not None])
+            completions, _ = end_completions(out[:, input_ids.shape[1]:], [e for e in eos if e is not None])
             self.calls.append({"seconds": seconds, "completion_tokens": sum(len(c) for c in completions),
                                "prompt_tokens": int(mask.sum()) if mask is not None else int(input_ids.numel())})
             return out
@@ -190,7 +190,7 @@ def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
 
     from steering import compat
     from steering.vectors import attach_steering, enable_activation_checkpointing, parse_dtype
-    from train.rollout import StaticRollouts
+    from train.rollout import Rollouts
 
     dtype = parse_dtype(ns.dtype)
     device = ns.device
@@ -243,7 +243,7 @@ def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
     rollouts = GenerateTimer(model, device)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer],
-                          rollout_func=StaticRollouts(compile=ns.compile) if static else None)
+                          rollout_func=Rollouts(compile=ns.compile) if static else None)
     trainer.remove_callback(PrinterCallback)  # per-step log dicts; the summary is printed at the end
     error = None
     try:

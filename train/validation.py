@@ -16,7 +16,7 @@ from steering.generation import SamplingParams
 class Validator:
     def __init__(self, rows: list[dict[str, str]], template: Any, tokenizer: Any, *, max_new_tokens: int,
                  temperature: float = 0.0, batch_size: int = 64, seed: int = 0, timeout_s: float = 2.0,
-                 options: Any = None):
+                 options: Any = None, stops: Any = None):
         self.rows = rows
         self.template = template
         self.tokenizer = tokenizer
@@ -26,6 +26,7 @@ class Validator:
         self.seed = seed
         self.timeout_s = timeout_s
         self.options = options  # steering.rewards.GradingOptions; None: math-verify's defaults
+        self.stops = stops if stops is not None else template.stops(tokenizer)  # where completions end
         self.problems = as_problems(rows)
         self.prompts = [template.render(p["question"], tokenizer) for p in self.problems]
 
@@ -37,7 +38,7 @@ class Validator:
                                   [self.prompts[i] for i in indices], params=self.params,
                                   answer_format=self.template.answer_format, seed=self.seed,
                                   generation_seed=self.seed, batch_size=self.batch_size, timeout_s=self.timeout_s,
-                                  options=self.options)
+                                  options=self.options, stops=self.stops)
         return [row[0] for row in result.correct]
 
     def accuracy(self, model: Any, accelerator: Any = None) -> float:
