@@ -255,3 +255,16 @@ def test_training_refuses_settings_that_fight_the_template_stops(qwen_base_dir, 
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_export_command_on_the_real_tokenizer(qwen_checkpoint, tmp_path):
+    from analysis.__main__ import main
+    from steering import vectors as sv
+
+    gguf = tmp_path / "vectors.gguf"
+    assert main(["export", "--checkpoint", str(qwen_checkpoint), "--to", "gguf", "--out", str(gguf),
+                 "--drop-layer-0"]) == 0
+    back, saved = sv.load_vectors(gguf), sv.load_vectors(qwen_checkpoint)
+    assert sorted(back) == sorted(saved)[1:] and all(torch.equal(back[l], saved[l]) for l in back)
+    assert main(["export", "--checkpoint", str(qwen_checkpoint), "--to", "peft", "--out", str(tmp_path / "p")]) == 0
+    assert all(torch.equal(a, b) for a, b in zip(sv.load_vectors(tmp_path / "p").values(), saved.values()))
