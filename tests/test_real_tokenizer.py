@@ -129,7 +129,8 @@ def test_static_equals_hf_token_for_token_with_stops(qwen_base_dir):
 
 def test_r1_training_run_logs_how_rollouts_ended(scripted_dirs, tmp_path):
     """A GRPO run with the r1 template on the scripted base: rollouts end at </answer>, metrics.jsonl says so, and
-    the reward reads the first answer (most samples follow the script, whose first answer is right)."""
+    the reward reads the first answer (most samples follow the script, whose first answer is right); with RLOO the
+    logged reward is the unweighted one."""
     import yaml
 
     from train.__main__ import main, parse_config
@@ -140,7 +141,7 @@ def test_r1_training_run_logs_how_rollouts_ended(scripted_dirs, tmp_path):
                dataset=str(data), val_size=0, val_steps=0, learning_rate=1e-3, num_generations=4,
                per_device_train_batch_size=4, max_completion_length=60, max_steps=1, save_steps=1, logging_steps=1,
                bf16=False, use_cpu=True, report_to="none", output_dir=str(tmp_path / "run"), plot_curves=False,
-               seed=0, warmup_steps=0)
+               seed=0, warmup_steps=0, advantage_estimator="rloo", scale_rewards="none")
     (tmp_path / "r1.yaml").write_text(yaml.safe_dump(cfg))
     main(parse_config(["--config", str(tmp_path / "r1.yaml")]))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -148,6 +149,8 @@ def test_r1_training_run_logs_how_rollouts_ended(scripted_dirs, tmp_path):
     ends = {k: step[f"completions/ended_by_{k}"] for k in ("stop", "eos", "length")}
     assert sum(ends.values()) == pytest.approx(1.0) and ends["stop"] == 1.0, ends
     assert step["reward"] > 0 and step["completion_length"] < 30, step  # the script runs on to 60 tokens
+    # RLOO is TRL's reward weight G/(G-1); the logged reward is the reward itself, not the weighted one
+    assert step["reward"] == step["rewards/math_verify/mean"] and 0 <= step["accuracy"] <= 1, step
 
 
 BENCH = ["--benchmarks", "procedural:arithmetic:3", "--max-new-tokens", "8", "--no-progress"]

@@ -9,7 +9,7 @@ never binds. β=0: no reference model, no KL.
 How, with TRL's public arguments only:
 - RLOO: ``r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_j r_j)``, and with ``scale_rewards: none`` TRL's advantage is
   ``r_i − mean_j r_j`` of the *weighted* rewards, so ``reward_weights: [G/(G−1)]`` (set by the config) is exactly RLOO.
-  :meth:`SteeringGRPOTrainer.log` reports the unweighted reward.
+  The logged ``reward`` is the unweighted one (:class:`_UnweightedRewardLog`).
 - Static-KV-cache rollouts: TRL's ``rollout_func`` (``train/rollout.py``).
 - Per-layer learning rates: optimizer parameter groups (``create_optimizer``).
 - Checkpoints: transformers writes them as for any PEFT model (``save_model`` adds ``steering.json``), and
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from trl import GRPOTrainer
 
 from steering import token_scaling as ts
@@ -48,7 +48,26 @@ class RunAlreadyFinished(Exception):
     """Raised at the start of training when a resumed run has already reached ``max_steps``."""
 
 
-class SteeringGRPOTrainer(GRPOTrainer):
+class _UnweightedRewardLog(Trainer):
+    """Reports ``reward`` / ``reward_std`` as the reward function's own mean and std under RLOO.
+
+    TRL logs the *weighted* reward, and RLOO's weight G/(G−1) is what makes TRL's advantage RLOO's; with it, a batch
+    of all −1 rewards would log −1.14 and an "accuracy" below zero. TRL adds its metrics to ``logs`` inside
+    ``GRPOTrainer.log`` and then calls ``Trainer.log``, which writes them (callbacks, W&B, ``log_history``). Listed
+    after ``GRPOTrainer`` among :class:`SteeringGRPOTrainer`'s bases, this class sits between the two in the MRO
+    (``GRPOTrainer``, ``_BaseTrainer``, this, ``Trainer``), so its ``log`` sees TRL's metrics before anything is
+    written."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.args.advantage_estimator == "rloo" and not any(k.startswith("eval_") for k in logs):
+            name = self.reward_func_names[0]
+            for key, per_func in (("reward", f"rewards/{name}/mean"), ("reward_std", f"rewards/{name}/std")):
+                if per_func in logs:
+                    logs[key] = logs[per_func]
+        super().log(logs, start_time)
+
+
+class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
     """``GRPOTrainer`` for a :class:`train.config.SteeringGRPOConfig` (``args``). It owns the run's callbacks:
     ``metrics.jsonl``, held-out validation (``validator``, a :class:`train.validation.Validator`), the checkpoint
     manifest and ``latest`` marker, the stop for a finished run, and a one-line-per-step console."""
@@ -114,12 +133,6 @@ class SteeringGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_train = not any(k.startswith("eval_") for k in logs)
-        if is_train and self.args.advantage_estimator == "rloo":
-            # TRL logs the weighted reward (weights G/(G-1) make its advantage RLOO's); report the reward itself.
-            name = self.reward_func_names[0]
-            for key, per_func in (("reward", f"rewards/{name}/mean"), ("reward_std", f"rewards/{name}/std")):
-                if per_func in logs:
-                    logs[key] = logs[per_func]
         if is_train and hasattr(self.reward_fn, "pop_stats"):
             logs.update(self.reward_fn.pop_stats())
         if is_train and self.args.adapter == "steering":
