@@ -43,8 +43,8 @@ result.json::
                                      "context"}]}, ...],
      "plots", "files"}
 
-Plots: ``auroc_hist.png`` (AUROC of every tested feature, the significance threshold), ``sae_training.png`` (loss,
-explained variance, L0 per step), ``top_features_cos.png`` (cosine of the top features' directions with each layer's
+Plots: ``auroc_hist.png`` (AUROC of every tested feature, the significance threshold), ``sae_training.png`` (loss and
+explained variance of the training batches), ``top_features_cos.png`` (cosine of the top features' directions with each layer's
 vector), ``cards/feature_R_F.png`` (one card per top feature: its numbers, lens tokens and top-activating tokens in
 context, each token coloured by the feature's activation, like ``first-token``'s highlight figure).
 Files: ``sae/`` (cfg.json + sae_weights.safetensors), ``activations/`` (the chunks, unless ``--delete-activations``),
@@ -76,6 +76,9 @@ CORRECTIONS = ("maxt", "holm", "bh")
 PERMUTATIONS = ("within-problem", "global")
 CHUNK_GLOB = "{split}-*.safetensors"
 SPLITS = ("train", "heldout")
+# Top-activating tokens kept per feature, per example shown: k samples of one problem are often the same text, so the
+# cards skip repeated contexts and need more candidates than they show.
+EXAMPLE_POOL = 4
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def register(subparsers) -> None:
     g.add_argument("--top-features", type=int, default=10, metavar="N",
                    help="features described in detail and drawn as cards (default 10)")
     g.add_argument("--examples", type=int, default=6, metavar="N",
-                   help="top-activating tokens shown per top feature (default 6)")
+                   help="top-activating tokens shown per top feature, in distinct contexts (default 6)")
     g.add_argument("--context", type=int, default=24, metavar="N",
                    help="tokens of context before a top-activating token (default 24; 4 after)")
     g.add_argument("--lens", choices=("norm", "raw", "cosine"), default="norm",
@@ -689,7 +692,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--sae-batch-size {args.sae_batch_size} is more than the {writers['train'].tokens} "
                          "training vectors recorded; lower it or sample more")
     init = read_chunk(files["train"][0])["x"][:65536]
-    curve: dict[str, list[float]] = {"step": [], "loss": [], "explained_variance": [], "l0": []}
+    curve: dict[str, list[float]] = {"step": [], "loss": [], "explained_variance": []}
     bar = cli.progress(desc="SAE", total=args.steps, args=args, unit="step")
     log_every = max(1, args.steps // 200)
 
@@ -699,7 +702,6 @@ def run(args: argparse.Namespace) -> int:
             curve["step"].append(s.step)
             curve["loss"].append(s.loss)
             curve["explained_variance"].append(1 - s.fvu)
-            curve["l0"].append(s.l0)
             bar.set_postfix(loss=f"{s.loss:.4f}", L0=f"{s.l0:.1f}", EV=f"{1 - s.fvu:.3f}", dead=s.dead)
 
     try:
@@ -715,7 +717,7 @@ def run(args: argparse.Namespace) -> int:
                                     "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
 
     # 3. feature statistics and separation
-    st = feature_pass(sae, files, len(seqs), top_m=args.examples, input_kind=args.input, args=args)
+    st = feature_pass(sae, files, len(seqs), top_m=args.examples * EXAMPLE_POOL, input_kind=args.input, args=args)
     means = st.row_means()
     has_tokens = st.row_tokens > 0
     alive = st.alive
@@ -836,13 +838,17 @@ def describe_top(rows: Sequence[dict[str, Any]], sae: S.SparseAutoencoder, model
         d = sae.W_dec[f].detach().cpu()
         with torch.no_grad():
             scores = lens(model, d.to(device), args.lens)
-        examples = []
+        examples, seen = [], set()
         for val, r, pos in zip(st.top_val[f].tolist(), st.top_row[f].tolist(), st.top_pos[f].tolist()):
-            if r < 0 or val <= 0:
+            if r < 0 or val <= 0 or len(examples) == args.examples:
                 continue
             texts, p_len = token_texts(tokenizer, seqs, r)
             at = p_len + pos
             lo, hi = max(0, at - args.context), min(len(texts), at + 5)
+            key = (tuple(texts[lo:hi]), at - lo)
+            if key in seen:  # the same text around the same token (another sample of the same problem)
+                continue
+            seen.add(key)
             row_acts = acts.get(r, {})
             ctx = [{"token": texts[t], "activation": _act(row_acts.get(t - p_len), j)} for t in range(lo, hi)]
             examples.append({"row": r, "problem": seqs.problem[r], "correct": bool(correct[r]), "position": pos,
