@@ -44,9 +44,10 @@ result.json::
      "plots", "files"}
 
 Plots: ``auroc_hist.png`` (AUROC of every tested feature, the significance threshold), ``sae_training.png`` (loss and
-explained variance of the training batches), ``top_features_cos.png`` (cosine of the top features' directions with each layer's
-vector), ``cards/feature_R_F.png`` (one card per top feature: its numbers, lens tokens and top-activating tokens in
-context, each token coloured by the feature's activation, like ``first-token``'s highlight figure).
+explained variance of the training batches), ``top_features_cos.png`` (cosine of the top features' directions with
+each layer's vector), ``cards/feature_R_F.png`` (one card per top feature: its numbers, lens tokens and top-activating
+tokens in distinct contexts, each token coloured by the feature's activation, like ``first-token``'s highlight
+figure).
 Files: ``sae/`` (cfg.json + sae_weights.safetensors), ``activations/`` (the chunks, unless ``--delete-activations``),
 ``completion_features.safetensors`` (per-completion mean activation of every feature, the labels, the problems).
 """

@@ -212,6 +212,41 @@ def test_command_delta_is_the_persistence_commands_shift(tiny_checkpoint, tmp_pa
     assert cos == pytest.approx(p["mean_shift_cos_to_vector"][0][2], abs=1e-6)
 
 
+def test_command_steered_input_l1_global_permutations_all_positions(tiny_checkpoint, tmp_path):
+    """The other choices run end to end: --input steered stores the steered residual and ΔF beside it, --positions all
+    adds the prompt tokens (pos < 0) to the SAE's data but not to the per-completion means."""
+    common = ["--checkpoint", str(tiny_checkpoint), "--benchmarks", "procedural:arithmetic:4", "--max-new-tokens", "6",
+              "--samples-per-problem", "2", "--heldout-fraction", "0.25", "--dict-size", "24", "--topk", "3",
+              "--steps", "5", "--sae-batch-size", "8", "--permutations", "19", "--no-progress", "--layer", "1"]
+    assert main(["diffsae", *common, "--out", str(tmp_path / "diff")]) == 0
+    assert main(["diffsae", *common, "--out", str(tmp_path / "st"), "--input", "steered", "--sparsity", "l1",
+                 "--permutation", "global", "--correction", "bh", "--positions", "all"]) == 0
+    r = json.loads((tmp_path / "st" / "result.json").read_text())
+    assert r["input"] == "steered" and r["sae"]["sparsity"] == "l1" and r["sae"]["k"] is None
+    assert json.loads((tmp_path / "st" / "sae" / "cfg.json").read_text())["architecture"] == "standard"
+
+    def chunks(name):
+        files = sorted((tmp_path / name / "activations").glob("*.safetensors"))
+        return {k: torch.cat([D.read_chunk(f)[k] for f in files]) for k in D.read_chunk(files[0])}
+
+    diff, st = chunks("diff"), chunks("st")
+    assert set(st) == {"x", "delta", "row", "pos", "token"} and set(diff) == {"x", "row", "pos", "token"}
+    assert bool((st["pos"] < 0).any()) and bool((diff["pos"] >= 0).all())
+    comp = st["pos"] >= 0
+    key = lambda c, m: sorted(zip(c["row"][m].tolist(), c["pos"][m].tolist()))  # noqa: E731
+    assert key(st, comp) == key(diff, diff["pos"] >= 0)
+    order_st = torch.argsort(st["row"][comp] * 1000 + st["pos"][comp])
+    order_diff = torch.argsort(diff["row"] * 1000 + diff["pos"])
+    torch.testing.assert_close(st["delta"][comp][order_st], diff["x"][order_diff], rtol=0, atol=0)
+    assert not torch.allclose(st["x"][comp][order_st], diff["x"][order_diff])
+    assert r["data"]["train_tokens"] + r["data"]["heldout_tokens"] == st["x"].shape[0]
+    if r["separation"] is not None:
+        assert r["separation"]["correction"] == "bh" and r["separation"]["permutation"] == "global"
+        assert all(row["significant"] == (row["q_bh"] <= 0.05) for row in r["features"])
+    else:
+        assert r["separation_skipped"] and r["features"] == [] and r["top_features"] == []
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The command
 
