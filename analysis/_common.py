@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from analysis import cli
+from steering import hooks as H
 from steering import vectors as sv
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -39,6 +40,27 @@ def use_vectors(model: nn.Module, vectors: Mapping[int, torch.Tensor]) -> Iterat
         yield
     finally:
         sv.set_vectors(model, saved)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The residual stream with a given set of vectors, and the shift they cause
+
+
+def resid_post(model: nn.Module, batch: "Batch", vectors: Mapping[int, torch.Tensor], layers: Iterable[int]
+               ) -> dict[int, torch.Tensor]:
+    """``{j: blocks.j.hook_resid_post}`` (B, S, d) on ``batch`` with exactly ``vectors`` on (:func:`use_vectors`).
+    Only the last position's logits are computed: the residuals are what is wanted."""
+    names = [f"blocks.{j}.hook_resid_post" for j in layers]
+    with use_vectors(model, vectors):
+        _, cache = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    names=names, logits_to_keep=1)
+    return {int(name.split(".")[1]): cache[name] for name in names}
+
+
+def resid_shift(steered: torch.Tensor, base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``steered − base`` at the ``mask``ed positions, ``(T, d)`` in fp64: the steering-induced shift of the residual
+    (``persistence``'s Δ, ``diffsae``'s ΔF). fp64 makes the difference of two fp32 / bf16 values exact."""
+    return (steered.double() - base.double())[mask]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -95,6 +117,7 @@ class Sequences:
     completion_ids: list[list[int]]
     problem: list[int]
     prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)  # decoded as generation decodes them (what is scored)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -173,7 +196,7 @@ def sample_sequences(model: nn.Module, tokenizer: Any, problems: Sequence[Mappin
                           backend=args.backend, progress=not args.no_progress)
     problem = [i for i in range(len(prompts)) for _ in range(num_samples)]
     return Sequences([list(p) for p in res.prompt_ids], [list(c) for c in res.completion_ids], problem,
-                     [prompts[i] for i in problem])
+                     [prompts[i] for i in problem], list(res.completions))
 
 
 def sample_texts(model: nn.Module, tokenizer: Any, questions: Sequence[str], args: argparse.Namespace

@@ -92,19 +92,12 @@ def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         lo = min(steer_layers)
-        names = [f"blocks.{j}.hook_resid_post" for j in targets if j >= lo]
-        with C.use_vectors(model, {}):
-            _, base = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       names=names, logits_to_keep=1)
+        base = C.resid_post(model, batch, {}, [j for j in targets if j >= lo])
         bar.update(1)
         for i in steer_layers:
-            want = [f"blocks.{j}.hook_resid_post" for j in targets if j >= i]
-            with C.use_vectors(model, {i: vectors[i]}):
-                _, steered = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                              names=want, logits_to_keep=1)
-            for name in want:
-                j = int(name.split(".")[1])
-                delta = (steered[name].double() - base[name].double())[mask]  # (T, d)
+            steered = C.resid_post(model, batch, {i: vectors[i]}, [j for j in targets if j >= i])
+            for j, h in steered.items():
+                delta = C.resid_shift(h, base[j], mask)  # (T, d)
                 norms = delta.norm(dim=-1)
                 unit = delta / norms.clamp_min(1e-30).unsqueeze(-1)
                 st = stats[i][j]
