@@ -171,6 +171,8 @@ COMMANDS = {
     "behavior": "behavior --vectors {dm} --layer 1 --n 2 --max-new-tokens 8 --task arithmetic",
     "attribution": "attribution --vectors {dm} --traces {traces} --max-examples 2",
     "layer-ablation": "layer-ablation make --model {base} --dataset procedural:arithmetic",
+    "diffsae": "diffsae --checkpoint {ck} --layer 2 --samples-per-problem 2 --heldout-fraction 0 --dict-size 16 "
+               "--topk 2 --steps 5 --sae-batch-size 4 --permutations 19 BENCH",
 }
 
 
