@@ -87,7 +87,7 @@ class SamplingParams:
     def generation_config(self, tokenizer: Any = None, model: nn.Module | None = None, stops: Any = None):
         """The ``transformers.GenerationConfig`` both backends use. Every sampling field is set explicitly, so the
         model's own ``generation_config.json`` defaults (e.g. Qwen's top_k=20) never leak in. ``stops``
-        (``steering.templates.Stops``) adds its end tokens and its stop strings."""
+        (``steering.templates.Stops``) adds its end tokens (its stop strings go to :func:`generate_ids`)."""
         from transformers import GenerationConfig
 
         eos = eos_token_ids(tokenizer, model, [*(self.stop_token_ids or []), *(stops.token_ids if stops else ())])
@@ -102,8 +102,6 @@ class SamplingParams:
             pad_token_id=pad,
             repetition_penalty=float(self.repetition_penalty),
         )
-        if stops is not None and stops.strings:
-            kwargs["stop_strings"] = list(stops.strings)
         if self.greedy:
             kwargs.update(do_sample=False)
         else:
@@ -196,8 +194,6 @@ def generate(
     prompt_ids = _tokenize(tokenizer, prompts, add_special_tokens)
     gen_cfg = params.generation_config(tokenizer, model, stops)
     stop_strings = list(stops.strings) if stops is not None else []
-    if stop_strings and tokenizer is None:
-        raise GenerationError("stop strings need the tokenizer (to read the text of the tokens); pass tokenizer=...")
     # Rows are repeated here (prompt i -> rows i*n .. i*n+n-1), exactly as transformers' own num_return_sequences
     # expansion does; doing it ourselves also allows n > 1 with greedy decoding, which transformers refuses.
     eos = list(gen_cfg.eos_token_id or [])
@@ -223,8 +219,8 @@ def generate(
                 _seed_all(seed + c)
             input_ids, attention_mask = left_pad([prompt_ids[i] for i in idx for _ in range(n)], pad, device)
             static = {"compile": compile, "kv_block": kv_block} if backend == "static" else {}
-            sequences = generate_ids(model, input_ids, attention_mask, gen_cfg, backend=backend, tokenizer=tokenizer,
-                                     **static)
+            sequences = generate_ids(model, input_ids, attention_mask, gen_cfg, backend=backend,
+                                     stop_strings=stop_strings, tokenizer=tokenizer, **static)
             comp, how = end_completions(sequences[:, input_ids.shape[1]:], eos, stop_strings, tokenizer)
             completion_ids.extend(comp)
             ended.extend(how)
@@ -255,33 +251,35 @@ def generate_ids(
     *,
     backend: str = "hf",
     compile: bool | None = None,
+    stop_strings: Sequence[str] = (),
     tokenizer: Any = None,
     **static_options: Any,
 ) -> torch.Tensor:
     """``(batch*n, prompt_len + new)`` token ids from a left-padded batch: ``model.generate`` with either decoding loop.
 
     Used by :func:`generate` and by the GRPO rollouts (``train/rollout.py``, which pass TRL's own
-    ``GenerationConfig``). ``tokenizer`` is needed when the config has ``stop_strings`` (transformers reads the token
-    texts); the rows that stop there are padded to the batch's end, and :func:`end_completions` cuts them."""
-    import copy
-
+    ``GenerationConfig``). ``stop_strings`` (they need the ``tokenizer``: transformers reads the token texts) end a
+    row at the token that completes one; finished rows are padded to the batch's end, and :func:`end_completions`
+    cuts them."""
     check_backend(backend)
-    cfg = copy.deepcopy(generation_config)
     extra: dict[str, Any] = {}
-    if getattr(cfg, "stop_strings", None):
+    if stop_strings:
         if tokenizer is None:
-            raise GenerationError("the generation config has stop_strings: pass tokenizer=... to generate_ids")
+            raise GenerationError("stop strings need the tokenizer (to read the text of the tokens); pass tokenizer=...")
         from transformers import StoppingCriteriaList, StopStringCriteria
 
-        # Passed as a criterion, not left in the config: generate(custom_generate=<callable>) does not hand the
-        # tokenizer on to the criteria it builds (transformers 5.x), so config stop strings fail on the static path.
-        extra["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tokenizer, list(cfg.stop_strings))])
-        cfg.stop_strings = None
+        # A criterion, not the config's stop_strings: generate(custom_generate=<callable>) does not hand the tokenizer
+        # on to the criteria it builds (transformers 5.x), so config stop strings fail on the static path.
+        extra["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop_strings))])
     if backend == "hf":
         if compile or static_options:
             raise GenerationError(f"options {sorted(static_options) + (['compile'] if compile else [])} are for the "
                                   "static backend")
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=cfg, **extra)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                              **extra)
+    import copy
+
+    cfg = copy.deepcopy(generation_config)
     # The static loop owns its KV cache: keep transformers from allocating one of its own.
     cfg.cache_implementation = None
     loop = functools.partial(static_decode, compile=compile, **static_options)

@@ -7,8 +7,8 @@ transformers path whenever the template has stop strings.
 rollout is ``model.generate(..., generation_config=trainer.generation_config)`` (with ``custom_generate=static_decode``
 for the static backend): TRL's own generation config (temperature, top-p, top-k, min-p, repetition penalty, EOS list,
 pad), so the logits processors, the EOS handling and the sampling are transformers' own. The template's stop strings
-are added to that config (transformers' ``StopStringCriteria``, which needs the tokenizer that TRL's own ``generate``
-call does not pass: the reason the transformers path goes through here when there are stop strings). Completions are
+are added as transformers' ``StopStringCriteria``, which needs the tokenizer that TRL's own ``generate`` call does not
+pass: the reason the transformers path goes through here when there are stop strings. Completions are
 cut by ``steering.generation.end_completions`` (after the first EOS or the first token completing a stop string, kept),
 so nothing after the template's end is scored or trained on. Prompts are tokenised exactly as TRL tokenises text
 prompts. TRL computes the log-probabilities itself (``logprobs: None``).
@@ -20,7 +20,6 @@ template's stops reach vLLM through ``generation_kwargs``, see ``train/__main__.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -57,10 +56,6 @@ class Rollouts:
         prompt_ids = tokenizer(text=prompts)["input_ids"]  # exactly how TRL tokenises text prompts
         input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, trainer.accelerator.device)
         args = trainer.args
-        gen_cfg = trainer.generation_config
-        if self.stop_strings:
-            gen_cfg = copy.deepcopy(gen_cfg)
-            gen_cfg.stop_strings = list(self.stop_strings)
         static = {"compile": self.compile} if self.backend == "static" else {}
         start = time.perf_counter()
         with (
@@ -73,8 +68,8 @@ class Rollouts:
             ) as model,
             torch.no_grad(),
         ):
-            sequences = generate_ids(model, input_ids, attention_mask, gen_cfg, backend=self.backend,
-                                     tokenizer=tokenizer, **static)
+            sequences = generate_ids(model, input_ids, attention_mask, trainer.generation_config, backend=self.backend,
+                                     stop_strings=self.stop_strings, tokenizer=tokenizer, **static)
         completion_ids, _ = end_completions(sequences[:, input_ids.shape[1]:], trainer.eos_token_ids,
                                             self.stop_strings, tokenizer)
         self.stats["seconds"] += time.perf_counter() - start
