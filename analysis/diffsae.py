@@ -70,6 +70,7 @@ from analysis import _common as C
 from analysis import cli, plots
 from analysis.cli import UsageError
 from steering import sae as S
+from steering.diffmean import cosine
 from steering import vectors as sv
 
 INPUTS = ("diff", "steered")
@@ -183,7 +184,7 @@ def check(args: argparse.Namespace) -> Plan:
     if args.pass_k:
         raise UsageError("--pass-k is not used by diffsae (it reports no accuracy metric)")
     cli.check_positive(args, "samples_per_problem", "chunk_size", "steps", "sae_batch_size", "dead_window",
-                       "permutations", "top_features", "examples", "lens_k")
+                       "permutations", "top_features", "examples", "lens_k", "topk")
     if args.context < 0:
         raise UsageError(f"--context must be >= 0, got {args.context}")
     _finite(args, "lr", low=0, low_ok=False)
@@ -219,7 +220,6 @@ def check(args: argparse.Namespace) -> Plan:
         raise UsageError(f"--dict-size must be >= 1, got {dict_size}")
     if args.sparsity == "topk" and args.topk > dict_size:
         raise UsageError(f"--topk {args.topk} is larger than the dictionary (--dict-size {dict_size})")
-    cli.check_positive(args, "topk")
     return Plan(layer, num_layers, hidden, ck_layers, steer, dict_size)
 
 
@@ -584,9 +584,7 @@ def ranked_table(sep: Mapping[str, Any], tested: torch.Tensor, means: torch.Tens
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    a, b = a.double().reshape(-1), b.double().reshape(-1)
-    den = float(a.norm() * b.norm())
-    return float(a @ b) / den if den > 0 else None
+    return _num(cosine(a, b))  # None where a direction is zero
 
 
 @torch.no_grad()
@@ -676,10 +674,11 @@ def run(args: argparse.Namespace) -> int:
     collect(model, seqs, steer, plan.layer, input_kind=args.input, positions=args.positions, writers=writers,
             split_of_row=split_of_row, batch_size=args.forward_batch_size, pad=pad, args=args)
     files = {split: list(w.files) for split, w in writers.items()}
+    hook_name = f"blocks.{plan.layer}.hook_resid_post"
     if not files["train"]:
         raise UsageError("no training tokens were recorded (every problem is held out?)")
     cli.write_json(act_dir / "index.json", {
-        "layer": plan.layer, "hook_name": f"blocks.{plan.layer}.hook_resid_post", "input": args.input,
+        "layer": plan.layer, "hook_name": hook_name, "input": args.input,
         "steer_layers": plan.steer_layers, "positions": args.positions, "d": plan.hidden,
         "chunks": {s: [f.name for f in fs] for s, fs in files.items()},
         "tokens": {s: w.tokens for s, w in writers.items()}})
@@ -712,7 +711,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"SAE training: {e}") from None
     finally:
         bar.close()
-    hook_name = f"blocks.{plan.layer}.hook_resid_post"
     sae_dir = S.save_saelens(sae, out / "sae", hook_name=hook_name, model_name=base_id,
                              extra={"input": args.input, "steer_layers": plan.steer_layers,
                                     "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
@@ -866,7 +864,7 @@ def _act(values: torch.Tensor | None, j: int) -> float | None:
     return None if values is None else float(values[j])
 
 
-def _num(x: torch.Tensor) -> float | None:
+def _num(x: float | torch.Tensor) -> float | None:
     v = float(x)
     return v if math.isfinite(v) else None
 

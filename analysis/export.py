@@ -83,13 +83,9 @@ def _check_common(args: argparse.Namespace) -> tuple[dict[str, Any], dict[int, t
     if args.drop_layer_0 and args.to != "gguf":
         raise UsageError("--drop-layer-0 applies to --to gguf only (the other formats can steer layer 0)")
     try:
-        meta = sv.read_meta(args.checkpoint)
+        meta, vectors = sv.read_checkpoint(args.checkpoint)
     except sv.CheckpointError as e:
-        raise UsageError(str(e)) from None
-    vectors = cli.checkpoint_vectors(args.checkpoint)
-    if sorted(vectors) != sorted(meta["layers"]):
-        raise UsageError(f"--checkpoint {args.checkpoint}: steering.json lists layers {meta['layers']} but the "
-                         f"safetensors file has {sorted(vectors)}")
+        raise UsageError(f"--checkpoint: {e}") from None
     if ts.checkpoint_has_gates(args.checkpoint) or meta.get("token_scaling"):
         # s_l * alpha_l(t) depends on the token; none of the formats can hold a per-token gate.
         raise UsageError(f"--checkpoint {args.checkpoint} is a token-scaling checkpoint: its per-token gates "

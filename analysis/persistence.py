@@ -42,7 +42,7 @@ from analysis import _common as C
 from analysis import plots
 from analysis import cli
 from steering import hooks as H
-from steering.diffmean import pad_id_of
+from steering.diffmean import cosine, pad_id_of
 
 
 @dataclass
@@ -67,9 +67,7 @@ class ShiftStats:
         return float(self.sum_unit @ d) / n / self.count
 
     def cos_of_mean_to(self, direction: torch.Tensor) -> float:
-        d, m = direction.double().reshape(-1), self.mean
-        den = float(d.norm() * m.norm())
-        return float(m @ d) / den if den > 0 else float("nan")
+        return cosine(self.mean, direction)
 
 
 @torch.no_grad()

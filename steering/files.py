@@ -28,6 +28,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Make a file's content durable."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside ``path`` durable (best effort where the OS allows it)."""
     try:
@@ -49,8 +55,7 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -84,8 +89,7 @@ def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
     for f in tmp.rglob("*"):
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
     fsync_dir(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -322,12 +322,9 @@ def end_completions(completions: torch.Tensor | Sequence[Sequence[int]], eos_ids
         if stop is not None and (end is None or stop < end):
             out.append(head[: stop + 1])
             how.append("stop")
-        elif end is not None:
-            out.append(head)
-            how.append("eos")
         else:
             out.append(head)
-            how.append("length")
+            how.append("length" if end is None else "eos")
     return out, how
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections import defaultdict
@@ -43,10 +42,10 @@ def math_verify_verdict(case: dict) -> bool:
     """math-verify's verdict, called directly (parse + verify with its own timeouts, the case's options)."""
     from math_verify import parse, verify
 
-    gold = case["gold"]
+    from steering.rewards import gold_input
+
     # A ground truth without math delimiters is read as display math (the reward's documented convention).
-    gold_text = gold if re.search(r"(?<!\\)\$|\\\(|\\\[|\\boxed", gold) else f"$${gold}$$"
-    return bool(verify(parse(gold_text), parse(math_verify_text(case)), **case["options"]))
+    return bool(verify(parse(gold_input(case["gold"])), parse(math_verify_text(case)), **case["options"]))
 
 
 def project_results(cases: list[dict], timeout_s: float = 2.0) -> tuple[list, list[float]]:

@@ -209,7 +209,7 @@ def _truth_text(gold) -> str:
     return "" if gold is None else str(gold)
 
 
-def _gold_input(gold: str) -> str:
+def gold_input(gold: str) -> str:
     """The text math-verify parses for a ground truth: as it is when it holds math delimiters, else as display math
     (which, unlike ``$...$``, may span lines)."""
     return gold if _MATH_DELIMITER.search(gold) else f"$${gold}$$"
@@ -265,7 +265,7 @@ def _math_verify(text: str, gold: str, options: GradingOptions) -> tuple[bool, b
     exactly as math-verify's ``parse`` + ``verify`` decide. Its own timeouts are off: the pool bounds the time."""
     from math_verify import parse, verify
 
-    gold_parsed = parse(_gold_input(gold), parsing_timeout=None)
+    gold_parsed = parse(gold_input(gold), parsing_timeout=None)
     if not gold_parsed:
         return False, False
     pred_parsed = parse(text, parsing_timeout=None)

@@ -90,8 +90,7 @@ class SparseAutoencoder(nn.Module):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.cfg.sparsity == "l1":
             return pre.relu()
-        values, indices = torch.topk(pre, self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        return _topk_relu(pre, self.cfg.k)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activate(self.pre_activation(x))
@@ -167,6 +166,12 @@ def input_scale(sample: torch.Tensor) -> tuple[float, torch.Tensor]:
     return math.sqrt(x.shape[1] / msd), mean.float()
 
 
+def _topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest pre-activations of each row, ReLU'd, in place; zeros elsewhere."""
+    values, indices = torch.topk(pre, k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+
 def _aux_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     """AuxK: reconstruct the main reconstruction's error from the top ``k_aux`` *dead* latents' pre-activations,
     normalised by the error's own variance (Gao et al. 2024, section A.2)."""
@@ -174,9 +179,7 @@ def _aux_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor,
     if n_dead == 0:
         return pre.new_zeros(())
     k_aux = min(sae.cfg.d_in // 2 or 1, n_dead)
-    masked = pre.masked_fill(~dead, float("-inf"))
-    values, indices = torch.topk(masked, k_aux, dim=-1, sorted=False)
-    acts = torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+    acts = _topk_relu(pre.masked_fill(~dead, float("-inf")), k_aux)
     recon = acts @ sae.W_dec  # the error has no bias: b_dec is in the main reconstruction already
     denom = ((residual - residual.mean(0)) ** 2).sum(-1).mean().clamp_min(1e-12)
     return ((recon - residual) ** 2).sum(-1).mean() / denom
@@ -329,6 +332,8 @@ def load_saelens(directory: str | os.PathLike) -> SparseAutoencoder:
             raise SAEError(f"{directory}: architecture {arch!r} is not one this module writes (topk, standard)")
         sae = SparseAutoencoder(SAEConfig(int(cfg["d_in"]), int(cfg["d_sae"]),
                                           "topk" if arch == "topk" else "l1", int(cfg.get("k", 1))))
+    except SAEError:
+        raise  # already says what is wrong (it is a ValueError: keep it out of the clause below)
     except (OSError, KeyError, ValueError) as e:
         raise SAEError(f"{directory}: not an SAE in SAELens layout ({e})") from None
     sae.load_state_dict(load_file(str(directory / SAELENS_WEIGHTS_FILE)))

@@ -437,6 +437,17 @@ def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
     return dict(sorted(out.items()))
 
 
+def read_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
+    """``(steering.json, vectors)`` of a checkpoint directory, checked to agree on the layers."""
+    meta = read_meta(ckpt_dir)
+    vectors = load_vectors(ckpt_dir)
+    if sorted(vectors) != sorted(meta["layers"]):
+        raise CheckpointError(
+            f"{str(ckpt_dir)!r}: steering.json lists layers {meta['layers']} but the safetensors file has {sorted(vectors)}"
+        )
+    return meta, vectors
+
+
 def check_fits(vectors: Mapping[int, torch.Tensor], model: Any, source: str = "checkpoint") -> None:
     """Raise an error naming both shapes unless every vector fits the model (a model or its config)."""
     num_layers, hidden = model_shape(model)
@@ -458,12 +469,7 @@ def load_steered_model(
     """Load a checkpoint onto ``base`` (a model, a Hub id / directory, or None for the id recorded in the checkpoint).
 
     Checks the checkpoint's shapes against the model before touching it."""
-    meta = read_meta(ckpt_dir)
-    vectors = load_vectors(ckpt_dir)
-    if sorted(vectors) != sorted(meta["layers"]):
-        raise CheckpointError(
-            f"{str(ckpt_dir)!r}: steering.json lists layers {meta['layers']} but the safetensors file has {sorted(vectors)}"
-        )
+    meta, vectors = read_checkpoint(ckpt_dir)
     if base is None:
         base = meta.get("base_model")
         if not base:

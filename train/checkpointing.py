@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from steering.files import fsync_dir, sha256_file, write_json_atomic
+from steering.files import fsync_dir, fsync_file, sha256_file, write_json_atomic
 from steering.vectors import CheckpointError
 
 LATEST = "latest"
@@ -50,8 +50,7 @@ def write_manifest(ckpt: Path) -> None:
     """Record the sha256 and size of every file of a checkpoint in ``checksums.json``: what marks it complete."""
     files = {}
     for f in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST):
-        with open(f, "rb") as fh:  # durable before the manifest says it is there
-            os.fsync(fh.fileno())
+        fsync_file(f)  # durable before the manifest says it is there
         files[f.relative_to(ckpt).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
     write_json_atomic(ckpt / MANIFEST, {"files": files})
 
