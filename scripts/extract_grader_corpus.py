@@ -231,12 +231,14 @@ def shape(text: str) -> str:
 
 def completions(content_or_text: str, whole: bool):
     """(answer_format, completion) pairs for one prediction."""
-    if whole:
-        yield "boxed", content_or_text
-        yield "answer_tag", f"{THINK}<answer>{content_or_text}</answer>"
-    else:
-        yield "boxed", f"{REASONING}\\boxed{{{content_or_text}}}."
-        yield "answer_tag", f"{THINK}<answer>{content_or_text}</answer>"
+    yield "boxed", content_or_text if whole else f"{REASONING}\\boxed{{{content_or_text}}}."
+    yield "answer_tag", f"{THINK}<answer>{content_or_text}</answer>"
+
+
+def make_case(source: str, origin: str, fmt: str, completion: str, gold: str, pred: str, expected: bool,
+         options: dict | None = None, match_types: list | None = None) -> dict:
+    return {"source": source, "origin": origin, "answer_format": fmt, "completion": completion, "gold": gold,
+            "pred": pred, "expected": expected, "options": options or {}, "suite_match_types": match_types}
 
 
 def build(peer_tests: Path) -> list[dict]:
@@ -254,29 +256,25 @@ def build(peer_tests: Path) -> list[dict]:
                 # format only the answer goes in the tag, so such a solution has no r1 form). A whole solution
                 # without a box has no form the reward reads (it would be a box longer than MAX_ANSWER_CHARS).
                 whole = "\\boxed" in pred or "\\fbox" in pred
-                if not whole and len(box_content(pred)) > MAX_ANSWER_CHARS:
+                content = pred if whole else box_content(pred)
+                if not whole and len(content) > MAX_ANSWER_CHARS:
                     left_out["a whole solution without a box"] += 1
                     continue
-                for fmt, text in completions(pred if whole else box_content(pred), whole):
+                origin = f"{upstream}{path.name}::{test} (line {line} of peer-tests/{suite}/{path.name})"
+                for fmt, text in completions(content, whole):
                     if whole and fmt == "answer_tag":
                         continue
-                    origin = f"{upstream}{path.name}::{test} (line {line} of peer-tests/{suite}/{path.name})"
-                    cases.append({"source": suite, "origin": origin,
-                                  "answer_format": fmt, "completion": text, "gold": gold, "pred": pred,
-                                  "expected": expected, "options": settings["options"],
-                                  "suite_match_types": settings["match_types"]})
+                    cases.append(make_case(suite, origin, fmt, text, gold, pred, expected, settings["options"],
+                                      settings["match_types"]))
     for test, pred, reference, expected in QWEN_GRADER_CASES:
+        origin = f"QwenLM/Qwen2.5-Math@29a82a8 evaluation/grader.py::TestMathEquality.{test}"
         for fmt, text in completions(pred, whole=False):
-            cases.append({"source": "qwen2.5-math-grader",
-                          "origin": f"QwenLM/Qwen2.5-Math@29a82a8 evaluation/grader.py::TestMathEquality.{test}",
-                          "answer_format": fmt, "completion": text, "gold": reference, "pred": pred,
-                          "expected": expected, "options": {}, "suite_match_types": None})
+            cases.append(make_case("qwen2.5-math-grader", origin, fmt, text, reference, pred, expected))
     for content, gold, expected, note in ADVERSARIAL:
         whole = content.startswith("!")
-        for fmt, text in completions(content[1:] if whole else content, whole):
-            cases.append({"source": "project-adversarial", "origin": note, "answer_format": fmt, "completion": text,
-                          "gold": gold, "pred": content[1:] if whole else content, "expected": expected,
-                          "options": {}, "suite_match_types": None})
+        pred = content[1:] if whole else content
+        for fmt, text in completions(pred, whole):
+            cases.append(make_case("project-adversarial", note, fmt, text, gold, pred, expected))
     for i, case in enumerate(cases):
         case["id"] = f"{case['source']}-{i:04d}"
         case["shape"] = shape(case["completion"])
