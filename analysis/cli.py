@@ -335,9 +335,15 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reward-allow-set-relation-comp", action=argparse.BooleanOptionalAction, default=False,
                    help="math-verify allow_set_relation_comp: a relation in the answer may equal a set in the ground "
                         "truth (default: off)")
-    g.add_argument("--backend", default="hf", choices=["hf", "static"],
-                   help="generation backend of steering.generation: hf (model.generate) or static (static KV cache, "
-                        "compiled on CUDA); default hf")
+    g.add_argument("--backend", default="hf", choices=["hf", "static", "vllm"],
+                   help="generation backend of steering.generation: hf (model.generate, the reference), static (static "
+                        "KV cache, compiled on CUDA) or vllm (a vLLM engine with the vectors as down_proj biases; "
+                        "needs vLLM, see README); default hf")
+    g.add_argument("--vllm-kv-cache-gb", type=float, default=None, metavar="GB",
+                   help="--backend vllm: KV-cache size of the engine (default: 2 on CPU; on GPU vLLM's share of GPU "
+                        "memory, --vllm-gpu-memory-utilization)")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                   help="--backend vllm on GPU: fraction of GPU memory the engine may take (default 0.9)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU); steering vectors stay fp32")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -361,6 +367,10 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--pass-k values must be >= 1, got {args.pass_k}")
     if args.reward_timeout <= 0:
         raise UsageError(f"--reward-timeout must be > 0, got {args.reward_timeout}")
+    if args.vllm_kv_cache_gb is not None and not args.vllm_kv_cache_gb > 0:
+        raise UsageError(f"--vllm-kv-cache-gb must be > 0, got {args.vllm_kv_cache_gb}")
+    if not 0 < args.vllm_gpu_memory_utilization <= 1:
+        raise UsageError(f"--vllm-gpu-memory-utilization must be in (0, 1], got {args.vllm_gpu_memory_utilization}")
     try:
         grading_options(args)
     except ValueError as e:
@@ -407,6 +417,12 @@ def sampling_params(args: argparse.Namespace, *, greedy: bool = False):
     temperature = 0.0 if greedy else args.temperature
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                           top_k=args.top_k, do_sample=temperature > 0)
+
+
+def vllm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--vllm-*`` flags as ``VLLMModel`` keyword arguments."""
+    return {"kv_cache_gb": args.vllm_kv_cache_gb, "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+            "max_model_len": args.max_length}
 
 
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -742,9 +758,13 @@ def _load_lm(name: str, dtype: Any):
     return sv.freeze(model).eval()
 
 
-def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None = None):
+def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None = None, backend: str = "hf",
+                   vllm_options: dict[str, Any] | None = None):
     """(model, tokenizer) for a row: the base, a steering checkpoint on its base, a LoRA adapter (PeftModel) on its
-    base, or a full model dir."""
+    base, or a full model dir. ``backend="vllm"``: a ``steering.vllm_engine.VLLMModel`` serving the same model
+    (``vllm_options``: its KV-cache size, ...)."""
+    if backend == "vllm":
+        return _load_row_engine(row, dtype, device, vllm_options or {}), sv.load_tokenizer(row.tokenizer)
     if row.kind == "base":
         model = _load_lm(row.base_model, dtype)
     elif row.kind == "steering":
@@ -759,6 +779,33 @@ def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None =
         raise ValueError(f"unknown row kind {row.kind!r}")
     tokenizer = sv.load_tokenizer(row.tokenizer)
     return model.to(default_device(device)).eval(), tokenizer
+
+
+def _load_row_engine(row: RowSpec, dtype: Any, device: str | None, options: dict[str, Any]):
+    from steering.vllm_engine import VLLMModel
+
+    if row.kind == "lora":
+        raise UsageError(f"row {row.label!r}: LoRA rows are not served by --backend vllm here; use --backend hf")
+    model_dir = row.path if row.kind == "full" else row.base_model
+    vectors = row.path if row.kind == "steering" else None
+    device_type = "cuda" if str(default_device(device)).startswith("cuda") else "cpu"
+    return VLLMModel(model_dir, vectors, dtype=str(dtype).removeprefix("torch."), device=device_type, **options)
+
+
+def check_vllm_rows(rows: Sequence[RowSpec], device: str | None) -> None:
+    """``--backend vllm``: vLLM installed, a tested version, and every row's model servable here; LoRA rows are
+    refused. One line each, before any weights load."""
+    from steering.vllm_engine import VLLMError, check_vllm, read_model_config
+
+    device_type = "cuda" if str(default_device(device)).startswith("cuda") else "cpu"
+    for row in rows:
+        if row.kind == "lora":
+            raise UsageError(f"--backend vllm: row {row.label!r} is a LoRA adapter, which this project does not serve "
+                             "through vLLM; use --backend hf for LoRA rows")
+        try:
+            check_vllm(read_model_config(row.path if row.kind == "full" else row.base_model), device=device_type)
+        except VLLMError as e:
+            raise UsageError(f"--backend vllm: {e}") from None
 
 
 def check_loadable(rows: Sequence[RowSpec]) -> None:

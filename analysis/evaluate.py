@@ -80,7 +80,8 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
     try:
         for row in rows:
             bar.set_postfix_str(f"loading {row.label}")
-            model, tokenizer = load_row_model(row, dtype=dtype, device=device)
+            model, tokenizer = load_row_model(row, dtype=dtype, device=device, backend=args.backend,
+                                              vllm_options=cli.vllm_options(args))
             row_params = cli.sampling_params(args, greedy=row.greedy)
             seeds = list(args.seeds[:1]) if row.greedy else list(args.seeds)
             row_out: dict[str, Any] = {**row.describe(), "seeds": seeds, "sampling": asdict(row_params),
@@ -165,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     template = cli.resolve_template(args.template, [r.path for r in rows])
     benches = cli.load_benchmarks(args.benchmarks, args)
     cli.check_loadable(rows)
+    if args.backend == "vllm":
+        cli.check_vllm_rows(rows, args.device)
     out = cli.prepare_out(args.out)
     results = evaluate_rows(rows, benches, args, template, out)
     print(results["table"])

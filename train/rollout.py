@@ -4,8 +4,8 @@ transformers path whenever the template has stop strings.
 ``rollout_backend: static`` (or a template with stop strings, e.g. ``r1``'s ``</answer>``) passes
 ``rollout_func=Rollouts(...)`` to the trainer. TRL then hands it each process's prompts (already repeated
 ``num_generations`` times by TRL's sampler) and the trainer, and takes back the prompt and completion token ids. The
-rollout is ``model.generate(..., generation_config=trainer.generation_config)`` (with ``custom_generate=static_decode``
-for the static backend): TRL's own generation config (temperature, top-p, top-k, min-p, repetition penalty, EOS list,
+rollout is ``model.generate(..., generation_config=trainer.generation_config)`` (with transformers' static KV cache for
+the static backend): TRL's own generation config (temperature, top-p, top-k, min-p, repetition penalty, EOS list,
 pad), so the logits processors, the EOS handling and the sampling are transformers' own. The template's stop strings
 are added as transformers' ``StopStringCriteria``, which needs the tokenizer that TRL's own ``generate`` call does not
 pass: the reason the transformers path goes through here when there are stop strings. Completions are
@@ -56,7 +56,6 @@ class Rollouts:
         prompt_ids = tokenizer(text=prompts)["input_ids"]  # exactly how TRL tokenises text prompts
         input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, trainer.accelerator.device)
         args = trainer.args
-        static = {"compile": self.compile} if self.backend == "static" else {}
         start = time.perf_counter()
         with (
             unwrap_model_for_generation(
@@ -69,7 +68,7 @@ class Rollouts:
             torch.no_grad(),
         ):
             sequences = generate_ids(model, input_ids, attention_mask, trainer.generation_config, backend=self.backend,
-                                     stop_strings=self.stop_strings, tokenizer=tokenizer, **static)
+                                     compile=self.compile, stop_strings=self.stop_strings, tokenizer=tokenizer)
         completion_ids, _ = end_completions(sequences[:, input_ids.shape[1]:], trainer.eos_token_ids,
                                             self.stop_strings, tokenizer)
         self.stats["seconds"] += time.perf_counter() - start

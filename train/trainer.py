@@ -38,10 +38,17 @@ from steering import vectors as sv
 from train.checkpointing import CheckpointCallback, remove_manifest
 
 logger = logging.getLogger(__name__)
+# TRL's measure of how far vLLM's sampling log-probabilities are from the trainer's (per sampled token, |difference|).
+VLLM_GAP_MEAN, VLLM_GAP_MAX = "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max"
 
 
 class TrainingDiverged(RuntimeError):
     """NaN/Inf in the loss, the gradients or the vectors."""
+
+
+class VLLMMismatch(RuntimeError):
+    """The vLLM engine's log-probabilities of the sampled tokens are too far from the trainer's: it is not serving the
+    model being trained (a sync that did not land)."""
 
 
 class RunAlreadyFinished(Exception):
@@ -81,9 +88,14 @@ class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
             prepare_engine_processes(config.vllm_mode)
         super().__init__(*args, **kwargs)
         if vectors_sync and sv.vector_parameters(self.model):
-            from steering.vllm_plugin import install_vectors_only_sync
+            from steering.vllm_plugin import engine_serves, install_vectors_only_sync
 
-            install_vectors_only_sync(self.vllm_generation, self.model, accelerator=self.accelerator)
+            # The engine loaded the base itself: when it is the trainer's base, the vectors are all that differ, and
+            # only they are pushed (vLLM-CPU could not take a full push: it repacks weights after loading).
+            same_base = config.vllm_mode == "colocate" and engine_serves(
+                self.vllm_generation, config.model_name_or_path, config.model_revision)
+            install_vectors_only_sync(self.vllm_generation, self.model, accelerator=self.accelerator,
+                                      full_first=not same_base)
         self.reward_fn = self.reward_funcs[0]
         self.metrics_path = Path(config.output_dir) / config.metrics_file
         self.add_callback(MetricsFileCallback(self.metrics_path, config.reward_style))
@@ -117,6 +129,17 @@ class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
             if not torch.isfinite(p.detach()).all():
                 raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step {when}")
 
+    def _check_vllm_gap(self, logs: dict[str, float]) -> None:
+        """Stop the run when vLLM's log-probabilities of the sampled tokens are far from the trainer's (TRL measures
+        the gap when ``vllm_importance_sampling_correction`` is on): the engine is then not serving the trained
+        vectors, and every further step would train on another model's samples."""
+        gap = logs.get(VLLM_GAP_MEAN)
+        limit = self.args.vllm_max_logprob_gap
+        if gap is not None and limit is not None and gap > limit:
+            raise VLLMMismatch(f"at step {self.state.global_step} the mean |log p(trainer) - log p(vLLM)| of the "
+                               f"sampled tokens is {gap:.3f} (max {logs.get(VLLM_GAP_MAX, float('nan')):.3f}), above "
+                               f"vllm_max_logprob_gap={limit}")
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Before the rollouts: sampling from NaN logits would fail with an obscure error instead.
         self._check_vectors(f"{self.state.global_step + 1} (before its rollouts)")
@@ -135,6 +158,12 @@ class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
         is_train = not any(k.startswith("eval_") for k in logs)
         if is_train and hasattr(self.reward_fn, "pop_stats"):
             logs.update(self.reward_fn.pop_stats())
+            if "completions/ended_by_length" in logs:
+                # TRL counts a completion as clipped unless its last token is an end token, so one that ended at the
+                # template's stop string (r1's </answer>) would count as clipped: report the length-limit share.
+                logs["completions/clipped_ratio"] = logs["completions/ended_by_length"]
+        if is_train:
+            self._check_vllm_gap(logs)
         if is_train and self.args.adapter == "steering":
             self._check_vectors(str(self.state.global_step))
             vectors = sv.vector_parameters(self.model)
@@ -230,6 +259,8 @@ class ConsoleLog(ProgressCallback):
         norms = [v for k, v in logs.items() if k.startswith("vector_norm/")]
         if norms:
             parts.append(f"|s| {sum(norms) / len(norms):.3f}")
+        if VLLM_GAP_MEAN in logs:
+            parts.append(f"vLLM logp gap {logs[VLLM_GAP_MEAN]:.4f} (max {logs.get(VLLM_GAP_MAX, float('nan')):.3f})")
         return " | ".join(parts)
 
 
