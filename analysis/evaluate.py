@@ -29,10 +29,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from analysis import cli
-from analysis.cli import RowSpec, load_row_model
-from analysis.table import add_relative, render_table
-from steering.evaluation import EvalResult, evaluate_model, mean_std, metric_name
+from analysis import cli, plots
+from analysis.cli import RowSpec, UsageError, load_row_model
+from analysis.table import add_relative, add_statistics, forest_groups, render_table, resolve_pairs
+from steering import statistics as stats
+from steering.evaluation import EvalResult, as_problems, evaluate_model, mean_std, metric_name, problem_key
 
 
 def environment() -> dict[str, Any]:
@@ -46,8 +47,11 @@ def environment() -> dict[str, Any]:
 
 
 def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namespace, template: Any,
-                  out: Path | None = None) -> dict[str, Any]:
-    """Evaluate every row on every benchmark; write samples.jsonl / results.json / table.md under ``out`` (if given).
+                  out: Path | None = None, *, pairs: list[tuple[str, str]] | None = None,
+                  resamples: int = stats.DEFAULT_RESAMPLES, stats_seed: int = stats.DEFAULT_SEED) -> dict[str, Any]:
+    """Evaluate every row on every benchmark; write samples.jsonl / results.json / table.md (and differences.png when
+    rows are compared) under ``out`` (if given). ``pairs``: the rows to difference (default
+    ``analysis.table.default_pairs``); ``resamples`` / ``stats_seed``: the bootstrap's and the paired test's.
     Returns the results dict (the content of results.json)."""
     from tqdm.auto import tqdm
 
@@ -56,7 +60,10 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
     bench_meta = []
     for b in benches:
         k = cli.samples_for(b, args, greedy=False)
-        bench_meta.append({**b.describe(), "num_samples": k, "metric": metric_name(k)})
+        problems = as_problems(b.problems)  # the per-problem counts of every row follow this order
+        bench_meta.append({**b.describe(), "num_samples": k, "metric": metric_name(k),
+                           "problem_ids": [p["id"] for p in problems],
+                           "problem_keys": [problem_key(p) for p in problems]})
     results: dict[str, Any] = {
         "settings": {
             "template": template.name, "answer_format": template.answer_format,
@@ -122,11 +129,16 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
         if samples_f is not None:
             samples_f.close()
     add_relative(results["rows"])
+    pairs = resolve_pairs(results["rows"], None) if pairs is None else pairs
+    add_statistics(results, pairs, resamples=resamples, seed=stats_seed)
     results["settings"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     results["table"] = render_table(results)
     if out is not None:
         cli.write_json(out / "results.json", results)
         (out / "table.md").write_text(results["table"], encoding="utf-8")
+        if results["differences"]:
+            plots.forest_plot(out / "differences.png", forest_groups(results["differences"]),
+                              title="Paired differences (points), 95 % intervals", xlabel="A − B (points)")
     return results
 
 
@@ -156,17 +168,29 @@ def register(subparsers) -> None:
                         "(the papers' six), file:PATH (.json/.jsonl/.parquet), procedural:TASK[:N][:key=value]; "
                         "prefix LABEL= to rename")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--pair", nargs=2, action="append", default=None, metavar=("A", "B"),
+                   help="difference A − B to report (repeatable; a row label or role: base, steering, lora, full), "
+                        "with its paired interval and p-value; default: each row against Base, and Steering against "
+                        "Full and LoRA when present")
     cli.add_eval_args(p)
+    cli.add_stats_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     cli.check_eval_args(args)
+    cli.check_stats_args(args)
     rows = cli.build_rows(args.checkpoint, args.label, args.model, args.include_base, args.base_greedy)
+    try:
+        pairs = resolve_pairs([r.describe() for r in rows], args.pair)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     template = cli.resolve_template(args.template, [r.path for r in rows])
     benches = cli.load_benchmarks(args.benchmarks, args)
     cli.check_loadable(rows)
     out = cli.prepare_out(args.out)
-    results = evaluate_rows(rows, benches, args, template, out)
+    results = evaluate_rows(rows, benches, args, template, out, pairs=pairs, resamples=args.resamples,
+                            stats_seed=args.stats_seed)
     print(results["table"])
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}")
+    plot = f", {out / 'differences.png'}" if results["differences"] else ""
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}{plot}")
     return 0
