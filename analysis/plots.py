@@ -344,5 +344,5 @@ def forest_plot(path: str | Path, groups: Mapping[str, Sequence[tuple[str, float
         ax.set_title(name, fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel(xlabel)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.0 + 0.25 / fig.get_figheight())  # above the first panel's title
     return save(fig, path)

@@ -124,8 +124,8 @@ def _notes(results: Mapping[str, Any], has_full: bool, has_base: bool) -> list[s
     if any(r["role"] == "base_greedy" for r in rows):
         notes.append("Base (greedy): T = 0, one sample, one seed.")
     if has_full:
-        notes.append("Relative = Avg / Full Avg × 100" + ("; Rel. Improvement = (Avg − Base Avg) / (Full Avg − Base "
-                                                            "Avg) × 100." if has_base else "."))
+        notes.append("Relative = Avg / Full Avg × 100" + ("; Rel. Improvement = (Avg − Base Avg) / (Full Avg − "
+                                                            "Base Avg) × 100." if has_base else "."))
     st = s.get("statistics")
     if st:
         notes.append(f"[low, high]: {100 * st['confidence']:g} % interval, bootstrap over problems (a problem keeps "
@@ -148,6 +148,19 @@ def _detectable_note(results: Mapping[str, Any]) -> str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def render_pair_detectable(differences: Sequence[Mapping[str, Any]]) -> str:
+    """One line per pair: the smallest difference a paired test detects on each benchmark and the Avg, from that
+    pair's per-problem differences."""
+    lines = []
+    for d in differences:
+        parts = [f"{name} ({v['num_problems']} problems) {_points(v['detectable'])}"
+                 for name, v in d["benchmarks"].items()]
+        lines.append(f"Smallest detectable difference, {d['a']} − {d['b']} (paired test, {100 * stats.POWER:g} % "
+                     f"power, α = {stats.ALPHA:g}): " + "; ".join(parts + [f"Avg {_points(d['avg']['detectable'])}"])
+                     + ".")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _points(value: float | None, digits: int = 1) -> str:
