@@ -43,15 +43,16 @@ ALPHA = 0.05
 POWER = 0.8
 
 
-def problem_scores(correct_counts: Sequence[Sequence[int]], num_samples: int) -> np.ndarray:
-    """``(problems,)`` scores: each problem's correct count summed over seeds, over ``seeds * num_samples``.
-    ``correct_counts[s][i]`` is problem ``i``'s number of correct samples (of ``num_samples``) under seed ``s``."""
+def problem_scores(correct_counts: Sequence[Sequence[int]] | np.ndarray, num_samples: int) -> np.ndarray:
+    """``(..., problems)`` scores: each problem's correct count summed over seeds, over ``seeds * num_samples``.
+    ``correct_counts[..., s, i]`` is problem ``i``'s number of correct samples (of ``num_samples``) under seed ``s``
+    (leading axes: rows or simulations)."""
     counts = np.asarray(correct_counts, dtype=float)
-    if counts.ndim != 2 or counts.shape[1] == 0:
+    if counts.ndim < 2 or counts.shape[-1] == 0 or counts.shape[-2] == 0:
         raise ValueError(f"correct counts must be seeds x problems, got shape {counts.shape}")
     if num_samples < 1 or (counts < 0).any() or (counts > num_samples).any():
         raise ValueError(f"correct counts must lie in [0, {num_samples}]")
-    return counts.sum(axis=0) / (counts.shape[0] * num_samples)
+    return counts.sum(axis=-2) / (counts.shape[-2] * num_samples)
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -133,8 +134,9 @@ def sign_flip_p_value(differences: np.ndarray, weights: np.ndarray | None = None
     def statistic(x: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.moveaxis(x, axis, -1) @ w
 
+    batch = max(1, int(2e7 // d.size))  # sign flips per vectorised call: bounds the memory to ~160 MB
     res = permutation_test((d,), statistic, permutation_type="samples", vectorized=True, n_resamples=resamples,
-                           alternative="two-sided", axis=-1, rng=seed)
+                           batch=batch, alternative="two-sided", axis=-1, rng=seed)
     p = np.minimum(res.pvalue, 1.0)
     return float(p) if np.ndim(p) == 0 else p
 
