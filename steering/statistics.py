@@ -102,15 +102,16 @@ def expanded_tail(confidence: float, n: int | None) -> float:
 
 
 def percentile_interval(draws: np.ndarray, confidence: float = CONFIDENCE,
-                        n: int | None = None) -> tuple[float, float] | None:
+                        n: int | None = None) -> list[float] | None:
     """The central percentile interval of bootstrap draws, expanded for ``n`` problems (:func:`expanded_tail`); NaN
-    draws (a ratio over a zero) are left out. None when there is no finite draw."""
+    draws (a ratio over a zero) are left out. ``[low, high]`` (as results.json holds it), None when there is no
+    finite draw."""
     draws = np.asarray(draws, dtype=float)
     if not np.isfinite(draws).any():
         return None
     tail = 100.0 * expanded_tail(confidence, n)
     low, high = np.nanpercentile(draws, [tail, 100.0 - tail])
-    return float(low), float(high)
+    return [float(low), float(high)]
 
 
 def percentile_intervals(draws: np.ndarray, confidence: float = CONFIDENCE, n: int | None = None) -> np.ndarray:
