@@ -8,13 +8,17 @@ spec::
         --checkpoint steering=runs/steer/checkpoint-314 --checkpoint lora=runs/lora/checkpoint-314 \\
         --checkpoint full=runs/full/checkpoint-314 --benchmarks six --seeds 0 1 2 --out eval/qwen-math-1.5b
 
-writes ``OUT/results.json`` (every number, per row, benchmark and seed, with the exact settings), ``OUT/table.md``
-(the papers' table: rows Base / Steering / LoRA / Full, one column per benchmark, Avg, Relative and Relative
-Improvement, mean ± std over seeds) and ``OUT/samples.jsonl`` (every completion, its extracted answer and verdict).
+writes ``OUT/results.json`` (every number, per row, benchmark and seed, with the exact settings, and every problem's
+correct count per row, benchmark and seed), ``OUT/table.md`` (the papers' table: rows Base / Steering / LoRA / Full,
+one column per benchmark, Avg, Relative and Relative Improvement, mean ± std over seeds and a 95 % interval from a
+bootstrap over problems; the smallest difference each benchmark can detect; the paired differences between rows
+(``--pair``, default each row against Base and Steering against Full and LoRA) with intervals and sign-flip
+p-values), ``OUT/samples.jsonl`` (every completion, its extracted answer and verdict) and ``OUT/differences.png``
+(a forest plot of the differences).
 
 The evaluation itself (generate, score, avg@k / pass@k) is ``steering.evaluation``; the benchmarks are
-``steering.problems``; the rows (the four kinds of model) and the arguments are ``analysis.cli``; the table is
-``analysis.table``.
+``steering.problems``; the rows (the four kinds of model) and the arguments are ``analysis.cli``; the table and the
+statistics on it are ``analysis.table`` and ``steering.statistics`` (docs/evaluation.md explains the scheme).
 """
 
 from __future__ import annotations
@@ -57,27 +61,9 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
 
     device, dtype = cli.device_and_dtype(args)
     params = cli.sampling_params(args)
-    bench_meta = []
-    for b in benches:
-        k = cli.samples_for(b, args, greedy=False)
-        problems = as_problems(b.problems)  # the per-problem counts of every row follow this order
-        bench_meta.append({**b.describe(), "num_samples": k, "metric": metric_name(k),
-                           "problem_ids": [p["id"] for p in problems],
-                           "problem_keys": [problem_key(p) for p in problems]})
+    bench_meta = [_bench_meta(b, args) for b in benches]
     results: dict[str, Any] = {
-        "settings": {
-            "template": template.name, "answer_format": template.answer_format,
-            "sampling": asdict(params), "seeds": list(args.seeds), "batch_size": args.batch_size,
-            "limit": args.limit, "dtype": dtype, "device": device, "backend": args.backend,
-            "max_length": args.max_length, "reward_style": "pm1", "reward_timeout_s": args.reward_timeout,
-            "grading_options": asdict(cli.grading_options(args)),
-            "pass_k": list(args.pass_k),
-            "num_samples": {b["name"]: b["num_samples"] for b in bench_meta},
-            "greedy_rule": "temperature 0 -> 1 sample per problem",
-            "args": {k: v for k, v in vars(args).items() if k != "func"},
-            "argv": list(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "environment": environment(),
-        },
+        "settings": _settings(args, template, params, device, dtype, bench_meta),
         "benchmarks": bench_meta,
         "rows": [],
     }
@@ -134,12 +120,44 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
     results["settings"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     results["table"] = render_table(results)
     if out is not None:
-        cli.write_json(out / "results.json", results)
-        (out / "table.md").write_text(results["table"], encoding="utf-8")
-        if results["differences"]:
-            plots.forest_plot(out / "differences.png", forest_groups(results["differences"]),
-                              title="Paired differences (points), 95 % intervals", xlabel="A − B (points)")
+        _write(results, out)
     return results
+
+
+def _settings(args: argparse.Namespace, template: Any, params: Any, device: str, dtype: str,
+              bench_meta: list[dict[str, Any]]) -> dict[str, Any]:
+    """The exact settings of a run, as results.json records them."""
+    return {
+        "template": template.name, "answer_format": template.answer_format,
+        "sampling": asdict(params), "seeds": list(args.seeds), "batch_size": args.batch_size,
+        "limit": args.limit, "dtype": dtype, "device": device, "backend": args.backend,
+        "max_length": args.max_length, "reward_style": "pm1", "reward_timeout_s": args.reward_timeout,
+        "grading_options": asdict(cli.grading_options(args)),
+        "pass_k": list(args.pass_k),
+        "num_samples": {b["name"]: b["num_samples"] for b in bench_meta},
+        "greedy_rule": "temperature 0 -> 1 sample per problem",
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "argv": list(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "environment": environment(),
+    }
+
+
+def _bench_meta(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """A benchmark's entry in results.json, with its problems' ids and content keys: every row's per-problem counts
+    follow this order, and ``compare`` matches problems across runs by the keys."""
+    k = cli.samples_for(bench, args, greedy=False)
+    problems = as_problems(bench.problems)
+    return {**bench.describe(), "num_samples": k, "metric": metric_name(k),
+            "problem_ids": [p["id"] for p in problems], "problem_keys": [problem_key(p) for p in problems]}
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    """The finished run's results.json, table.md and, when rows were compared, the forest plot differences.png."""
+    cli.write_json(out / "results.json", results)
+    (out / "table.md").write_text(results["table"], encoding="utf-8")
+    if results["differences"]:
+        plots.forest_plot(out / "differences.png", forest_groups(results["differences"]),
+                          title="Paired differences (points), 95 % intervals", xlabel="A − B (points)")
 
 
 def _empty_cuda_cache() -> None:
