@@ -109,7 +109,7 @@ def test_pairing_narrows_the_interval_when_difficulty_dominates():
     paired = bootstrap((a, b), diff, paired=True, method="percentile", n_resamples=4000, rng=7).confidence_interval
     width = ours[1] - ours[0]
     assert width < 0.35 * (unpaired.high - unpaired.low), (ours, unpaired)
-    assert ours[0] == pytest.approx(paired.low, abs=0.1 * width) and ours[1] == pytest.approx(paired.high, abs=0.1 * width)
+    assert ours == pytest.approx([paired.low, paired.high], abs=0.1 * width)
 
 
 def test_same_draws_for_every_row_and_deterministic():
