@@ -8,13 +8,17 @@ spec::
         --checkpoint steering=runs/steer/checkpoint-314 --checkpoint lora=runs/lora/checkpoint-314 \\
         --checkpoint full=runs/full/checkpoint-314 --benchmarks six --seeds 0 1 2 --out eval/qwen-math-1.5b
 
-writes ``OUT/results.json`` (every number, per row, benchmark and seed, with the exact settings), ``OUT/table.md``
-(the papers' table: rows Base / Steering / LoRA / Full, one column per benchmark, Avg, Relative and Relative
-Improvement, mean ± std over seeds) and ``OUT/samples.jsonl`` (every completion, its extracted answer and verdict).
+writes ``OUT/results.json`` (every number, per row, benchmark and seed, with the exact settings, and every problem's
+correct count per row, benchmark and seed), ``OUT/table.md`` (the papers' table: rows Base / Steering / LoRA / Full,
+one column per benchmark, Avg, Relative and Relative Improvement, mean ± std over seeds and a 95 % interval from a
+bootstrap over problems; the smallest difference each benchmark can detect; the paired differences between rows
+(``--pair``, default each row against Base and Steering against Full and LoRA) with intervals and sign-flip
+p-values), ``OUT/samples.jsonl`` (every completion, its extracted answer and verdict) and ``OUT/differences.png``
+(a forest plot of the differences).
 
 The evaluation itself (generate, score, avg@k / pass@k) is ``steering.evaluation``; the benchmarks are
-``steering.problems``; the rows (the four kinds of model) and the arguments are ``analysis.cli``; the table is
-``analysis.table``.
+``steering.problems``; the rows (the four kinds of model) and the arguments are ``analysis.cli``; the table and the
+statistics on it are ``analysis.table`` and ``steering.statistics`` (docs/evaluation.md explains the scheme).
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from analysis import cli
-from analysis.cli import RowSpec, load_row_model
-from analysis.table import add_relative, render_table
-from steering.evaluation import EvalResult, evaluate_model, mean_std, metric_name
+from analysis import cli, plots
+from analysis.cli import RowSpec, UsageError, load_row_model
+from analysis.table import add_relative, add_statistics, forest_groups, render_table, resolve_pairs
+from steering import statistics as stats
+from steering.evaluation import EvalResult, as_problems, evaluate_model, mean_std, metric_name, problem_key
 
 
 def environment() -> dict[str, Any]:
@@ -46,31 +51,19 @@ def environment() -> dict[str, Any]:
 
 
 def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namespace, template: Any,
-                  out: Path | None = None) -> dict[str, Any]:
-    """Evaluate every row on every benchmark; write samples.jsonl / results.json / table.md under ``out`` (if given).
+                  out: Path | None = None, *, pairs: list[tuple[str, str]] | None = None,
+                  resamples: int = stats.DEFAULT_RESAMPLES, stats_seed: int = stats.DEFAULT_SEED) -> dict[str, Any]:
+    """Evaluate every row on every benchmark; write samples.jsonl / results.json / table.md (and differences.png when
+    rows are compared) under ``out`` (if given). ``pairs``: the rows to difference (default
+    ``analysis.table.default_pairs``); ``resamples`` / ``stats_seed``: the bootstrap's and the paired test's.
     Returns the results dict (the content of results.json)."""
     from tqdm.auto import tqdm
 
     device, dtype = cli.device_and_dtype(args)
     params = cli.sampling_params(args)
-    bench_meta = []
-    for b in benches:
-        k = cli.samples_for(b, args, greedy=False)
-        bench_meta.append({**b.describe(), "num_samples": k, "metric": metric_name(k)})
+    bench_meta = [_bench_meta(b, args) for b in benches]
     results: dict[str, Any] = {
-        "settings": {
-            "template": template.name, "answer_format": template.answer_format,
-            "sampling": asdict(params), "seeds": list(args.seeds), "batch_size": args.batch_size,
-            "limit": args.limit, "dtype": dtype, "device": device, "backend": args.backend,
-            "max_length": args.max_length, "reward_style": "pm1", "reward_timeout_s": args.reward_timeout,
-            "grading_options": asdict(cli.grading_options(args)),
-            "pass_k": list(args.pass_k),
-            "num_samples": {b["name"]: b["num_samples"] for b in bench_meta},
-            "greedy_rule": "temperature 0 -> 1 sample per problem",
-            "args": {k: v for k, v in vars(args).items() if k != "func"},
-            "argv": list(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "environment": environment(),
-        },
+        "settings": _settings(args, template, params, device, dtype, bench_meta),
         "benchmarks": bench_meta,
         "rows": [],
     }
@@ -123,12 +116,49 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
         if samples_f is not None:
             samples_f.close()
     add_relative(results["rows"])
+    pairs = resolve_pairs(results["rows"], None) if pairs is None else pairs
+    add_statistics(results, pairs, resamples=resamples, seed=stats_seed)
     results["settings"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     results["table"] = render_table(results)
     if out is not None:
-        cli.write_json(out / "results.json", results)
-        (out / "table.md").write_text(results["table"], encoding="utf-8")
+        _write(results, out)
     return results
+
+
+def _settings(args: argparse.Namespace, template: Any, params: Any, device: str, dtype: str,
+              bench_meta: list[dict[str, Any]]) -> dict[str, Any]:
+    """The exact settings of a run, as results.json records them."""
+    return {
+        "template": template.name, "answer_format": template.answer_format,
+        "sampling": asdict(params), "seeds": list(args.seeds), "batch_size": args.batch_size,
+        "limit": args.limit, "dtype": dtype, "device": device, "backend": args.backend,
+        "max_length": args.max_length, "reward_style": "pm1", "reward_timeout_s": args.reward_timeout,
+        "grading_options": asdict(cli.grading_options(args)),
+        "pass_k": list(args.pass_k),
+        "num_samples": {b["name"]: b["num_samples"] for b in bench_meta},
+        "greedy_rule": "temperature 0 -> 1 sample per problem",
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "argv": list(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "environment": environment(),
+    }
+
+
+def _bench_meta(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """A benchmark's entry in results.json, with its problems' ids and content keys: every row's per-problem counts
+    follow this order, and ``compare`` matches problems across runs by the keys."""
+    k = cli.samples_for(bench, args, greedy=False)
+    problems = as_problems(bench.problems)
+    return {**bench.describe(), "num_samples": k, "metric": metric_name(k),
+            "problem_ids": [p["id"] for p in problems], "problem_keys": [problem_key(p) for p in problems]}
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    """The finished run's results.json, table.md and, when rows were compared, the forest plot differences.png."""
+    cli.write_json(out / "results.json", results)
+    (out / "table.md").write_text(results["table"], encoding="utf-8")
+    if results["differences"]:
+        plots.forest_plot(out / "differences.png", forest_groups(results["differences"]),
+                          title="Paired differences (points), 95 % intervals", xlabel="A − B (points)")
 
 
 def _empty_cuda_cache() -> None:
@@ -157,19 +187,31 @@ def register(subparsers) -> None:
                         "(the papers' six), file:PATH (.json/.jsonl/.parquet), procedural:TASK[:N][:key=value]; "
                         "prefix LABEL= to rename")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--pair", nargs=2, action="append", default=None, metavar=("A", "B"),
+                   help="difference A − B to report (repeatable; a row label or role: base, steering, lora, full), "
+                        "with its paired interval and p-value; default: each row against Base, and Steering against "
+                        "Full and LoRA when present")
     cli.add_eval_args(p)
+    cli.add_stats_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     cli.check_eval_args(args)
+    cli.check_stats_args(args)
     rows = cli.build_rows(args.checkpoint, args.label, args.model, args.include_base, args.base_greedy)
+    try:
+        pairs = resolve_pairs([r.describe() for r in rows], args.pair)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     template = cli.resolve_template(args.template, [r.path for r in rows])
     benches = cli.load_benchmarks(args.benchmarks, args)
     cli.check_loadable(rows)
     if args.backend == "vllm":
         cli.check_vllm_rows(rows, args.device)
     out = cli.prepare_out(args.out)
-    results = evaluate_rows(rows, benches, args, template, out)
+    results = evaluate_rows(rows, benches, args, template, out, pairs=pairs, resamples=args.resamples,
+                            stats_seed=args.stats_seed)
     print(results["table"])
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}")
+    plot = f", {out / 'differences.png'}" if results["differences"] else ""
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}{plot}")
     return 0

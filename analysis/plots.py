@@ -322,3 +322,27 @@ def token_highlight(path: str | Path, tokens: Sequence[str], values: Sequence[fl
         handles = [plt.Rectangle((0, 0), 1, 1, color=seg_color[s]) for s in seg_names]
         fig.legend(handles, seg_names, loc="lower right", ncol=len(seg_names), fontsize=7, frameon=False)
     return save(fig, path)
+
+
+def forest_plot(path: str | Path, groups: Mapping[str, Sequence[tuple[str, float, Sequence[float] | None]]], *,
+                title: str = "", xlabel: str = "") -> Path:
+    """Estimates with their intervals, one panel per group (e.g. one pair of rows), one line per item (a benchmark:
+    ``(label, estimate, (low, high) or None)``), and a dashed line at 0."""
+    heights = [max(1, len(items)) for items in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7.0, 1.0 + 0.3 * sum(heights) + 0.45 * len(groups)),
+                             sharex=True, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for ax, (name, items) in zip(axes[:, 0], groups.items()):
+        ys = np.arange(len(items))[::-1]
+        for y, (_, estimate, ci) in zip(ys, items):
+            if ci is not None:
+                ax.hlines(y, ci[0], ci[1], color="C0", linewidth=2)
+            ax.plot([estimate], [y], "o", color="C0", markersize=5)
+        ax.axvline(0.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([show_token(label, limit=28) for label, _, _ in items], fontsize=8)
+        ax.set_ylim(-0.7, len(items) - 0.3)
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(title, fontsize=10, y=1.0 + 0.25 / fig.get_figheight())  # above the first panel's title
+    return save(fig, path)

@@ -5,12 +5,21 @@ Relative and Relative Improvement. Accuracies are fractions in ``results.json`` 
 - :func:`relative_improvement`: Relative Improvement (%) = (method - base) / (full - base) * 100; with ``scale=1``
   the same ratio as a fraction, which the analysis commands report as their scores (how much of the gap between a
   reference and a target a variant closes).
+- :func:`add_statistics`: the 95 % intervals of every number (bootstrap over problems), the paired differences
+  between rows (:func:`resolve_pairs`) and the smallest detectable difference per benchmark, from the per-problem
+  correct counts ``results.json`` keeps (the statistics themselves: ``steering.statistics``).
+- :func:`render_table`, :func:`render_differences`: the tables of ``table.md``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
+
+from steering import statistics as stats
 
 
 def relative(method: float, full: float) -> float | None:
@@ -61,8 +70,24 @@ def add_relative(rows: list[dict[str, Any]]) -> None:
         r["relative_to"] = {"full": full["label"] if full else None, "base": base["label"] if base else None}
 
 
+def format_interval(ci: Sequence[float] | None, *, scale: float = 100.0, digits: int = 2) -> str:
+    """``" [8.10, 16.20]"`` (scaled by ``scale``); ``""`` without an interval."""
+    return "" if not ci else f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def _cell(res: Mapping[str, Any] | None, mean: str, std: str, digits: int) -> str:
+    if not res:
+        return "–"
+    return format_mean_std(res[mean], res[std], digits=digits) + format_interval(res.get("ci"), digits=digits)
+
+
+def _percent_cell(value: float | None, ci: Sequence[float] | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" + format_interval(ci, scale=1.0, digits=digits)
+
+
 def render_table(results: dict[str, Any], digits: int = 2) -> str:
-    """The papers' table in markdown: one row per model, one column per benchmark, Avg, Relative, Rel. Improvement."""
+    """The papers' table in markdown: one row per model, one column per benchmark, Avg, Relative, Rel. Improvement;
+    with intervals, the smallest detectable differences and the differences table when :func:`add_statistics` ran."""
     rows = results["rows"]
     benches = results["benchmarks"]
     has_full = any(r["role"] == "full" for r in rows)
@@ -74,19 +99,20 @@ def render_table(results: dict[str, Any], digits: int = 2) -> str:
         head.append("Rel. Improvement (%)")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [":---:"] * (len(head) - 1)) + "|"]
     for r in rows:
-        cells = [r["label"]]
-        for b in benches:
-            res = r["results"].get(b["name"])
-            cells.append(format_mean_std(res["accuracy"], res["std"], digits=digits) if res else "–")
-        cells.append(format_mean_std(r["avg"]["mean"], r["avg"]["std"], digits=digits) if r.get("avg") else "–")
+        cells = [r["label"]] + [_cell(r["results"].get(b["name"]), "accuracy", "std", digits) for b in benches]
+        cells.append(_cell(r.get("avg"), "mean", "std", digits))
         if has_full:
-            cells.append("–" if r["relative"] is None else f"{r['relative']:.{digits}f}")
+            cells.append(_percent_cell(r["relative"], r.get("relative_ci"), digits))
         if has_full and has_base:
-            cells.append("–" if r["relative_improvement"] is None else f"{r['relative_improvement']:.{digits}f}")
+            cells.append(_percent_cell(r["relative_improvement"], r.get("relative_improvement_ci"), digits))
         lines.append("| " + " | ".join(cells) + " |")
-    s = results["settings"]
-    samp = s["sampling"]
-    seeds = s["seeds"]
+    notes = _notes(results, has_full, has_base)
+    return "\n".join(lines + notes) + "\n" + render_differences(results, digits)
+
+
+def _notes(results: Mapping[str, Any], has_full: bool, has_base: bool) -> list[str]:
+    rows, s = results["rows"], results["settings"]
+    samp, seeds = s["sampling"], s["seeds"]
     limit = (f"max length (prompt + completion) = {s['max_length']}" if s.get("max_length")
              else f"max new tokens = {samp['max_new_tokens']}")
     notes = [
@@ -98,6 +124,200 @@ def render_table(results: dict[str, Any], digits: int = 2) -> str:
     if any(r["role"] == "base_greedy" for r in rows):
         notes.append("Base (greedy): T = 0, one sample, one seed.")
     if has_full:
-        notes.append("Relative = Avg / Full Avg × 100" + ("; Rel. Improvement = (Avg − Base Avg) / (Full Avg − Base "
-                                                            "Avg) × 100." if has_base else "."))
-    return "\n".join(lines + notes) + "\n"
+        notes.append("Relative = Avg / Full Avg × 100" + ("; Rel. Improvement = (Avg − Base Avg) / (Full Avg − "
+                                                            "Base Avg) × 100." if has_base else "."))
+    st = s.get("statistics")
+    if st:
+        notes.append(f"[low, high]: {100 * st['confidence']:g} % interval, bootstrap over problems (a problem keeps "
+                     f"its samples and seeds; {st['resamples']} resamples, seed {st['seed']}).")
+        notes.append(_detectable_note(results))
+    return notes
+
+
+def _detectable_note(results: Mapping[str, Any]) -> str:
+    det, st = results["detectable"], results["settings"]["statistics"]
+    seeds = len(results["settings"]["seeds"])
+    parts = [f"{name} ({d['num_problems']} problems × {_plural(d['num_samples'], 'sample')} × "
+             f"{_plural(seeds, 'seed')}) {_points(d['detectable'])}{'*' if d['source'] == 'rows' else ''}"
+             for name, d in det["benchmarks"].items()]
+    parts.append(f"Avg {_points(det['avg']['detectable'])}")
+    return (f"Smallest detectable difference (paired test, {100 * st['power']:g} % power, α = {st['alpha']:g}; from "
+            "the per-problem differences of the compared rows, * from √2 × the rows' per-problem spread where no "
+            "pair differs): " + "; ".join(parts) + ".")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def render_pair_detectable(differences: Sequence[Mapping[str, Any]]) -> str:
+    """One line per pair: the smallest difference a paired test detects on each benchmark and the Avg, from that
+    pair's per-problem differences."""
+    lines = []
+    for d in differences:
+        parts = [f"{name} ({v['num_problems']} problems) {_points(v['detectable'])}"
+                 for name, v in d["benchmarks"].items()]
+        lines.append(f"Smallest detectable difference, {d['a']} − {d['b']} (paired test, {100 * stats.POWER:g} % "
+                     f"power, α = {stats.ALPHA:g}): " + "; ".join(parts + [f"Avg {_points(d['avg']['detectable'])}"])
+                     + ".")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _points(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f} points"
+
+
+def render_differences(results: Mapping[str, Any], digits: int = 2) -> str:
+    """The differences table: one line per pair (A − B), one column per benchmark and the Avg; each cell the
+    difference in points, its paired 95 % interval and the sign-flip test's p-value. ``""`` without pairs."""
+    diffs = results.get("differences")
+    if not diffs:
+        return ""
+    names = list(diffs[0]["benchmarks"])
+    lines = ["", "Differences (points), paired over the same problems: A − B [95 % interval] (p = sign-flip "
+             "permutation test)", "", "| A − B | " + " | ".join(names) + " | Avg |",
+             "|---|" + ":---:|" * (len(names) + 1)]
+    for d in diffs:
+        cells = [_difference_cell(d["benchmarks"][n], digits) for n in names] + [_difference_cell(d["avg"], digits)]
+        lines.append(f"| {d['a']} − {d['b']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _difference_cell(d: Mapping[str, Any], digits: int) -> str:
+    return f"{100 * d['difference']:+.{digits}f}{format_interval(d['ci'], digits=digits)} (p = {d['p_value']:.3g})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics on the table's numbers
+
+
+def benchmark_scores(row: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{benchmark: per-problem scores}`` of a results.json row, from its per-seed ``problem_correct`` counts (a
+    problem's correct samples over all its samples and seeds)."""
+    out = {}
+    for name, res in row["results"].items():
+        counts = [ps.get("problem_correct") for ps in res["per_seed"]]
+        if any(c is None for c in counts):
+            raise ValueError(f"row {row['label']!r}, benchmark {name!r}: no per-problem counts (problem_correct); "
+                             "results.json was written before they were recorded: evaluate again")
+        out[name] = stats.problem_scores(counts, res["num_samples"])
+    return out
+
+
+def _role_label(rows: Sequence[Mapping[str, Any]], *roles: str) -> str | None:
+    return next((r["label"] for role in roles for r in rows if r["role"] == role), None)
+
+
+def default_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """Each row against Base (the sampled base, else Base (greedy)), and Steering against Full and LoRA."""
+    base = _role_label(rows, "base", "base_greedy")
+    pairs = [(r["label"], base) for r in rows if base is not None and r["label"] != base]
+    steering = _role_label(rows, "steering")
+    for other in (_role_label(rows, "full"), _role_label(rows, "lora")):
+        if steering is not None and other is not None:
+            pairs.append((steering, other))
+    return pairs
+
+
+def resolve_pairs(rows: Sequence[Mapping[str, Any]], named: Sequence[Sequence[str]] | None) -> list[tuple[str, str]]:
+    """The ``(A, B)`` label pairs to difference (A − B): ``named`` (each name a row label or role, any case), or
+    :func:`default_pairs`. ValueError naming an unknown row."""
+    if not named:
+        return default_pairs(rows)
+
+    def find(name: str) -> str:
+        for key in ("label", "role"):
+            hit = next((r["label"] for r in rows if str(r[key]).lower() == name.lower()), None)
+            if hit is not None:
+                return hit
+        raise ValueError(f"--pair: no row {name!r}; the rows are {[r['label'] for r in rows]}")
+
+    pairs = [(find(a), find(b)) for a, b in named]
+    same = [a for a, b in pairs if a == b]
+    if same:
+        raise ValueError(f"--pair: {same[0]!r} against itself")
+    return pairs
+
+
+def add_statistics(results: dict[str, Any], pairs: Sequence[tuple[str, str]], *,
+                   resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED) -> None:
+    """Fill in, from one set of bootstrap draws over problems: every row's ``ci`` per benchmark and on the Avg,
+    ``relative_ci`` and ``relative_improvement_ci``; ``results["differences"]`` for ``pairs``; and
+    ``results["detectable"]``, the smallest difference a paired test detects on each benchmark."""
+    rows = results["rows"]
+    boot = stats.Bootstrap({b["name"]: b["num_problems"] for b in results["benchmarks"]}, resamples, seed)
+    scores = {r["label"]: benchmark_scores(r) for r in rows}
+    avg_draws = {label: boot.average(s) for label, s in scores.items()}
+    smallest = min(b["num_problems"] for b in results["benchmarks"])
+    for r in rows:
+        for name, res in r["results"].items():
+            res["ci"] = stats.percentile_interval(boot.means(name, scores[r["label"]][name]), n=_size(results, name))
+        r["avg"]["ci"] = stats.percentile_interval(avg_draws[r["label"]], n=smallest)
+    _add_relative_intervals(rows, avg_draws, smallest)
+    results["differences"] = [{"a": a, "b": b, **stats.paired_difference(scores[a], scores[b], boot)}
+                              for a, b in pairs]
+    results["detectable"] = detectable(results, scores)
+    results["settings"]["statistics"] = {
+        "confidence": stats.CONFIDENCE, "resamples": resamples, "seed": seed, "alpha": stats.ALPHA,
+        "power": stats.POWER, "pairs": [list(p) for p in pairs],
+        "scheme": "bootstrap over problems (a problem keeps its k samples and seeds), expanded percentile interval; "
+                  "paired sign-flip permutation test; detectable difference of a paired t-test"}
+
+
+def _size(results: Mapping[str, Any], name: str) -> int:
+    return next(b["num_problems"] for b in results["benchmarks"] if b["name"] == name)
+
+
+def _ratio_draws(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = 100.0 * num / den
+    return np.where(np.isfinite(out), out, np.nan)  # a draw with a zero denominator has no ratio
+
+
+def _add_relative_intervals(rows: list[dict[str, Any]], avg_draws: Mapping[str, np.ndarray], n: int) -> None:
+    """Relative and Rel. Improvement intervals: the ratios taken draw by draw, the rows on the same draws."""
+    for r in rows:
+        full, base = r.get("relative_to", {}).get("full"), r.get("relative_to", {}).get("base")
+        own = avg_draws[r["label"]]
+        r["relative_ci"] = (stats.percentile_interval(_ratio_draws(own, avg_draws[full]), n=n)
+                            if r.get("relative") is not None else None)
+        r["relative_improvement_ci"] = (
+            stats.percentile_interval(_ratio_draws(own - avg_draws[base], avg_draws[full] - avg_draws[base]), n=n)
+            if r.get("relative_improvement") is not None else None)
+
+
+def detectable(results: Mapping[str, Any], scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """Per benchmark (and the Avg), the difference a paired test detects with ``stats.POWER`` at ``stats.ALPHA``,
+    from the per-problem spread observed here: the pooled (root mean square) SD of the compared pairs' per-problem
+    differences (``source: pairs``); where there is no pair or they differ nowhere, √2 × the rows' pooled
+    per-problem SD (``source: rows``: two rows as far apart per problem as independent ones, which is pessimistic
+    when the rows share what makes a problem hard)."""
+    diffs = results.get("differences") or []
+    out: dict[str, Any] = {"benchmarks": {}}
+    for b in results["benchmarks"]:
+        name, n = b["name"], b["num_problems"]
+        sd, source = _rms([d["benchmarks"][name]["sd"] for d in diffs]), "pairs"
+        if not sd:
+            spreads = [math.sqrt(2) * float(np.std(s[name], ddof=1)) for s in scores.values() if n > 1]
+            sd, source = _rms(spreads), "rows"
+        found = stats.detectable_difference(sd / math.sqrt(n), n - 1) if sd is not None else None
+        out["benchmarks"][name] = {"num_problems": n, "num_samples": b["num_samples"], "sd": sd, "source": source,
+                                   "detectable": found}
+    sds = [(d["sd"], d["num_problems"]) for d in out["benchmarks"].values()]
+    se = (math.sqrt(sum(sd ** 2 / n for sd, n in sds)) / len(sds)) if all(sd is not None for sd, _ in sds) else None
+    out["avg"] = {"detectable": None if se is None else stats.detectable_difference(se, sum(n - 1 for _, n in sds))}
+    return out
+
+
+def _rms(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return math.sqrt(float(np.mean(np.square(vals)))) if vals else None
+
+
+def forest_groups(differences: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[str, float, Any]]]:
+    """The forest plot's panels: one per pair, a line per benchmark and the Avg, in points."""
+    def line(label: str, d: Mapping[str, Any]) -> tuple[str, float, Any]:
+        return label, 100 * d["difference"], None if d["ci"] is None else [100 * v for v in d["ci"]]
+
+    return {f"{d['a']} − {d['b']}": [line(n, v) for n, v in d["benchmarks"].items()] + [line("Avg", d["avg"])]
+            for d in differences}

@@ -34,6 +34,7 @@ Library use::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -144,6 +145,8 @@ class SeedResult:
             "num_completions": sum(len(row) for row in self.correct),
             "num_unparsed": sum(1 for row in self.samples for s in row if not s.get("parsed")),  # the reward's count
             "num_timed_out": sum(1 for row in self.samples for s in row if s.get("timed_out")),
+            # the per-problem table: problem i's correct samples (of k) under this seed, in the problems' order
+            "problem_correct": [sum(bool(x) for x in row) for row in self.correct],
         }
         for pk in sorted(set(pass_ks)):
             if 1 < pk <= k:
@@ -201,6 +204,13 @@ class EvalResult:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Generate, then score
+
+
+def problem_key(problem: Mapping[str, Any]) -> str:
+    """A short content hash of a problem (question and answer): what matches the same problem across two evaluation
+    runs (``analysis compare``), whatever its index."""
+    text = f"{problem['question']}\0{problem['answer']}"
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def as_problems(problems: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
