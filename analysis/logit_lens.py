@@ -51,7 +51,7 @@ from steering.readout import LENSES, Vocab, lens, readout, token_class, vector_l
 
 # The lens, the token classes and the top / bottom readout live in the core (``steering.readout``), where the training
 # probes call them too; re-exported here under the names the other analyses import.
-__all__ = ["LENSES", "Vocab", "final_shift", "lens", "readout", "register", "run", "token_class"]
+__all__ = ["LENSES", "Vocab", "final_shift", "lens", "readout", "register", "run", "share_plot", "token_class", "token_tables"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -170,24 +170,40 @@ def kl_per_token(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor
 # The first generated token
 
 
+def _last_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """``(B, V)`` fp32 logits at each row's last real position. Only the columns some row ends at go through
+    ``lm_head`` (``logits_to_keep``): the full ``(B, S, V)`` logits of a 150k-token vocabulary would be gigabytes."""
+    last = (batch.length - 1).long()
+    keep = torch.unique(last)  # sorted
+    logits = batch.forward(model, logits_to_keep=keep).logits
+    return logits[torch.arange(len(last), device=last.device), torch.searchsorted(keep, last)].float()
+
+
 @torch.no_grad()
 def first_position(model, tokenizer, prompts: list[str], vectors: Mapping[int, torch.Tensor], batch_size: int,
-                   device) -> tuple[torch.Tensor, ...]:
-    """Mean next-token distributions right after the prompt, with and without ``vectors``, and the mean KL."""
+                   device, base_cache: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """Mean next-token distributions right after the prompt, with and without ``vectors``, and the mean KL.
+
+    The base is frozen, so its logits on the same prompts never change: a caller that measures the same prompts again
+    (the training probes) passes the same ``base_cache`` list each time, filled on the first call, and skips the base
+    passes after it."""
     from steering.diffmean import pad_id_of
 
     sum_s = sum_b = None
     kl = 0.0
     ids_all = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    for start in range(0, len(ids_all), batch_size):
+    for i, start in enumerate(range(0, len(ids_all), batch_size)):
         chunk = ids_all[start:start + batch_size]
         batch = Batch.build(chunk, [[] for _ in chunk], list(range(len(chunk))), device, pad_id_of(tokenizer))
-        last = (batch.length - 1).long()
-        rows = torch.arange(len(chunk), device=device)
         with sv.use_vectors(model, vectors):
-            ls = batch.forward(model).logits[rows, last].float()
-        with sv.use_vectors(model, {}):
-            lb = batch.forward(model).logits[rows, last].float()
+            ls = _last_logits(model, batch)
+        if base_cache is not None and i < len(base_cache):
+            lb = base_cache[i]
+        else:
+            with sv.use_vectors(model, {}):
+                lb = _last_logits(model, batch)
+            if base_cache is not None:
+                base_cache.append(lb)
         ps, pb = ls.softmax(-1), lb.softmax(-1)
         kl += float(kl_per_token(ls, lb).sum())
         sum_s = ps.sum(0) if sum_s is None else sum_s + ps.sum(0)
@@ -197,13 +213,13 @@ def first_position(model, tokenizer, prompts: list[str], vectors: Mapping[int, t
 
 
 def first_token_gain(model, tokenizer, prompts: list[str], vectors: Mapping[int, torch.Tensor], *, k: int,
-                     batch_size: int) -> dict[str, Any]:
+                     batch_size: int, base_cache: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """``analysis first-token``'s ``first_token`` block: over ``prompts``, the tokens whose probability right after
     the prompt gains (and loses) the most with ``vectors`` on (every other steered layer zero) over the base, and the
     mean KL(steered ‖ base) there: ``{"num_prompts", "kl", "top_gained", "top_lost"}``, each token
-    ``{"token_id", "token", "p_steered", "p_base", "gain"}``."""
+    ``{"token_id", "token", "p_steered", "p_base", "gain"}``. ``base_cache``: see :func:`first_position`."""
     device = next(model.parameters()).device
-    ps, pb, kl0 = first_position(model, tokenizer, prompts, vectors, batch_size, device)
+    ps, pb, kl0 = first_position(model, tokenizer, prompts, vectors, batch_size, device, base_cache)
     vocab_n = min(len(tokenizer), ps.shape[-1])
     delta = (ps - pb)[:vocab_n].cpu()
     k = min(k, vocab_n)

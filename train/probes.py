@@ -18,7 +18,8 @@ probe on a checkpoint.
 
 Probes never change training: they run under ``torch.no_grad`` in eval mode, inside ``torch.random.fork_rng`` (no
 random number is drawn anyway: the batch is the first rows, the passes are deterministic forwards), and set back the
-exact fp32 values of the vectors after the base pass. They run on the main process only, on the unwrapped model, with
+exact fp32 values of the vectors after the base pass (made once: the frozen base's logits on the probe batch are kept
+for the later probes). They run on the main process only, on the unwrapped model, with
 no collective operation: under DDP the other ranks go on to the next step and wait at its first collective (the
 rollouts' gather) for rank 0 to finish, at no other cost.
 """
@@ -95,6 +96,7 @@ class ProbeCallback(TrainerCallback):
         self.start: dict[int, torch.Tensor] | None = None
         self.previous: dict[int, torch.Tensor] | None = None
         self.vocab: Vocab | None = None
+        self.base_logits: list[torch.Tensor] = []  # the frozen base on the probe batch: computed once
         self.seconds = 0.0  # total time spent probing (logged with each probe)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -124,7 +126,7 @@ class ProbeCallback(TrainerCallback):
                 self.vocab = Vocab.of(model, tokenizer)
             lens = [vector_lens(model, layer, v, self.vocab, self.k) for layer, v in vectors.items()]
             first = first_token_gain(model, tokenizer, self.prompts, vectors, k=self.k,
-                                     batch_size=self.trainer.args.val_batch_size)
+                                     batch_size=self.trainer.args.val_batch_size, base_cache=self.base_logits)
         row: dict[str, Any] = {"step": step, "event": "probe", "time": round(time.time(), 3)}
         row.update(vector_stats(vectors, self.start, self.previous, self.references))
         for e in lens:
