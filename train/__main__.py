@@ -2,8 +2,8 @@
 
 Reads the configuration (``train/config.py``; ``--help`` lists every key), checks everything it can before any weights
 load (bad input: one line on stderr, exit code 2), then trains with ``SteeringGRPOTrainer``, writing
-``output_dir/metrics.jsonl``, ``checkpoint-<step>/`` and, at the end, ``training_curves.png`` and the final checkpoint
-in ``output_dir/final``. It ends by printing the held-out accuracy of the base and of the trained model.
+``output_dir/metrics.jsonl``, ``checkpoint-<step>/`` and, at the end, ``training_curves.png`` (with ``probe_steps``,
+``probes_*.png`` too: ``train/probes.py``) and the final checkpoint in ``output_dir/final``. It ends by printing the held-out accuracy of the base and of the trained model.
 
 As TRL's scripts: :func:`make_parser` builds the parser and :func:`main` trains from a parsed config (and returns the
 trainer, for notebooks and tests); ``python -m train`` is :func:`cli`, which adds the exit codes.
@@ -40,7 +40,7 @@ class RunInputs:
 
 def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     """Everything that can be checked without loading weights: the base model's config (family, layer indices),
-    ``init_from`` vectors, the template, the data, the checkpoint to resume from. Raises one-line errors."""
+    ``init_from`` and ``probe_vectors`` vectors, the template, the data, the checkpoint to resume from. Raises one-line errors."""
     from transformers import AutoConfig
 
     from steering import vectors as sv

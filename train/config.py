@@ -4,7 +4,7 @@ loop, unchanged) + the fields steering vectors need, read from a YAML file with 
 Precedence, lowest to highest: dataclass defaults < ``preset`` values < YAML < command line. Unknown keys, in the
 YAML or on the command line, are errors. Every value is checked in ``SteeringGRPOConfig.__post_init__``; a problem is
 one line naming the key and the fix (exit code 2 from ``python -m train``), before any model loads. What needs the
-base model's files or the data (layer indices in range, ``init_from`` shapes, dataset columns, the checkpoint to resume
+base model's files or the data (layer indices in range, ``init_from`` and ``probe_vectors`` shapes, dataset columns, the checkpoint to resume
 from) is checked next, still before any weights load (``train/__main__.py``, ``prepare_inputs``).
 """
 
