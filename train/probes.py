@@ -3,7 +3,8 @@
 Every N optimizer steps, with the vectors as they are at that step, :class:`ProbeCallback` measures
 
 - per layer: the vector's norm, its cosine to its value at the previous probe and at the start of training (a layer
-  that starts at zero: to its value at the first probe), and to the reference vectors of ``probe_vectors``;
+  that starts at zero: to its value at the first probe; a resumed run: at the step it resumed from, as the earlier
+  vectors are not kept), and to the reference vectors of ``probe_vectors``;
 - the logit lens of each vector: top / bottom tokens and their non-English share (``steering.readout.vector_lens``,
   what ``analysis logit-lens`` reports);
 - on the probe batch (the first ``probe_size`` validation problems, drawn once): the tokens whose probability right
