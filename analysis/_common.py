@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,22 +23,17 @@ from torch import nn
 
 from analysis import cli
 from steering import hooks as H
+from steering import readout
 from steering import vectors as sv
 
 # --------------------------------------------------------------------------------------------------------------------
 # Vectors on a loaded model
 
 
-@contextmanager
-def use_vectors(model: nn.Module, vectors: Mapping[int, torch.Tensor]) -> Iterator[None]:
-    """Inside the block, the steered layers carry exactly ``vectors`` (every other layer zero); restored on exit."""
-    saved = sv.get_vectors(model)  # exact fp32 copies: restoring them gives back the same values in any dtype
-    zeros = {layer: torch.zeros_like(v) for layer, v in saved.items()}
-    sv.set_vectors(model, {**zeros, **vectors})  # a layer the model does not steer is set_vectors' error
-    try:
-        yield
-    finally:
-        sv.set_vectors(model, saved)
+# One implementation each, in the core (train's probes use them too); re-exported under their analysis names.
+use_vectors = sv.use_vectors
+Batch = readout.Batch
+kl_per_token = readout.kl_per_token
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -132,49 +126,6 @@ class Sequences:
                               device, pad_id)
 
 
-@dataclass
-class Batch:
-    """Right-padded prompt+completion rows (real tokens at positions ``0 .. len-1``, as in an unpadded run)."""
-
-    input_ids: torch.Tensor  # (B, S)
-    attention_mask: torch.Tensor  # (B, S) long
-    prompt_len: torch.Tensor  # (B,)
-    length: torch.Tensor  # (B,) prompt + completion
-    rows: list[int]
-
-    @classmethod
-    def build(cls, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], rows: list[int],
-              device: str | torch.device, pad_id: int) -> "Batch":
-        seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-        return cls(ids.to(device), mask.to(device), torch.tensor([len(p) for p in prompts], device=device),
-                   torch.tensor([len(s) for s in seqs], device=device), rows)
-
-    def positions(self, kind: str = "all") -> torch.Tensor:
-        """(B, S) bool mask: ``all`` real tokens, ``prompt`` tokens, ``completion`` tokens, or ``predict``: the
-        positions whose next-token distribution produced a completion token (``prompt_len − 1 .. len − 2``)."""
-        s = self.input_ids.shape[1]
-        pos = torch.arange(s, device=self.input_ids.device)[None, :]
-        p, n = self.prompt_len[:, None], self.length[:, None]
-        if kind == "all":
-            return pos < n
-        if kind == "prompt":
-            return pos < p
-        if kind == "completion":
-            return (pos >= p) & (pos < n)
-        if kind == "predict":
-            return (pos >= p - 1) & (pos < n - 1)
-        raise ValueError(f"unknown position kind {kind!r}; use all, prompt, completion or predict")
-
-    def forward(self, model: nn.Module, **kwargs: Any):
-        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, **kwargs)
-
-
 def sample(model: nn.Module, tokenizer: Any, questions: Sequence[str], template: Any, params: Any, *, seed: int,
            batch_size: int | None, num_samples: int = 1, backend: str = "hf", progress: bool = False):
     """``(prompts, steering.generation.GenerationResult)``: ``num_samples`` completions per question, with whatever
@@ -219,10 +170,3 @@ def problems_of(benches: Sequence[Any], limit: int | None = None) -> list[dict[s
 def decode_tokens(tokenizer: Any, ids: Iterable[int]) -> list[str]:
     """Each token's own text (byte-level BPE pieces decoded one at a time)."""
     return [tokenizer.decode([int(i)]) for i in ids]
-
-
-def kl_per_token(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) per position (``(..., V)`` logits -> ``(...)``), in fp32."""
-    lp = torch.log_softmax(logits_p.float(), dim=-1)
-    lq = torch.log_softmax(logits_q.float(), dim=-1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)  # >= 0; float rounding can dip a hair below

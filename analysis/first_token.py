@@ -51,6 +51,7 @@ from analysis import cli, plots
 from analysis.table import relative_improvement
 from steering.diffmean import pad_id_of
 from steering.evaluation import avg_at_k, mean_std
+from steering.readout import first_token_gain
 
 
 class SuffixTemplate:
@@ -86,29 +87,6 @@ def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) ->
             per_seed.append(avg_at_k(correct))
         per[name] = {"accuracy": mean_std(per_seed)[0], "per_seed": per_seed}
     return sum(v["accuracy"] for v in per.values()) / len(per), per
-
-
-@torch.no_grad()
-def first_position(model, tokenizer, prompts: list[str], vectors, batch_size: int, device) -> tuple[torch.Tensor, ...]:
-    """Mean next-token distributions right after the prompt, with and without ``vectors``, and the mean KL."""
-    sum_s = sum_b = None
-    kl = 0.0
-    ids_all = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    for start in range(0, len(ids_all), batch_size):
-        chunk = ids_all[start:start + batch_size]
-        batch = C.Batch.build(chunk, [[] for _ in chunk], list(range(len(chunk))), device, pad_id_of(tokenizer))
-        last = (batch.length - 1).long()
-        rows = torch.arange(len(chunk), device=device)
-        with C.use_vectors(model, vectors):
-            ls = batch.forward(model).logits[rows, last].float()
-        with C.use_vectors(model, {}):
-            lb = batch.forward(model).logits[rows, last].float()
-        ps, pb = ls.softmax(-1), lb.softmax(-1)
-        kl += float(C.kl_per_token(ls, lb).sum())
-        sum_s = ps.sum(0) if sum_s is None else sum_s + ps.sum(0)
-        sum_b = pb.sum(0) if sum_b is None else sum_b + pb.sum(0)
-    n = len(ids_all)
-    return sum_s / n, sum_b / n, torch.tensor(kl / n)
 
 
 @torch.no_grad()
@@ -182,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, benches, out = o.model, o.tokenizer, o.benches, o.out
     layers = o.layers(None if args.layers == "all" else args.layers)  # "all": every layer the checkpoint steers
     vectors = {layer: o.vectors[layer] for layer in layers}
-    device = next(model.parameters()).device
     tmpl = cli.template(args)
     problems = C.problems_of(benches)
     pad = pad_id_of(tokenizer)
@@ -192,17 +169,8 @@ def run(args: argparse.Namespace) -> int:
     st = position_stats(model, seqs, vectors, max_positions=args.max_positions, batch_size=args.forward_batch_size,
                         pad=pad, args=args)
     prompts = [tmpl.render(p["question"], tokenizer=tokenizer) for p in problems]
-    ps, pb, kl0 = first_position(model, tokenizer, prompts, vectors, args.forward_batch_size, device)
-    vocab_n = min(len(tokenizer), ps.shape[-1])
-    delta = (ps - pb)[:vocab_n].cpu()
-    k = min(args.k, vocab_n)
-
-    def tok_rows(ids: torch.Tensor) -> list[dict[str, Any]]:
-        return [{"token_id": int(i), "token": tokenizer.decode([int(i)]), "p_steered": float(ps[int(i)]),
-                 "p_base": float(pb[int(i)]), "gain": float(delta[int(i)])} for i in ids]
-
-    first = {"num_prompts": len(prompts), "kl": float(kl0), "top_gained": tok_rows(torch.topk(delta, k).indices),
-             "top_lost": tok_rows(torch.topk(-delta, k).indices)}
+    first = first_token_gain(model, tokenizer, prompts, vectors, k=args.k, batch_size=args.forward_batch_size)
+    k = len(first["top_gained"])
     ranked = sorted(st["tok_gain"].items(), key=lambda kv: -kv[1])[:k]
     by_gain = [{"token_id": t, "token": tokenizer.decode([t]), "total_gain": g, "mean_gain": g / st["tok_count"][t],
                 "count": st["tok_count"][t], "first_position_count": st["tok_first"].get(t, 0)} for t, g in ranked]

@@ -34,8 +34,6 @@ vocabulary baseline).
 from __future__ import annotations
 
 import argparse
-import string
-import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,78 +47,15 @@ from analysis.cli import UsageError
 from steering import hooks as H
 from steering.diffmean import pad_id_of
 from steering import vectors as sv
+from steering.readout import LENSES, Vocab, lens, readout, token_class, vector_lens
 
-LENSES = ("norm", "raw", "cosine")
-_ASCII_LETTERS = set(string.ascii_letters)
+# The lens, the token classes and the top / bottom readout live in the core (``steering.readout``), where the training
+# probes call them too; re-exported here under the names the other analyses import.
+__all__ = ["LENSES", "Vocab", "final_shift", "lens", "readout", "register", "run", "share_plot", "token_class", "token_tables"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Library
-
-
-def lens(model: nn.Module, x: torch.Tensor, mode: str = "norm") -> torch.Tensor:
-    """Vocabulary scores of residual-stream vector(s) ``x`` (``(..., d_model)`` -> ``(..., vocab)``).
-
-    ``norm``: final norm then ``lm_head`` (:func:`steering.hooks.unembed`; on the last layer's residual this *is* the
-    model's output logits). ``raw``: ``lm_head`` only (projection onto the unembedding rows). ``cosine``: cosine
-    similarity with each unembedding row."""
-    if mode == "norm":
-        return H.unembed(model, x, apply_norm=True)
-    if mode == "raw":
-        return H.unembed(model, x, apply_norm=False)
-    if mode == "cosine":
-        w = H.causal_lm(model).lm_head.weight.float()
-        xf = x.float()
-        return (xf @ w.T) / (xf.norm(dim=-1, keepdim=True).clamp_min(1e-12) * w.norm(dim=-1).clamp_min(1e-12))
-    raise ValueError(f"unknown lens {mode!r}; use one of {LENSES}")
-
-
-def token_class(text: str) -> tuple[bool, bool]:
-    """``(non_latin, non_english)`` of a token's text (see the module docstring)."""
-    fragment = "\ufffd" in text
-    letters = [c for c in text if unicodedata.category(c).startswith("L")]
-    non_latin = fragment or any(not unicodedata.name(c, "").startswith("LATIN") for c in letters)
-    non_english = non_latin or any(c not in _ASCII_LETTERS for c in letters)
-    return non_latin, non_english
-
-
-class Vocab:
-    """Decoded token texts and their classes, computed once per tokenizer."""
-
-    def __init__(self, tokenizer: Any, vocab_rows: int):
-        self.size = min(len(tokenizer), vocab_rows)
-        self.rows = vocab_rows
-        self.texts = tokenizer.batch_decode([[i] for i in range(self.size)])
-        classes = [token_class(t) for t in self.texts]
-        self.non_latin = [c[0] for c in classes]
-        self.non_english = [c[1] for c in classes]
-
-    def shares(self) -> dict[str, float]:
-        return {"size": self.size, "non_latin_share": sum(self.non_latin) / max(self.size, 1),
-                "non_english_share": sum(self.non_english) / max(self.size, 1)}
-
-    def mask_invalid(self, scores: torch.Tensor, fill: float) -> torch.Tensor:
-        if scores.shape[-1] > self.size:
-            scores = scores.clone()
-            scores[..., self.size:] = fill
-        return scores
-
-
-def readout(scores: torch.Tensor, vocab: Vocab, k: int) -> dict[str, Any]:
-    """Top-k and bottom-k tokens of a ``(vocab,)`` score vector, and the non-Latin / non-English shares among them."""
-    scores = scores.detach().float().reshape(-1).cpu()
-    k = min(k, vocab.size)
-    top = torch.topk(vocab.mask_invalid(scores, float("-inf")), k)
-    bottom = torch.topk(-vocab.mask_invalid(scores, float("inf")), k)
-
-    def rows(ids: torch.Tensor) -> list[dict[str, Any]]:
-        return [{"token_id": int(i), "token": vocab.texts[int(i)], "value": float(scores[int(i)])} for i in ids]
-
-    out: dict[str, Any] = {"top": rows(top.indices), "bottom": rows(bottom.indices)}
-    for name, ids in (("top", top.indices), ("bottom", bottom.indices)):
-        out[f"{name}_non_latin_share"] = sum(vocab.non_latin[int(i)] for i in ids) / k
-        out[f"{name}_non_english_share"] = sum(vocab.non_english[int(i)] for i in ids) / k
-    return out
 
 
 @torch.no_grad()
@@ -192,15 +127,9 @@ def run(args: argparse.Namespace) -> int:
     o = cli.open_checkpoint(args, benchmarks=not args.no_shift)
     model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
     layers = o.layers(args.layers)
-    vocab = Vocab(tokenizer, H.causal_lm(model).lm_head.weight.shape[0])
-    device = next(model.parameters()).device
-
-    entries = []
-    with torch.no_grad():
-        for layer in cli.progress(layers, desc="logit lens", args=args):
-            v = vectors[layer].to(device)
-            entries.append({"layer": layer, "vector_norm": float(vectors[layer].norm()),
-                            **readout(lens(model, v, args.lens), vocab, args.k)})
+    vocab = Vocab.of(model, tokenizer)
+    entries = [vector_lens(model, layer, vectors[layer], vocab, args.k, args.lens)
+               for layer in cli.progress(layers, desc="logit lens", args=args)]
 
     shift_entry = None
     if not args.no_shift:

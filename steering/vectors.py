@@ -284,6 +284,18 @@ def steering_scale(model: nn.Module, scale: float) -> Iterator[None]:
 
 
 @contextmanager
+def use_vectors(model: nn.Module, vectors: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, the steered layers carry exactly ``vectors`` (every other layer zero); restored on exit."""
+    saved = get_vectors(model)  # exact fp32 copies: restoring them gives back the same values in any dtype
+    zeros = {layer: torch.zeros_like(v) for layer, v in saved.items()}
+    set_vectors(model, {**zeros, **vectors})  # a layer the model does not steer is set_vectors' error
+    try:
+        yield
+    finally:
+        set_vectors(model, saved)
+
+
+@contextmanager
 def steering_disabled(model: nn.Module) -> Iterator[None]:
     """Run the unsteered base inside the block, without reloading anything."""
     with model.disable_adapter():

@@ -2,8 +2,8 @@
 
 Reads the configuration (``train/config.py``; ``--help`` lists every key), checks everything it can before any weights
 load (bad input: one line on stderr, exit code 2), then trains with ``SteeringGRPOTrainer``, writing
-``output_dir/metrics.jsonl``, ``checkpoint-<step>/`` and, at the end, ``training_curves.png`` and the final checkpoint
-in ``output_dir/final``. It ends by printing the held-out accuracy of the base and of the trained model.
+``output_dir/metrics.jsonl``, ``checkpoint-<step>/`` and, at the end, ``training_curves.png`` (with ``probe_steps``,
+``probes_*.png`` too: ``train/probes.py``) and the final checkpoint in ``output_dir/final``. It ends by printing the held-out accuracy of the base and of the trained model.
 
 As TRL's scripts: :func:`make_parser` builds the parser and :func:`main` trains from a parsed config (and returns the
 trainer, for notebooks and tests); ``python -m train`` is :func:`cli`, which adds the exit codes.
@@ -35,11 +35,12 @@ class RunInputs:
     skipped_rows: int
     init_vectors: dict[int, Any] | None
     resume: str | None
+    probe_vectors: dict[int, Any] | None = None
 
 
 def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     """Everything that can be checked without loading weights: the base model's config (family, layer indices),
-    ``init_from`` vectors, the template, the data, the checkpoint to resume from. Raises one-line errors."""
+    ``init_from`` and ``probe_vectors`` vectors, the template, the data, the checkpoint to resume from. Raises one-line errors."""
     from transformers import AutoConfig
 
     from steering import vectors as sv
@@ -82,6 +83,7 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
         scale = c.init_scale
         init_vectors = {l: v * (scale.get(l, 1.0) if isinstance(scale, dict) else float(scale))
                         for l, v in init_vectors.items() if l in wanted}
+    probe_vectors = _probe_vectors(c, num_layers, hidden) if c.probe_vectors else None
     template = get_template(c.template)
     if template.stop and c.mask_truncated_completions:
         # TRL counts a completion as truncated unless its last token is an end token: it would mask every completion
@@ -111,13 +113,50 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     else:
         train_rows, val_rows = split_off_validation(problems, c.val_size, c.seed)
         skipped = problems.skipped
+    if c.probe_steps and not val_rows:
+        raise ConfigError(f"probe_steps: no validation problems to draw the probe batch from (val_dataset "
+                          f"{c.val_dataset!r} has none that are not also training problems); give other validation "
+                          "data or set probe_steps: 0")
     resume = ckpt_io.resolve_resume(c.resume_from_checkpoint, c.output_dir)
     if resume is None and not c.overwrite_output_dir and ckpt_io.holds_a_run(c.output_dir):
         # Never start a second run on top of another's checkpoints: a later `resume latest` would mix the two.
         raise ConfigError(f"output_dir: {c.output_dir} already holds a run's checkpoints; continue it with "
                           "--resume_from_checkpoint latest, start over with --overwrite_output_dir true (deletes "
                           "them), or choose another output_dir")
-    return RunInputs(template, train_rows, val_rows, skipped, init_vectors, resume)
+    return RunInputs(template, train_rows, val_rows, skipped, init_vectors, resume, probe_vectors)
+
+
+def _probe_vectors(c: SteeringGRPOConfig, num_layers: int, hidden: int) -> dict[int, Any]:
+    """The reference vectors of the probes' cosines, checked against the base: they load, fit its shape and, when
+    they record one, were made for it."""
+    from steering import vectors as sv
+    from steering.gguf_vectors import is_control_vector_path
+
+    path = Path(c.probe_vectors)
+    if not (path.is_dir() or (is_control_vector_path(path) and path.is_file())):
+        raise ConfigError(f"probe_vectors: {c.probe_vectors!r} is neither a directory nor a .gguf file; give a "
+                          "steering checkpoint directory or a llama.cpp control-vector .gguf file")
+    try:
+        vectors = sv.load_vectors(path)
+        recorded = sv.read_meta(path).get("base_model") if (path / sv.META_FILE).is_file() else None
+    except sv.SteeringError as e:
+        raise ConfigError(f"probe_vectors: {e}") from None
+    sizes = {int(v.numel()) for v in vectors.values()}
+    if sizes != {hidden} or max(vectors) >= num_layers:
+        raise ConfigError(f"probe_vectors: {c.probe_vectors} has vectors of hidden size {sorted(sizes)} for layers "
+                          f"{sorted(vectors)}, but {c.model_name_or_path} has {num_layers} layers x hidden size "
+                          f"{hidden}; give vectors made for this base model")
+    if recorded and not _same_model(recorded, c.model_name_or_path):
+        raise ConfigError(f"probe_vectors: {c.probe_vectors} was made for the base {recorded!r}, not "
+                          f"{c.model_name_or_path!r}; give vectors made for this base model")
+    return vectors
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two names of one base: the same Hub id, or local directories that resolve to the same place."""
+    if Path(a).is_dir() and Path(b).is_dir():
+        return Path(a).resolve() == Path(b).resolve()
+    return a.rstrip("/") == b.rstrip("/")
 
 
 def check_vllm_run(config: SteeringGRPOConfig, base_config: Any) -> None:
@@ -216,6 +255,11 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     trainer = SteeringGRPOTrainer(
         model=model, reward_funcs=[reward], args=c, train_dataset=train_ds, processing_class=tokenizer,
         validator=validator, rollout_func=rollout_func)
+    if c.probe_steps:
+        from train.probes import ProbeCallback
+
+        trainer.add_callback(ProbeCallback(trainer, inputs.val_rows, inputs.template, every=c.probe_steps,
+                                           size=c.probe_size, k=c.probe_k, references=inputs.probe_vectors))
     if trainer.is_world_process_zero():
         write_metrics_line(trainer.metrics_path, {"step": 0, "event": "data", "train_rows": len(inputs.train_rows),
                                                   "val_rows": len(inputs.val_rows), "skipped_rows": inputs.skipped_rows})
@@ -230,7 +274,7 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
 def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     """Train: check the inputs (unless given), build the model and the trainer, train (or resume), write ``final/``,
     the training curves and the held-out accuracy line. Returns the trainer."""
-    from train.plots import plot_training_curves
+    from train.plots import plot_probes, plot_training_curves
     from train.trainer import RunAlreadyFinished, write_metrics_line
 
     trainer = build_trainer(config, inputs)
@@ -249,6 +293,8 @@ def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
                                                   "base_eval_accuracy": base_acc, "eval_accuracy": final_acc})
         if config.plot_curves:
             plot_training_curves(trainer.metrics_path, out / "training_curves.png")
+            if config.probe_steps:
+                plot_probes(trainer.metrics_path, out)
         if final_acc is not None:
             base_txt = f"{100 * base_acc:.1f}%" if base_acc is not None else "n/a"
             print(f"\nheld-out accuracy on {len(validation.validator.rows)} problems (T={config.val_temperature:g}): "

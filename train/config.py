@@ -4,7 +4,7 @@ loop, unchanged) + the fields steering vectors need, read from a YAML file with 
 Precedence, lowest to highest: dataclass defaults < ``preset`` values < YAML < command line. Unknown keys, in the
 YAML or on the command line, are errors. Every value is checked in ``SteeringGRPOConfig.__post_init__``; a problem is
 one line naming the key and the fix (exit code 2 from ``python -m train``), before any model loads. What needs the
-base model's files or the data (layer indices in range, ``init_from`` shapes, dataset columns, the checkpoint to resume
+base model's files or the data (layer indices in range, ``init_from`` and ``probe_vectors`` shapes, dataset columns, the checkpoint to resume
 from) is checked next, still before any weights load (``train/__main__.py``, ``prepare_inputs``).
 """
 
@@ -186,7 +186,29 @@ class SteeringGRPOConfig(GRPOConfig):
     metrics_file: str = field(
         default="metrics.jsonl", metadata={"help": "Per-step metrics, one JSON object per line, under output_dir."})
     plot_curves: bool = field(
-        default=True, metadata={"help": "Write output_dir/training_curves.png at the end of the run."})
+        default=True, metadata={"help": "Write output_dir/training_curves.png (and, with probe_steps, probes_*.png) at "
+                                        "the end of the run."})
+    probe_steps: int = field(
+        default=0,
+        metadata={"help": "Probe the vectors every N optimizer steps (0 = off, the default); N alone turns on the "
+                          "whole set (docs/analysis.md, 'Probes during training'): per-layer norm and cosine to the "
+                          "previous probe and to the start, the logit lens of each vector (top / bottom tokens, "
+                          "non-English share), the first-token probability gain over the base and the KL there on "
+                          "probe_size validation problems, and the cosine to probe_vectors. Rank 0 only, under no_grad, "
+                          "consuming no random numbers: the trained vectors are the same with probes on and off. "
+                          "Written to metrics.jsonl (event: probe), W&B, and probes_*.png at the end."})
+    probe_size: int = field(
+        default=16,
+        metadata={"help": "Validation problems in the probe batch (the first probe_size held-out rows, drawn once) "
+                          "on which the first-token gain and KL are measured (default 16)."})
+    probe_k: int = field(
+        default=10, metadata={"help": "Tokens listed per probe: top / bottom lens tokens of each vector and top "
+                                      "gained first tokens (default 10)."})
+    probe_vectors: str | None = field(
+        default=None,
+        metadata={"help": "Reference vectors for the probes' per-layer cosine: a steering checkpoint directory (e.g. "
+                          "DiffMean behaviour vectors, another run's checkpoint) or a llama.cpp control-vector .gguf "
+                          "file, made for this base model. Needs probe_steps."})
     build_demo_base: bool = field(
         default=False,
         metadata={"help": "If model_name_or_path does not exist, build the offline demo base there (train.demo_base)."})
@@ -247,6 +269,8 @@ class SteeringGRPOConfig(GRPOConfig):
                 raise ConfigError(f"init_from: {self.init_from!r} is neither a directory nor a .gguf file; give a "
                                   "steering checkpoint directory or a llama.cpp control-vector .gguf file")
 
+        self._check_probes()
+
         # TRL's and transformers' own checks (one line of their message).
         try:
             super().__post_init__()
@@ -279,6 +303,26 @@ class SteeringGRPOConfig(GRPOConfig):
         if self.token_scaling and self.use_vllm:
             raise ConfigError("token_scaling: the per-token gate is a forward hook that vLLM does not run; set "
                               "use_vllm: false")
+
+    def _check_probes(self) -> None:
+        if self.probe_steps < 0 or self.probe_size < 1 or self.probe_k < 1:
+            raise ConfigError(f"probe_steps ({self.probe_steps}) must be >= 0, probe_size ({self.probe_size}) and "
+                              f"probe_k ({self.probe_k}) >= 1")
+        if not self.probe_steps:
+            if self.probe_vectors is not None:
+                raise ConfigError("probe_vectors: the reference vectors are read by the probes, which are off; set "
+                                  "probe_steps (e.g. 10) or remove probe_vectors")
+            return
+        if self.adapter != "steering":
+            raise ConfigError(f"probe_steps: the probes read steering vectors; adapter is {self.adapter!r}. Set "
+                              "adapter: steering or probe_steps: 0")
+        if self.val_size < 1:
+            raise ConfigError("probe_steps: the probe batch is drawn from the validation problems, and val_size is 0; "
+                              "set val_size >= 1 or probe_steps: 0")
+        if self.fsdp or self.deepspeed:
+            # A probe is a forward pass on rank 0 alone; sharded parameters would need every rank to gather them.
+            raise ConfigError("probe_steps: probes run on rank 0 alone, which FSDP / DeepSpeed sharded parameters "
+                              "cannot do; use plain DDP (accelerate launch) or probe_steps: 0")
 
     def grading_options(self):
         """The reward's math-verify grading options (``reward_float_rounding`` ...) as a GradingOptions."""
