@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from analysis import cli
+from analysis.cli import UsageError
 from steering import hooks as H
 from steering import readout
 from steering import vectors as sv
@@ -73,6 +74,31 @@ class Accuracy:
         return {"accuracy": self.accuracy, "per_benchmark": self.per_benchmark}
 
 
+_ENGINES: dict[tuple[str, str], Any] = {}
+
+
+def generation_model(model: nn.Module, args: argparse.Namespace) -> Any:
+    """What generates for ``--backend``: the model itself (hf, static), or for vllm an engine serving the model's base
+    with exactly the vectors the model carries now (``use_vectors``, ``steering_scale``: every analysis changes the
+    steering through the BEFT vectors, which the engine mirrors). One engine per base, kept for the command."""
+    if args.backend != "vllm":
+        return model
+    from steering.vllm_engine import VLLMError, VLLMModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    key = (str(base.config.name_or_path), str(base.dtype).removeprefix("torch."))
+    if key not in _ENGINES:
+        device = "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
+        try:
+            _ENGINES[key] = VLLMModel(key[0], dtype=key[1], device=device, **cli.vllm_options(args))
+        except VLLMError as e:
+            raise UsageError(f"--backend vllm: {e}") from None
+    engine = _ENGINES[key]
+    zeros = {layer: torch.zeros(base.config.hidden_size) for layer in range(base.config.num_hidden_layers)}
+    engine.load_vectors({**zeros, **(sv.get_vectors(model) if sv.vector_parameters(model) else {})})
+    return engine
+
+
 def accuracy(model: nn.Module, tokenizer: Any, benches: Sequence[Any], args: argparse.Namespace, template: Any, *,
              greedy: bool = False) -> Accuracy:
     """Evaluate the model *as it is now* (vectors, hooks) on every benchmark with
@@ -89,7 +115,8 @@ def accuracy(model: nn.Module, tokenizer: Any, benches: Sequence[Any], args: arg
     results: dict[str, Any] = {}
     for b in benches:
         k = cli.samples_for(b, args, greedy)
-        res = evaluate_model(model, tokenizer, b.problems, template=template, params=params, num_samples=k,
+        res = evaluate_model(generation_model(model, args), tokenizer, b.problems, template=template, params=params,
+                             num_samples=k,
                              seeds=seeds, batch_size=args.batch_size, timeout_s=args.reward_timeout,
                              options=cli.grading_options(args), backend=args.backend, progress=False)
         per[b.name] = {"accuracy": res.accuracy, "std": res.std, "metric": metric_name(k), "num_samples": k,
@@ -142,7 +169,8 @@ def sample_sequences(model: nn.Module, tokenizer: Any, problems: Sequence[Mappin
                      args: argparse.Namespace, *, num_samples: int = 1) -> Sequences:
     """Sample completions for ``problems`` with the evaluation flags (first seed, ``--batch-size``,
     ``--backend``)."""
-    prompts, res = sample(model, tokenizer, [p["question"] for p in problems], template, cli.sampling_params(args),
+    prompts, res = sample(generation_model(model, args), tokenizer, [p["question"] for p in problems], template,
+                          cli.sampling_params(args),
                           seed=args.seeds[0], batch_size=args.batch_size, num_samples=num_samples,
                           backend=args.backend, progress=not args.no_progress)
     problem = [i for i in range(len(prompts)) for _ in range(num_samples)]

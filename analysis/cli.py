@@ -385,6 +385,13 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--pass-k values must be >= 1, got {args.pass_k}")
     if args.reward_timeout <= 0:
         raise UsageError(f"--reward-timeout must be > 0, got {args.reward_timeout}")
+    if args.backend == "vllm":
+        from steering.vllm_engine import VLLMError, check_vllm
+
+        try:
+            check_vllm()  # installed, a tested version; the model's head size is checked when the engine starts
+        except VLLMError as e:
+            raise UsageError(f"--backend vllm: {e}") from None
     if args.vllm_kv_cache_gb is not None and not args.vllm_kv_cache_gb > 0:
         raise UsageError(f"--vllm-kv-cache-gb must be > 0, got {args.vllm_kv_cache_gb}")
     if not 0 < args.vllm_gpu_memory_utilization <= 1:
@@ -520,6 +527,8 @@ def check_args(args: argparse.Namespace, checkpoints: Sequence[str | None] = (),
 
     check_eval_args(args)
     check_checkpoint_arg(_checkpoint_arg(args))
+    if args.backend == "vllm" and (_checkpoint_arg(args) or vars(args).get("model")):
+        check_vllm_model(base_model_id(vars(args).get("model"), _checkpoint_arg(args)), args.device)
     if "forward_batch_size" in vars(args):
         check_positive(args, "forward_batch_size")
     if benchmarks:
@@ -813,17 +822,22 @@ def _load_row_engine(row: RowSpec, dtype: Any, device: str | None, options: dict
 def check_vllm_rows(rows: Sequence[RowSpec], device: str | None) -> None:
     """``--backend vllm``: vLLM installed, a tested version, and every row's model servable here; LoRA rows are
     refused. One line each, before any weights load."""
-    from steering.vllm_engine import VLLMError, check_vllm, read_model_config
-
-    device_type = "cuda" if str(default_device(device)).startswith("cuda") else "cpu"
     for row in rows:
         if row.kind == "lora":
             raise UsageError(f"--backend vllm: row {row.label!r} is a LoRA adapter, which this project does not serve "
                              "through vLLM; use --backend hf for LoRA rows")
-        try:
-            check_vllm(read_model_config(row.path if row.kind == "full" else row.base_model), device=device_type)
-        except VLLMError as e:
-            raise UsageError(f"--backend vllm: {e}") from None
+        check_vllm_model(row.path if row.kind == "full" else row.base_model, device)
+
+
+def check_vllm_model(model_id: str, device: str | None) -> None:
+    """``--backend vllm``: the model is one vLLM serves on this device (read from its config, no weights)."""
+    from steering.vllm_engine import VLLMError, check_vllm, read_model_config
+
+    device_type = "cuda" if str(default_device(device)).startswith("cuda") else "cpu"
+    try:
+        check_vllm(read_model_config(model_id), device=device_type)
+    except (VLLMError, ValueError, OSError) as e:
+        raise UsageError(f"--backend vllm: {str(e).splitlines()[0]}") from None
 
 
 def check_loadable(rows: Sequence[RowSpec]) -> None:

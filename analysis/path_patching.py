@@ -288,8 +288,9 @@ def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, arg
 def run(args: argparse.Namespace) -> int:
     cli.check_args(args)
     if args.backend != "hf":
-        raise UsageError("path-patching patches through module hooks, which the 'static' generation backend bypasses; "
-                         "use --backend hf")
+        raise UsageError(f"path-patching patches through module hooks, which the {args.backend!r} generation backend "
+                         "bypasses (the static cache replays a compiled forward on CUDA; vLLM runs its own model); use "
+                         "--backend hf")
     cli.check_positive(args, "samples_per_problem")
     base_id = cli.base_model_id(args.model, args.checkpoint)
     num_layers = int(cli.model_config(base_id).num_hidden_layers)

@@ -93,6 +93,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cli.check_args(args)
+    if args.backend == "vllm":
+        raise UsageError("token-scaling gates the vectors per token with forward hooks, which vLLM does not run; use "
+                         "--backend hf")
     if not ts.checkpoint_has_gates(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no {ts.GATE_FILE}; it was not trained with "
                          "token_scaling: true")

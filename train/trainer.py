@@ -56,7 +56,9 @@ class RunAlreadyFinished(Exception):
 
 
 class _UnweightedRewardLog(Trainer):
-    """Reports ``reward`` / ``reward_std`` as the reward function's own mean and std under RLOO.
+    """Sees every train log line after TRL merged its metrics into it: reports ``reward`` / ``reward_std`` as the
+    reward function's own mean and std under RLOO, ``completions/clipped_ratio`` as the length-limit share, and stops
+    a run whose vLLM engine is not serving the trained model (:class:`VLLMMismatch`).
 
     TRL logs the *weighted* reward, and RLOO's weight G/(G−1) is what makes TRL's advantage RLOO's; with it, a batch
     of all −1 rewards would log −1.14 and an "accuracy" below zero. TRL adds its metrics to ``logs`` inside
@@ -66,12 +68,30 @@ class _UnweightedRewardLog(Trainer):
     written."""
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.args.advantage_estimator == "rloo" and not any(k.startswith("eval_") for k in logs):
+        is_train = not any(k.startswith("eval_") for k in logs)
+        if self.args.advantage_estimator == "rloo" and is_train:
             name = self.reward_func_names[0]
             for key, per_func in (("reward", f"rewards/{name}/mean"), ("reward_std", f"rewards/{name}/std")):
                 if per_func in logs:
                     logs[key] = logs[per_func]
+        if is_train and "completions/ended_by_length" in logs:
+            # TRL counts a completion as clipped unless its last token is an end token, so one that ended at the
+            # template's stop string (r1's </answer>) would count as clipped: report the length-limit share.
+            logs["completions/clipped_ratio"] = logs["completions/ended_by_length"]
+        if is_train:
+            self._check_vllm_gap(logs)
         super().log(logs, start_time)
+
+    def _check_vllm_gap(self, logs: dict[str, float]) -> None:
+        """Stop the run when vLLM's log-probabilities of the sampled tokens are far from the trainer's (TRL measures
+        the gap when ``vllm_importance_sampling_correction`` is on): the engine is then not serving the trained
+        vectors, and every further step would train on another model's samples."""
+        gap = logs.get(VLLM_GAP_MEAN)
+        limit = self.args.vllm_max_logprob_gap
+        if gap is not None and limit is not None and gap > limit:
+            raise VLLMMismatch(f"at step {self.state.global_step} the mean |log p(trainer) - log p(vLLM)| of the "
+                               f"sampled tokens is {gap:.3f} (max {logs.get(VLLM_GAP_MAX, float('nan')):.3f}), above "
+                               f"vllm_max_logprob_gap={limit}")
 
 
 class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
@@ -129,17 +149,6 @@ class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
             if not torch.isfinite(p.detach()).all():
                 raise TrainingDiverged(f"non-finite values in the layer-{layer} vector at step {when}")
 
-    def _check_vllm_gap(self, logs: dict[str, float]) -> None:
-        """Stop the run when vLLM's log-probabilities of the sampled tokens are far from the trainer's (TRL measures
-        the gap when ``vllm_importance_sampling_correction`` is on): the engine is then not serving the trained
-        vectors, and every further step would train on another model's samples."""
-        gap = logs.get(VLLM_GAP_MEAN)
-        limit = self.args.vllm_max_logprob_gap
-        if gap is not None and limit is not None and gap > limit:
-            raise VLLMMismatch(f"at step {self.state.global_step} the mean |log p(trainer) - log p(vLLM)| of the "
-                               f"sampled tokens is {gap:.3f} (max {logs.get(VLLM_GAP_MAX, float('nan')):.3f}), above "
-                               f"vllm_max_logprob_gap={limit}")
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Before the rollouts: sampling from NaN logits would fail with an obscure error instead.
         self._check_vectors(f"{self.state.global_step + 1} (before its rollouts)")
@@ -158,12 +167,6 @@ class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
         is_train = not any(k.startswith("eval_") for k in logs)
         if is_train and hasattr(self.reward_fn, "pop_stats"):
             logs.update(self.reward_fn.pop_stats())
-            if "completions/ended_by_length" in logs:
-                # TRL counts a completion as clipped unless its last token is an end token, so one that ended at the
-                # template's stop string (r1's </answer>) would count as clipped: report the length-limit share.
-                logs["completions/clipped_ratio"] = logs["completions/ended_by_length"]
-        if is_train:
-            self._check_vllm_gap(logs)
         if is_train and self.args.adapter == "steering":
             self._check_vectors(str(self.state.global_step))
             vectors = sv.vector_parameters(self.model)
