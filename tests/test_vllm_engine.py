@@ -22,8 +22,8 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM installed (pip 
 HEAD32 = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
 
 
-def save_head32_base(out, arch: str = "qwen2"):
-    model = tiny_model(arch, seed=0, **HEAD32)
+def save_head32_base(out, arch: str = "qwen2", **config):
+    model = tiny_model(arch, seed=0, **HEAD32, **config)
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.pad_token_id = model.config.pad_token_id
     model.save_pretrained(out, safe_serialization=True)

@@ -58,13 +58,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    base = save_head32_base(root / "base")
+    # The chat annotator's prompt is over 1000 characters, one token each with this tokenizer.
+    base = save_head32_base(root / "base", max_position_embeddings=4096)
     checkpoint = save_checkpoint(base, root / "checkpoint-1")
     port = free_port()
     log = root / "server.log"
     command = [sys.executable, "-m", "analysis", "serve", "--checkpoint", str(checkpoint), "--scale", "1.5",
                "--device", "cpu", "--kv-cache-gb", "0.25", "--", "--host", "127.0.0.1", "--port", str(port),
-               "--served-model-name", "steered", "--max-model-len", "256", "--dtype", "float32"]
+               "--served-model-name", "steered", "--max-model-len", "4096", "--dtype", "float32"]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
