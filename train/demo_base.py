@@ -31,7 +31,7 @@ cost of a step; gradients flow through it as usual.
 
 Usage::
 
-    python -m train.demo_base --out assets/demo-base              # the committed model (~4 min on 1 CPU core)
+    python -m train.demo_base --out assets/demo-base              # the committed model (~9 min on 1 CPU core)
     python -m train.demo_base --out /tmp/db --steps 20            # a quick (useless) model
     python -m train.demo_base --out /tmp/db --sanity              # + the last-layer steering-vector check
 """
