@@ -31,7 +31,7 @@ cost of a step; gradients flow through it as usual.
 
 Usage::
 
-    python -m train.demo_base --out assets/demo-base              # the committed model (~4 min on 1 CPU core)
+    python -m train.demo_base --out assets/demo-base              # the committed model (~9 min on 1 CPU core)
     python -m train.demo_base --out /tmp/db --steps 20            # a quick (useless) model
     python -m train.demo_base --out /tmp/db --sanity              # + the last-layer steering-vector check
 """
@@ -79,8 +79,8 @@ DEFAULTS: dict[str, Any] = {
     "pretrain_part": "all",
     "hidden_size": 96,
     "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_attention_heads": 3,
+    "num_key_value_heads": 1,
     "intermediate_size": 384,
     "max_position_embeddings": 512,
     "steps": 800,
