@@ -47,6 +47,9 @@ def environment() -> dict[str, Any]:
             out[mod] = __import__(mod).__version__
         except Exception:  # not installed / no version attribute
             out[mod] = None
+    from steering.vllm_engine import vllm_version
+
+    out["vllm"] = vllm_version()  # from the package metadata: importing vLLM takes seconds
     return out
 
 

@@ -349,8 +349,11 @@ def vllm_engine_for(model: Any, tokenizer: Any, ns: argparse.Namespace) -> Any:
     from steering import vectors as sv
     from steering.vllm_engine import VLLMModel
 
+    from steering.vectors import parse_dtype
+
     base_dir = tempfile.mkdtemp(prefix="bench-vllm-", dir=ns.work_dir)
-    model.get_base_model().save_pretrained(base_dir)
+    # The same random base (same seed), saved without the PEFT wrappers the steered model carries.
+    build_model(ns.shape, parse_dtype(ns.dtype), "cpu", seed=ns.seed).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     checkpoint = sv.save_checkpoint(model, os.path.join(base_dir, "checkpoint"), base_model=base_dir, step=0)
     device = "cuda" if ns.device.startswith("cuda") else "cpu"
