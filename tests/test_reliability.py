@@ -640,7 +640,12 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def _newest_mtime(d: Path) -> float:
-    return max((f.stat().st_mtime for f in d.rglob("*") if f.is_file()), default=0.0)
+    """The newest file time under ``d``; 0.0 while ``d`` is absent or changes under the scan (a resumed run first
+    removes an interrupted save, and a save renames its directory into place)."""
+    try:
+        return max((f.stat().st_mtime for f in d.rglob("*") if f.is_file()), default=0.0)
+    except FileNotFoundError:
+        return 0.0
 
 
 # The learning rate each adapter trains the demo base with here (the test is about resuming, not learning).
