@@ -1,4 +1,5 @@
-"""The checkpoints of a training run: transformers' ``Trainer`` writes them, this module makes them safe to resume from.
+"""A training run's directory: the names in it, its metrics file, and its checkpoints (transformers' ``Trainer`` writes
+them, this module makes them safe to resume from).
 
 A run directory looks like::
 
@@ -9,7 +10,7 @@ A run directory looks like::
                             global_step*/ shards), the tokenizer and training_args.bin; then, last of all,
         checksums.json      the sha256 and size of every file above, written once every process has finished its part
       latest                {"checkpoint": "checkpoint-40"}: written after checksums.json
-      final/                the last model, written when training ends (the same files, no checksums.json)
+      final/                the last model, written when training ends (a checkpoint's model files, no training state)
       run.json              {"metrics_file": ...}: written when training starts, so that readers find the metrics
       metrics.jsonl         one JSON object per logged step (the name is the config's ``metrics_file``)
       README.md             the model card (``train/model_card.py``), in the run directory and in each model directory

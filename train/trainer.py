@@ -210,12 +210,12 @@ class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
             sv.write_meta(out, model, base_model=self.args.model_name_or_path, step=self.state.global_step,
                           training_config=self.args.to_jsonable(), extra=ts.checkpoint_extra(model) if gated else None)
 
-
     # ------------------------------------------------------------------------------------------------ model card
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:
         """The run directory's ``README.md``, which TRL writes at every checkpoint and on ``push_to_hub``: this run's
-        own card (``train/model_card.py``) instead of TRL's generic one. TRL's arguments name nothing the card lacks."""
+        own card (``train/model_card.py``) instead of TRL's generic one. The card's title is the base model and its
+        settings come from the config, so TRL's name, dataset and tags are not used."""
         if self.is_world_process_zero():
             write_card(self.args.output_dir, self.card_facts(), run_dir=True)
 
