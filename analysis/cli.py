@@ -248,7 +248,7 @@ def final_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     complete = ckpt_io.run_checkpoints(run_dir)
     if complete:
         return complete[-1]
-    final = run_dir / "final"
+    final = ckpt_io.final_dir(run_dir)
     return final if sv.is_checkpoint(final) else None
 
 

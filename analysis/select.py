@@ -4,14 +4,15 @@ The reference code picks each run's best checkpoint by its score on the test ben
 optimistic. This command picks by validation accuracy, and (when test scores are available) reports that choice next
 to the test-best one, so the gap is visible::
 
-    python -m analysis select --run runs/steer                              # val accuracy from metrics.jsonl
+    python -m analysis select --run runs/steer                              # val accuracy from the metrics file
     python -m analysis select --run runs/steer --val procedural:mixed:200   # evaluate every checkpoint on a val set
     python -m analysis select --run runs/steer --benchmarks six --seeds 0 1 2     # also evaluate them on test sets
     python -m analysis select --run runs/steer --test-results eval/results.json   # or read an evaluate run
 
-Validation accuracy comes from ``RUN/metrics.jsonl`` (lines with ``eval_accuracy`` at a ``step``; the key is
-``--val-key``), matched to the ``RUN/checkpoint-<step>/`` directories, or from evaluating every checkpoint on
-``--val``. Ties go to the earliest step. Writes ``OUT/select.json`` (``OUT`` defaults to ``RUN``) and prints::
+Validation accuracy comes from the run's metrics file (the config's ``metrics_file``, which the run records in
+``RUN/run.json``; or ``--metrics``): lines with ``eval_accuracy`` at a ``step`` (the key is ``--val-key``), matched to
+the ``RUN/checkpoint-<step>/`` directories; or from evaluating every checkpoint on ``--val``. Ties go to the earliest
+step. Writes ``OUT/select.json`` (``OUT`` defaults to ``RUN``) and prints::
 
     validation-selected: checkpoint-X (val a, test b); test-best (as the reference code picks, optimistic): checkpoint-Y (test c)
 """
@@ -27,40 +28,48 @@ from typing import Any
 
 from analysis import cli
 from analysis.cli import UsageError
+from steering.vectors import CheckpointError
 
 
 def find_checkpoints(run: Path) -> list[tuple[int, Path]]:
     """``[(step, dir)]`` of the complete ``checkpoint-<step>`` directories of a run (those whose save finished, see
     ``train.checkpointing``), by step."""
-    from train.checkpointing import run_checkpoints
+    from train.checkpointing import checkpoint_step, run_checkpoints
 
-    return [(int(d.name.removeprefix("checkpoint-")), d) for d in run_checkpoints(run)]
+    return [(checkpoint_step(d), d) for d in run_checkpoints(run)]
 
 
 def read_val_metrics(path: Path, key: str = "eval_accuracy") -> tuple[dict[int, float], int]:
-    """``({step: value}, bad_lines)`` from a metrics.jsonl; the last value logged at a step wins. Unreadable lines
-    (e.g. the one a running trainer is writing) are counted, not fatal."""
+    """``({step: value}, bad_lines)`` from a run's metrics file (read by ``train.checkpointing.read_metrics``); the
+    last value logged at a step wins. Unreadable lines (e.g. the one a running trainer is writing) and non-numeric
+    values are counted, not fatal."""
+    from train.checkpointing import read_metrics
+
+    rows, bad = read_metrics(path)
     values: dict[int, float] = {}
-    bad = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if not isinstance(rec, dict) or rec.get(key) is None or "step" not in rec:
-                continue
-            try:
-                step, value = int(rec["step"]), float(rec[key])
-            except (TypeError, ValueError):
-                bad += 1
-                continue
-            if math.isfinite(value):
-                values[step] = value
+    for rec in rows:
+        if rec.get(key) is None or "step" not in rec:
+            continue
+        try:
+            step, value = int(rec["step"]), float(rec[key])
+        except (TypeError, ValueError):
+            bad += 1
+            continue
+        if math.isfinite(value):
+            values[step] = value
     return values, bad
+
+
+def _metrics_file(run_dir: Path, given: str | None) -> Path:
+    """``--metrics``, else the metrics file the run recorded (``train.checkpointing.metrics_path``)."""
+    from train.checkpointing import metrics_path
+
+    if given:
+        return Path(given)
+    try:
+        return metrics_path(run_dir)
+    except CheckpointError as e:
+        raise UsageError(f"{e}; give the metrics file with --metrics FILE") from None
 
 
 def pick_best(scores: dict[str, float], order: list[str]) -> str | None:
@@ -98,10 +107,11 @@ def register(subparsers) -> None:
     p = cli.add_command(subparsers, "select", run, __doc__,
                         help="pick a run's checkpoint by validation accuracy; report it next to the test-best one")
     p.add_argument("--run", required=True, metavar="DIR", help="training run directory (checkpoint-<step>/ dirs)")
-    p.add_argument("--metrics", default=None, metavar="FILE", help="metrics file (default RUN/metrics.jsonl)")
+    p.add_argument("--metrics", default=None, metavar="FILE",
+                   help="metrics file (default: the one the run recorded in RUN/run.json)")
     p.add_argument("--val-key", default="eval_accuracy", help="validation accuracy key in the metrics file (default eval_accuracy)")
     p.add_argument("--val", nargs="+", default=None, metavar="SPEC",
-                   help="evaluate every checkpoint on this validation benchmark instead of reading metrics.jsonl")
+                   help="evaluate every checkpoint on this validation benchmark instead of reading the metrics file")
     p.add_argument("--benchmarks", nargs="+", default=None, metavar="SPEC",
                    help="test benchmarks to score the candidates on (as in evaluate)")
     p.add_argument("--test-results", default=None, metavar="FILE",
@@ -157,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     val_scores: dict[str, float] = {}
     val_source: dict[str, Any]
     if val_benches is None:
-        metrics = Path(args.metrics) if args.metrics else run_dir / "metrics.jsonl"
+        metrics = _metrics_file(run_dir, args.metrics)
         if not metrics.is_file():
             raise UsageError(f"{metrics}: no such file; evaluate the checkpoints on a validation set with --val SPEC")
         try:

@@ -42,8 +42,10 @@ from steering import vectors as sv
 
 
 def _label(path_or_id: str) -> str:
+    from train.checkpointing import CHECKPOINT_PREFIX
+
     p = Path(path_or_id)
-    if p.name.startswith("checkpoint-") and p.parent.name:
+    if p.name.startswith(CHECKPOINT_PREFIX) and p.parent.name:
         return f"{p.parent.name}/{p.name}"
     return p.name or str(path_or_id)
 

@@ -27,6 +27,7 @@ def run_dir(tiny_base_dir, tmp_path_factory):
         if step != 40:  # the save of checkpoint-40 was interrupted before its manifest
             ckpt_io.write_manifest(ckpt)
     (run / "checkpoint-50").mkdir()  # incomplete: no files
+    ckpt_io.write_run_record(run, metrics_file="metrics.jsonl")  # as training writes it when it starts
     return run
 
 

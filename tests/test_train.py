@@ -95,6 +95,32 @@ def test_checkpoints_load_through_peft_and_match(two_step_run):
     assert meta["training_config"]["loss_type"] == "dapo"
 
 
+def test_model_cards_are_this_runs_and_their_code_loads_the_model(two_step_run):
+    """final/, each checkpoint and the run directory hold this run's card (base, layers, settings, validation), not
+    TRL's ("a fine-tuned version of [None]", a pipeline(...) snippet) or PEFT's empty template; its code runs."""
+    import re
+
+    trainer, run_dir = two_step_run
+    layers = ", ".join(map(str, sv.steered_layers(trainer.model)))
+    final = ckpt_io.final_dir(run_dir)
+    for d in (final, ckpt_io.checkpoint_dir(run_dir, 2), run_dir):
+        card = (d / ckpt_io.CARD).read_text()
+        assert f"Steered layers: {layers}." in card and f'from_pretrained("{DEMO_BASE}")' in card, d
+        assert "| `learning_rate` | `0.05` |" in card and "at step" in card, d
+        assert "[None]" not in card and "pipeline(" not in card and "More Information Needed" not in card, d
+    step, accuracy = trainer.validation.history[-1]
+    assert step == 2
+    for d in (final, run_dir):  # the run directory's card is rewritten when training ends
+        assert f"**{100 * accuracy:.1f}%** at step {step}" in (d / ckpt_io.CARD).read_text(), d
+    assert "README.md" in json.loads((ckpt_io.checkpoint_dir(run_dir, 2) / ckpt_io.MANIFEST).read_text())["files"]
+    snippets = re.findall(r"```python\n(.*?)```", (final / ckpt_io.CARD).read_text(), re.S)
+    assert len(snippets) == 2  # this project's loader, then PEFT's
+    for code in snippets:
+        scope = {}
+        exec(code.replace('"DIR"', repr(str(final))), scope)
+        assert torch.equal(sv.get_vectors(scope["model"])[0], sv.get_vectors(trainer.model)[0])
+
+
 def test_paper_preset_rloo_loss_and_gradient_by_hand(tmp_path):
     """One real training step of the paper preset, with fixed ±1 rewards: TRL's loss value and its gradient w.r.t.
     the vectors are the paper's RLOO loss worked out by hand (A_i = r_i - mean_{j != i} r_j, loss

@@ -274,6 +274,7 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
 def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     """Train: check the inputs (unless given), build the model and the trainer, train (or resume), write ``final/``,
     the training curves and the held-out accuracy line. Returns the trainer."""
+    from train.checkpointing import final_dir
     from train.plots import plot_probes, plot_training_curves
     from train.trainer import RunAlreadyFinished, write_metrics_line
 
@@ -286,7 +287,8 @@ def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
         logger.info("%s; nothing to train", e)
         validation.validate(trainer.state)
     out = Path(config.output_dir)
-    trainer.save_model(str(out / "final"))
+    trainer.save_model(str(final_dir(out)))
+    trainer.create_model_card()  # the run directory's card, with the final validation
     if trainer.is_world_process_zero():
         base_acc, final_acc = validation.base_accuracy, (validation.history[-1][1] if validation.history else None)
         write_metrics_line(trainer.metrics_path, {"step": trainer.state.global_step, "event": "final",

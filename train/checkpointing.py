@@ -1,4 +1,5 @@
-"""The checkpoints of a training run: transformers' ``Trainer`` writes them, this module makes them safe to resume from.
+"""A training run's directory: the names in it, its metrics file, and its checkpoints (transformers' ``Trainer`` writes
+them, this module makes them safe to resume from).
 
 A run directory looks like::
 
@@ -9,6 +10,13 @@ A run directory looks like::
                             global_step*/ shards), the tokenizer and training_args.bin; then, last of all,
         checksums.json      the sha256 and size of every file above, written once every process has finished its part
       latest                {"checkpoint": "checkpoint-40"}: written after checksums.json
+      final/                the last model, written when training ends (a checkpoint's model files, no training state)
+      run.json              {"metrics_file": ...}: written when training starts, so that readers find the metrics
+      metrics.jsonl         one JSON object per logged step (the name is the config's ``metrics_file``)
+      README.md             the model card (``train/model_card.py``), in the run directory and in each model directory
+
+This module owns these names: code elsewhere asks it for a run's paths (:func:`final_dir`, :func:`checkpoint_dir`,
+:func:`metrics_path`) and reads the metrics through :func:`read_metrics`.
 
 A checkpoint without ``checksums.json`` is incomplete (a save was interrupted, or is in progress): nothing resumes from
 it, and no analysis command picks it. ``--resume_from_checkpoint latest`` reads the marker, checks every checksum of the
@@ -26,14 +34,20 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from steering.files import fsync_dir, fsync_file, sha256_file, write_json_atomic
 from steering.vectors import CheckpointError
 
 LATEST = "latest"
+FINAL = "final"
+RUN_RECORD = "run.json"
+CARD = "README.md"
 MANIFEST = "checksums.json"
 TRAINER_STATE = "trainer_state.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# transformers' Trainer names the checkpoint directories f"{PREFIX_CHECKPOINT_DIR}-{step}".
+CHECKPOINT_PREFIX = f"{PREFIX_CHECKPOINT_DIR}-"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 # ------------------------------------------------------------------------------------------------------------- files
@@ -100,6 +114,24 @@ def verify_checkpoint(ckpt: Path) -> None:
 # -------------------------------------------------------------------------------------------------------- run dirs
 
 
+def final_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run's last model goes when training ends (it may not exist yet)."""
+    return Path(run_dir) / FINAL
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where transformers writes the checkpoint of ``step``."""
+    return Path(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(ckpt: str | os.PathLike) -> int:
+    """The step of a ``checkpoint-<step>`` directory; a ``ValueError`` for any other name."""
+    m = _CHECKPOINT_RE.match(Path(ckpt).name)
+    if m is None:
+        raise ValueError(f"{ckpt} is not named {CHECKPOINT_PREFIX}<step>")
+    return int(m.group(1))
+
+
 def write_latest(run_dir: Path, ckpt: Path) -> None:
     write_json_atomic(run_dir / LATEST, {"checkpoint": ckpt.name})
 
@@ -131,7 +163,8 @@ def holds_a_run(run_dir: str | os.PathLike) -> bool:
 def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, metrics_file: str) -> None:
     """Before training (rank 0): remove the interrupted saves (``checkpoint-<step>`` without a manifest: never usable,
     and they would count towards transformers' ``save_total_limit`` rotation); with ``overwrite``, also another run's
-    checkpoints, its ``latest`` marker, ``final/`` and its metrics file."""
+    checkpoints, its ``latest`` marker, ``final/`` and its metrics file. Then records the metrics file's name in
+    ``run.json`` (a resume records the name it appends to)."""
     import shutil
 
     run_dir = Path(run_dir)
@@ -141,8 +174,14 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, metrics_file
     if overwrite:
         for name in (LATEST, metrics_file):
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "final", ignore_errors=True)
+        shutil.rmtree(final_dir(run_dir), ignore_errors=True)
+    write_run_record(run_dir, metrics_file=metrics_file)
     fsync_dir(run_dir)
+
+
+def write_run_record(run_dir: str | os.PathLike, *, metrics_file: str) -> None:
+    """``run.json``: what a reader of the run directory needs and cannot derive (the metrics file's name)."""
+    write_json_atomic(Path(run_dir) / RUN_RECORD, {"metrics_file": metrics_file})
 
 
 def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -170,6 +209,61 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return str(ckpt)
 
 
+# --------------------------------------------------------------------------------------------------------- metrics
+
+
+def metrics_path(run_dir: str | os.PathLike) -> Path:
+    """The metrics file of a run, by the name the run recorded: ``run.json``, else (a run trained before ``run.json``
+    existed) the training config in a steering checkpoint's ``steering.json``. A ``CheckpointError`` if the run
+    records no name; the file itself may be missing (a run that has not logged yet)."""
+    run_dir = Path(run_dir)
+    record = run_dir / RUN_RECORD
+    if record.is_file():
+        recorded = _read_json(record)
+        name = recorded.get("metrics_file") if isinstance(recorded, dict) else None
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{record} names no metrics_file (tampered with?)")
+        return run_dir / name
+    for model_dir in reversed([*run_checkpoints(run_dir), final_dir(run_dir)]):
+        name = _recorded_metrics_file(model_dir)
+        if name is not None:
+            return run_dir / name
+    raise CheckpointError(f"{run_dir} records no metrics file name: it has no {RUN_RECORD} and no checkpoint whose "
+                          "steering.json holds the training config")
+
+
+def _recorded_metrics_file(model_dir: Path) -> str | None:
+    """The ``metrics_file`` of the training config a steering checkpoint records, if it records one."""
+    from steering.vectors import META_FILE
+
+    if not (model_dir / META_FILE).is_file():
+        return None
+    meta = _read_json(model_dir / META_FILE)
+    config = meta.get("training_config") if isinstance(meta, dict) else None
+    name = config.get("metrics_file") if isinstance(config, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+    """``(rows, bad_lines)`` of a metrics file: one JSON object per line, in file order. A line that is not a JSON
+    object (the one a running or killed trainer was writing) is counted, not fatal: the rest of the file is good."""
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+    return rows, bad
+
+
 # -------------------------------------------------------------------------------------------------------- callback
 
 
@@ -183,7 +277,7 @@ class CheckpointCallback(TrainerCallback):
 
         PartialState().wait_for_everyone()  # every rank's shards (DeepSpeed, per-rank RNG) are on disk
         if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ckpt = checkpoint_dir(args.output_dir, state.global_step)
             write_manifest(ckpt)
             write_latest(Path(args.output_dir), ckpt)
         PartialState().wait_for_everyone()

@@ -184,7 +184,8 @@ class SteeringGRPOConfig(GRPOConfig):
         metadata={"help": "Start a new run in an output_dir that already holds a run's checkpoints, deleting them (its "
                           "latest marker, final/ and metrics file too). Without it such a start is refused."})
     metrics_file: str = field(
-        default="metrics.jsonl", metadata={"help": "Per-step metrics, one JSON object per line, under output_dir."})
+        default="metrics.jsonl", metadata={"help": "Per-step metrics, one JSON object per line, under output_dir. "
+                                           "Its name is recorded in output_dir/run.json, where analysis finds it."})
     plot_curves: bool = field(
         default=True, metadata={"help": "Write output_dir/training_curves.png (and, with probe_steps, probes_*.png) at "
                                         "the end of the run."})

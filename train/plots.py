@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(path: str | Path) -> list[dict]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write; the rest of the file is still good
-    return rows
+from train.checkpointing import read_metrics
 
 
 def plot_training_curves(metrics_path: str | Path, out_png: str | Path) -> Path:
@@ -24,7 +13,7 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
+    rows, _ = read_metrics(metrics_path)  # a line cut by a crash is left out
     train = [r for r in rows if "reward" in r]
     evals = [r for r in rows if "eval_accuracy" in r and r.get("event") != "final"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
@@ -74,7 +63,7 @@ def plot_probes(metrics_path: str | Path, out_dir: str | Path, *, last_layers: i
     import matplotlib
 
     matplotlib.use("Agg")
-    probes = [r for r in read_metrics(metrics_path) if r.get("event") == "probe"]
+    probes = [r for r in read_metrics(metrics_path)[0] if r.get("event") == "probe"]
     if not probes:
         return []
     out_dir = Path(out_dir)

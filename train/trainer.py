@@ -12,7 +12,8 @@ How, with TRL's public arguments only:
   The logged ``reward`` is the unweighted one (:class:`_UnweightedRewardLog`).
 - Static-KV-cache rollouts: TRL's ``rollout_func`` (``train/rollout.py``).
 - Per-layer learning rates: optimizer parameter groups (``create_optimizer``).
-- Checkpoints: transformers writes them as for any PEFT model (``save_model`` adds ``steering.json``), and
+- Checkpoints: transformers writes them as for any PEFT model (``save_model`` adds ``steering.json`` and the model
+  card, ``train/model_card.py``, which ``create_model_card`` also writes into the run directory), and
   :class:`train.checkpointing.CheckpointCallback` marks them complete (checksums, then the ``latest`` marker). The
   same lifecycle serves steering, LoRA and full fine-tuning, single process, DDP, DeepSpeed and FSDP.
 - A NaN/Inf guard on the loss, the gradients and the vectors; per-layer vector norms and a DDP rank-sync metric in
@@ -36,6 +37,7 @@ from steering import token_scaling as ts
 from steering.rewards import accuracy_from_reward
 from steering import vectors as sv
 from train.checkpointing import CheckpointCallback, remove_manifest
+from train.model_card import CardFacts, write_card
 
 logger = logging.getLogger(__name__)
 # TRL's measure of how far vLLM's sampling log-probabilities are from the trainer's (per sampled token, |difference|).
@@ -198,6 +200,8 @@ class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
         if steering and self.args.should_save and (out / sv.META_FILE).exists():
             (out / sv.META_FILE).unlink()
         super().save_model(str(out), _internal_call)
+        if self.args.should_save:  # over PEFT's empty template; before steering.json, which stays the last file
+            write_card(out, self.card_facts(), run_dir=False)
         if steering and self.args.should_save:
             model = self.accelerator.unwrap_model(self.model)
             gated = ts.has_token_scaling(model)
@@ -205,6 +209,28 @@ class SteeringGRPOTrainer(GRPOTrainer, _UnweightedRewardLog):
                 ts.save_token_gates(model, out)
             sv.write_meta(out, model, base_model=self.args.model_name_or_path, step=self.state.global_step,
                           training_config=self.args.to_jsonable(), extra=ts.checkpoint_extra(model) if gated else None)
+
+    # ------------------------------------------------------------------------------------------------ model card
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """The run directory's ``README.md``, which TRL writes at every checkpoint and on ``push_to_hub``: this run's
+        own card (``train/model_card.py``) instead of TRL's generic one. The card's title is the base model and its
+        settings come from the config, so TRL's name, dataset and tags are not used."""
+        if self.is_world_process_zero():
+            write_card(self.args.output_dir, self.card_facts(), run_dir=True)
+
+    def card_facts(self) -> CardFacts:
+        """What the model card says, now: the base, the adapter and its layers, the config, the last validation."""
+        model = self.accelerator.unwrap_model(self.model)
+        steering = self.args.adapter == "steering"
+        validation = self.validation
+        return CardFacts(
+            base_model=self.args.model_name_or_path, adapter=self.args.adapter,
+            layers=sv.steered_layers(model) if steering else None,
+            token_scaling=steering and ts.has_token_scaling(model), settings=self.args.to_jsonable(),
+            validation=validation.history[-1] if validation is not None and validation.history else None,
+            base_accuracy=validation.base_accuracy if validation is not None else None,
+            val_problems=len(validation.validator.rows) if validation is not None else 0)
 
 
 class ConsoleLog(ProgressCallback):
