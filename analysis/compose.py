@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from analysis import _common as C
+from analysis import _common
 from analysis import cli, plots
 from analysis.cli import UsageError
 from analysis.table import relative_improvement
@@ -122,10 +122,10 @@ def run(args: argparse.Namespace) -> int:
     jobs: list[tuple[str, dict[int, torch.Tensor]]] = [("base", {}), ("all", all_vectors)]
     jobs += [(f"L{i}", {i: singles[i][0]}) for i in layers]
     jobs += [(f"L{i}+L{j}", {i: singles[i][0], j: singles[j][0]}) for i, j in pairs]
-    acc: dict[str, C.Accuracy] = {}
+    acc: dict[str, _common.Accuracy] = {}
     for label, vecs in cli.progress(jobs, desc="compose", args=args):
-        with C.use_vectors(model, vecs):
-            acc[label] = C.accuracy(model, tokenizer, benches, args, tmpl)
+        with _common.use_vectors(model, vecs):
+            acc[label] = _common.accuracy(model, tokenizer, benches, args, tmpl)
 
     a = {k: v.accuracy for k, v in acc.items()}
     single_rows = [{"layer": i, "source": singles[i][1], "accuracy": a[f"L{i}"]} for i in layers]

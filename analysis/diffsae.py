@@ -66,10 +66,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import _common as C
+from analysis import _common
 from analysis import cli, plots
 from analysis.cli import UsageError
-from steering import sae as S
+import steering.sae
 from steering.diffmean import cosine
 from steering import vectors as sv
 
@@ -113,7 +113,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("SAE")
     g.add_argument("--dict-size", type=int, default=None, metavar="N",
                    help="features in the dictionary (default 8 x hidden size)")
-    g.add_argument("--sparsity", choices=S.SPARSITIES, default="topk",
+    g.add_argument("--sparsity", choices=steering.sae.SPARSITIES, default="topk",
                    help="topk: keep the --topk largest pre-activations per token (default); l1: ReLU + L1 penalty")
     g.add_argument("--topk", type=int, default=32, metavar="K", help="active features per token for topk (default 32)")
     g.add_argument("--l1-coeff", type=float, default=0.1, help="L1 penalty weight for l1 (default 0.1)")
@@ -280,7 +280,7 @@ def clear_activations(directory: Path) -> None:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch.Tensor], layer: int, *,
+def collect(model: nn.Module, seqs: _common.Sequences, vectors: Mapping[int, torch.Tensor], layer: int, *,
             input_kind: str, positions: str, writers: Mapping[str, ChunkWriter], split_of_row: Sequence[str],
             batch_size: int, pad: int, args: argparse.Namespace | None = None) -> None:
     """Record the SAE's input vectors of every sequence at ``layer`` into the writers (ΔF with ``input_kind``
@@ -290,9 +290,9 @@ def collect(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch.Ten
     bar = cli.progress(desc="ΔF", total=-(-len(seqs) // batch_size), args=args, unit="batch")
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
-        base = C.resid_post(model, batch, {}, [layer])[layer]
-        steered = C.resid_post(model, batch, vectors, [layer])[layer]
-        delta = C.resid_shift(steered, base, mask).float()
+        base = _common.resid_post(model, batch, {}, [layer])[layer]
+        steered = _common.resid_post(model, batch, vectors, [layer])[layer]
+        delta = _common.resid_shift(steered, base, mask).float()
         local = torch.arange(mask.shape[0], device=device)[:, None].expand_as(mask)[mask].cpu()  # batch row per token
         rows = torch.tensor(batch.rows)[local]
         pos = (torch.arange(mask.shape[1], device=device)[None, :] - batch.prompt_len[:, None])[mask].cpu()
@@ -358,7 +358,7 @@ class FeatureStats:
     s_delta: torch.Tensor = field(init=False)
     s_delta2: float = 0.0
     count: int = 0
-    recon: dict[str, S.ReconstructionStats] = field(init=False)
+    recon: dict[str, steering.sae.ReconstructionStats] = field(init=False)
 
     def __post_init__(self) -> None:
         f64, dev = torch.float64, self.device
@@ -371,7 +371,7 @@ class FeatureStats:
         for name in ("s_proj", "s_proj2", "s_a", "s_a2", "s_aproj"):
             setattr(self, name, torch.zeros(self.d_sae, dtype=f64, device=dev))
         self.s_delta = torch.zeros(self.d_in, dtype=f64, device=dev)
-        self.recon = {split: S.ReconstructionStats(self.d_in, self.d_sae) for split in SPLITS}
+        self.recon = {split: steering.sae.ReconstructionStats(self.d_in, self.d_sae) for split in SPLITS}
 
     @property
     def alive(self) -> torch.Tensor:
@@ -403,7 +403,7 @@ class FeatureStats:
 
 
 @torch.no_grad()
-def feature_pass(sae: S.SparseAutoencoder, files: Mapping[str, Sequence[Path]], num_rows: int, *, top_m: int,
+def feature_pass(sae: steering.sae.SparseAutoencoder, files: Mapping[str, Sequence[Path]], num_rows: int, *, top_m: int,
                  input_kind: str, sub_batch: int = 4096, args: argparse.Namespace | None = None) -> FeatureStats:
     """Encode every stored vector once and gather :class:`FeatureStats` (reconstruction metrics per split)."""
     device = sae.W_dec.device
@@ -588,7 +588,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 
 @torch.no_grad()
-def context_activations(sae: S.SparseAutoencoder, files: Mapping[str, Sequence[Path]], rows: set[int],
+def context_activations(sae: steering.sae.SparseAutoencoder, files: Mapping[str, Sequence[Path]], rows: set[int],
                         features: Sequence[int]) -> dict[int, dict[int, torch.Tensor]]:
     """``{row: {pos: activations of `features`}}`` for the stored tokens of ``rows`` (second pass, few rows)."""
     out: dict[int, dict[int, torch.Tensor]] = {}
@@ -606,10 +606,10 @@ def context_activations(sae: S.SparseAutoencoder, files: Mapping[str, Sequence[P
     return out
 
 
-def token_texts(tokenizer: Any, seqs: C.Sequences, row: int) -> tuple[list[str], int]:
+def token_texts(tokenizer: Any, seqs: _common.Sequences, row: int) -> tuple[list[str], int]:
     """The decoded tokens of row ``row`` (prompt + completion) and its prompt length."""
     ids = list(seqs.prompt_ids[row]) + list(seqs.completion_ids[row])
-    return C.decode_tokens(tokenizer, ids), len(seqs.prompt_ids[row])
+    return _common.decode_tokens(tokenizer, ids), len(seqs.prompt_ids[row])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -644,7 +644,7 @@ def run(args: argparse.Namespace) -> int:
     plan = check(args)
     base_id = cli.base_model_id(args.model, args.checkpoint)
     benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
-    problems = C.problems_of(benches)
+    problems = _common.problems_of(benches)
     if not problems:
         raise UsageError(f"--benchmarks {' '.join(cli.benchmark_specs(args))}: no problems")
     if args.heldout_fraction > 0 and len(problems) < 2:
@@ -659,8 +659,8 @@ def run(args: argparse.Namespace) -> int:
     pad = pad_id_of(tokenizer)
 
     # 1. completions of the steered model, their verdicts, and the vectors at layer L on their tokens
-    with C.use_vectors(model, vectors):
-        seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
+    with _common.use_vectors(model, vectors):
+        seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
     verdicts = score_batch(seqs.completions, [problems[i]["answer"] for i in seqs.problem],
                            answer_format=tmpl.answer_format, timeout_s=args.reward_timeout,
                            options=cli.grading_options(args))
@@ -685,9 +685,9 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. the SAE
     gen = torch.Generator().manual_seed(args.sae_seed)
-    cfg = S.SAEConfig(plan.hidden, plan.dict_size, args.sparsity, k=args.topk, l1_coeff=args.l1_coeff)
-    tc = S.TrainConfig(steps=args.steps, batch_size=args.sae_batch_size, lr=args.lr, seed=args.sae_seed,
-                       aux_coeff=args.aux_coeff, dead_window=args.dead_window)
+    cfg = steering.sae.SAEConfig(plan.hidden, plan.dict_size, args.sparsity, k=args.topk, l1_coeff=args.l1_coeff)
+    tc = steering.sae.TrainConfig(steps=args.steps, batch_size=args.sae_batch_size, lr=args.lr, seed=args.sae_seed,
+                                  aux_coeff=args.aux_coeff, dead_window=args.dead_window)
     if writers["train"].tokens < args.sae_batch_size:
         raise UsageError(f"--sae-batch-size {args.sae_batch_size} is more than the {writers['train'].tokens} "
                          "training vectors recorded; lower it or sample more")
@@ -696,7 +696,7 @@ def run(args: argparse.Namespace) -> int:
     bar = cli.progress(desc="SAE", total=args.steps, args=args, unit="step")
     log_every = max(1, args.steps // 200)
 
-    def on_step(s: S.StepStats) -> None:
+    def on_step(s: steering.sae.StepStats) -> None:
         bar.update(1)
         if s.step % log_every == 0 or s.step == args.steps:
             curve["step"].append(s.step)
@@ -705,15 +705,15 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{s.loss:.4f}", L0=f"{s.l0:.1f}", EV=f"{1 - s.fvu:.3f}", dead=s.dead)
 
     try:
-        sae, info = S.train(cfg, tc, batch_stream(files["train"], args.sae_batch_size, gen), init_sample=init,
-                            device=next(model.parameters()).device, on_step=on_step)
-    except S.SAEError as e:
+        sae, info = steering.sae.train(cfg, tc, batch_stream(files["train"], args.sae_batch_size, gen),
+                                       init_sample=init, device=next(model.parameters()).device, on_step=on_step)
+    except steering.sae.SAEError as e:
         raise UsageError(f"SAE training: {e}") from None
     finally:
         bar.close()
-    sae_dir = S.save_saelens(sae, out / "sae", hook_name=hook_name, model_name=base_id,
-                             extra={"input": args.input, "steer_layers": plan.steer_layers,
-                                    "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
+    sae_dir = steering.sae.save_saelens(sae, out / "sae", hook_name=hook_name, model_name=base_id,
+                                        extra={"input": args.input, "steer_layers": plan.steer_layers,
+                                               "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
 
     # 3. feature statistics and separation
     st = feature_pass(sae, files, len(seqs), top_m=args.examples * EXAMPLE_POOL, input_kind=args.input, args=args)
@@ -804,7 +804,7 @@ def threshold_json(effect: float | None) -> dict[str, Any] | None:
     return {"effect": effect, "auroc_low": 0.5 - effect, "auroc_high": 0.5 + effect}
 
 
-def save_completion_features(path: Path, means: torch.Tensor, correct: torch.Tensor, seqs: C.Sequences,
+def save_completion_features(path: Path, means: torch.Tensor, correct: torch.Tensor, seqs: _common.Sequences,
                              tokens: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
@@ -815,18 +815,18 @@ def save_completion_features(path: Path, means: torch.Tensor, correct: torch.Ten
     write_file_atomic(path, lambda tmp: save_file(data, str(tmp)))
 
 
-def describe_top(rows: Sequence[dict[str, Any]], sae: S.SparseAutoencoder, model: nn.Module, tokenizer: Any,
-                 vectors: Mapping[int, torch.Tensor], seqs: C.Sequences, correct: torch.Tensor, st: FeatureStats,
+def describe_top(rows: Sequence[dict[str, Any]], sae: steering.sae.SparseAutoencoder, model: nn.Module, tokenizer: Any,
+                 vectors: Mapping[int, torch.Tensor], seqs: _common.Sequences, correct: torch.Tensor, st: FeatureStats,
                  files: Mapping[str, Sequence[Path]], along: torch.Tensor, explained: torch.Tensor | None,
                  args: argparse.Namespace) -> list[dict[str, Any]]:
     """The ranked rows of the top features, each with its cosines, lens, ΔF shares and top-activating tokens."""
     from analysis.logit_lens import Vocab, lens, readout
-    from steering import hooks as H
+    from steering import hooks
 
     if not rows:
         return []
     feats = [r["feature"] for r in rows]
-    vocab = Vocab(tokenizer, H.causal_lm(model).lm_head.weight.shape[0])
+    vocab = Vocab(tokenizer, hooks.causal_lm(model).lm_head.weight.shape[0])
     device = next(model.parameters()).device
     mean_delta = st.s_delta / max(st.count, 1)
     need = {int(r) for f in feats for r in st.top_row[f].tolist() if r >= 0}
@@ -889,7 +889,7 @@ def auroc_histogram(path: Path, aurocs: Sequence[float], threshold: float | None
     return plots.save(fig, path)
 
 
-def feature_cards(directory: Path, top: Sequence[dict[str, Any]], tokenizer: Any, seqs: C.Sequences,
+def feature_cards(directory: Path, top: Sequence[dict[str, Any]], tokenizer: Any, seqs: _common.Sequences,
                   correct: torch.Tensor, args: argparse.Namespace) -> list[str]:
     """One PNG per top feature: a header block (AUROC, p, cosines, ΔF shares, lens tokens) and its top-activating
     tokens in context, each token coloured by the feature's activation (blank: not recorded, e.g. prompt tokens)."""

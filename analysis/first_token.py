@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from analysis import _common as C
+from analysis import _common
 from analysis import cli, plots
 from analysis.table import relative_improvement
 from steering.diffmean import pad_id_of
@@ -70,7 +70,7 @@ class SuffixTemplate:
         return self.base.stops(tokenizer, model)  # the completion still ends where the base template's does
 
 
-def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
+def rescored_accuracy(acc: _common.Accuracy, prefix: str, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
     """Accuracy of an evaluation whose every completion is scored as ``prefix + completion``."""
     from steering.rewards import score_batch
 
@@ -90,7 +90,7 @@ def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) ->
 
 
 @torch.no_grad()
-def position_stats(model, seqs: C.Sequences, vectors, *, max_positions: int, batch_size: int, pad: int, args=None
+def position_stats(model, seqs: _common.Sequences, vectors, *, max_positions: int, batch_size: int, pad: int, args=None
                    ) -> dict[str, Any]:
     device = next(model.parameters()).device
     P = max_positions
@@ -105,9 +105,9 @@ def position_stats(model, seqs: C.Sequences, vectors, *, max_positions: int, bat
     per_row: dict[int, list[float]] = {}
     for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="first-token", args=args,
                             total=-(-len(seqs) // batch_size)):
-        with C.use_vectors(model, vectors):
+        with _common.use_vectors(model, vectors):
             ls = batch.forward(model).logits.float()
-        with C.use_vectors(model, {}):
+        with _common.use_vectors(model, {}):
             lb = batch.forward(model).logits.float()
         lps, lpb = ls.log_softmax(-1), lb.log_softmax(-1)
         kl_pos = (lps.exp() * (lps - lpb)).sum(-1)  # (B, S)
@@ -161,11 +161,11 @@ def run(args: argparse.Namespace) -> int:
     layers = o.layers(None if args.layers == "all" else args.layers)  # "all": every layer the checkpoint steers
     vectors = {layer: o.vectors[layer] for layer in layers}
     tmpl = cli.template(args)
-    problems = C.problems_of(benches)
+    problems = _common.problems_of(benches)
     pad = pad_id_of(tokenizer)
 
-    with C.use_vectors(model, vectors):
-        seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
+    with _common.use_vectors(model, vectors):
+        seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
     st = position_stats(model, seqs, vectors, max_positions=args.max_positions, batch_size=args.forward_batch_size,
                         pad=pad, args=args)
     prompts = [tmpl.render(p["question"], tokenizer=tokenizer) for p in problems]
@@ -189,14 +189,14 @@ def run(args: argparse.Namespace) -> int:
         plain = tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
         matches = token_id is not None and probe == plain + [token_id]
         bar = cli.progress(total=3, desc="substitution test", args=args)
-        with C.use_vectors(model, {}):
-            acc_base = C.accuracy(model, tokenizer, benches, args, tmpl)
+        with _common.use_vectors(model, {}):
+            acc_base = _common.accuracy(model, tokenizer, benches, args, tmpl)
             bar.update(1)
-            sub = C.accuracy(model, tokenizer, benches, args, SuffixTemplate(tmpl, text))
+            sub = _common.accuracy(model, tokenizer, benches, args, SuffixTemplate(tmpl, text))
             acc_sub, sub_detail = rescored_accuracy(sub, text, args)
             bar.update(1)
-        with C.use_vectors(model, vectors):
-            acc_steered = C.accuracy(model, tokenizer, benches, args, tmpl)
+        with _common.use_vectors(model, vectors):
+            acc_steered = _common.accuracy(model, tokenizer, benches, args, tmpl)
             bar.update(1)
         bar.close()
         subst = {"token": text, "token_id": token_id, "text": text, "source": source,
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
                             title="probability gain of the first generated token", ylabel="Δp").name]
     blocks = []
     for row in sorted(st["per_row"])[:4]:
-        toks = C.decode_tokens(tokenizer, seqs.completion_ids[row])
+        toks = _common.decode_tokens(tokenizer, seqs.completion_ids[row])
         blocks.append((f"completion {row}", toks, st["per_row"][row], None))
     if blocks:
         span = max((abs(v) for _, _, vals, _ in blocks for v in vals), default=1.0) or 1.0

@@ -43,7 +43,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from analysis import _common as C
+from analysis import _common
 from analysis import cli, plots
 from analysis.cli import UsageError
 
@@ -280,9 +280,9 @@ def run_collect(args: argparse.Namespace) -> int:
 
     def evaluate(vectors) -> tuple[dict[str, float], dict[str, Any]]:
         acc, det = {}, {}
-        with C.use_vectors(model, vectors):
+        with _common.use_vectors(model, vectors):
             for key, greedy in temps:
-                a = C.accuracy(model, tokenizer, benches, args, tmpl, greedy=greedy)
+                a = _common.accuracy(model, tokenizer, benches, args, tmpl, greedy=greedy)
                 acc[key], det[key] = a.accuracy, a.per_benchmark
         return acc, det
 

@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import _common as C
+from analysis import _common
 from analysis import plots
 from analysis import cli
 from analysis.cli import UsageError
-from steering import hooks as H
+from steering import hooks
 from steering.diffmean import pad_id_of
 from steering import vectors as sv
 from steering.readout import LENSES, Vocab, lens, readout, token_class, vector_lens
@@ -59,19 +59,19 @@ __all__ = ["LENSES", "Vocab", "final_shift", "lens", "readout", "register", "run
 
 
 @torch.no_grad()
-def final_shift(model: nn.Module, seqs: C.Sequences, *, positions: str = "all", batch_size: int = 8,
+def final_shift(model: nn.Module, seqs: _common.Sequences, *, positions: str = "all", batch_size: int = 8,
                 pad: int = 0, args: argparse.Namespace | None = None) -> tuple[torch.Tensor, int]:
     """Token-mean of ``resid_post_{L-1}(steered) − resid_post_{L-1}(unsteered)`` with the model's current vectors."""
-    last = f"blocks.{H.num_layers(model) - 1}.hook_resid_post"
+    last = f"blocks.{hooks.num_layers(model) - 1}.hook_resid_post"
     device = next(model.parameters()).device
     total, count = None, 0
     for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="final shift",
                             total=-(-len(seqs) // batch_size), args=args):
-        _, steered = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      names=[last], logits_to_keep=1)
+        _, steered = hooks.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                          names=[last], logits_to_keep=1)
         with sv.steering_disabled(model):
-            _, base = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       names=[last], logits_to_keep=1)
+            _, base = hooks.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                           names=[last], logits_to_keep=1)
         mask = batch.positions(positions)
         delta = (steered[last].float() - base[last].float())[mask]
         s = delta.sum(0)
@@ -134,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
     shift_entry = None
     if not args.no_shift:
         tmpl = cli.template(args)
-        problems = C.problems_of(o.benches)
-        with C.use_vectors(model, vectors):
-            seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args)
+        problems = _common.problems_of(o.benches)
+        with _common.use_vectors(model, vectors):
+            seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, args)
             shift, count = final_shift(model, seqs, positions=args.positions, batch_size=args.forward_batch_size,
                                        pad=pad_id_of(tokenizer), args=args)
         with torch.no_grad():

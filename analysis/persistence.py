@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import _common as C
+from analysis import _common
 from analysis import plots
 from analysis import cli
-from steering import hooks as H
+from steering import hooks
 from steering.diffmean import cosine, pad_id_of
 
 
@@ -71,17 +71,18 @@ class ShiftStats:
 
 
 @torch.no_grad()
-def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch.Tensor], steer_layers: Sequence[int],
-                target_layers: Sequence[int] | None = None, *, positions: str = "all", batch_size: int = 8,
-                pad: int = 0, args: argparse.Namespace | None = None) -> dict[int, dict[int, ShiftStats]]:
+def shift_stats(model: nn.Module, seqs: _common.Sequences, vectors: Mapping[int, torch.Tensor],
+                steer_layers: Sequence[int], target_layers: Sequence[int] | None = None, *, positions: str = "all",
+                batch_size: int = 8, pad: int = 0,
+                args: argparse.Namespace | None = None) -> dict[int, dict[int, ShiftStats]]:
     """``stats[i][j]`` for every steering layer ``i`` and target layer ``j >= i`` (``target_layers``: default all).
 
     ``model`` must carry a steering vector on every layer (:func:`analysis.cli.load_steerable`); it is steered
     with ``{i: vectors[i]}`` alone for each ``i``."""
-    num_layers = H.num_layers(model)
+    num_layers = hooks.num_layers(model)
     targets = sorted(set(range(num_layers) if target_layers is None else target_layers))
     device = next(model.parameters()).device
-    hidden = int(H.causal_lm(model).config.hidden_size)
+    hidden = int(hooks.causal_lm(model).config.hidden_size)
     stats: dict[int, dict[int, ShiftStats]] = {
         i: {j: ShiftStats(torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64))
             for j in targets if j >= i} for i in steer_layers}
@@ -90,12 +91,12 @@ def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         lo = min(steer_layers)
-        base = C.resid_post(model, batch, {}, [j for j in targets if j >= lo])
+        base = _common.resid_post(model, batch, {}, [j for j in targets if j >= lo])
         bar.update(1)
         for i in steer_layers:
-            steered = C.resid_post(model, batch, {i: vectors[i]}, [j for j in targets if j >= i])
+            steered = _common.resid_post(model, batch, {i: vectors[i]}, [j for j in targets if j >= i])
             for j, h in steered.items():
-                delta = C.resid_shift(h, base[j], mask)  # (T, d)
+                delta = _common.resid_shift(h, base[j], mask)  # (T, d)
                 norms = delta.norm(dim=-1)
                 unit = delta / norms.clamp_min(1e-30).unsqueeze(-1)
                 st = stats[i][j]
@@ -145,11 +146,11 @@ def add_sequence_args(p: argparse.ArgumentParser) -> None:
 
 
 def sample_for_analysis(model: nn.Module, tokenizer: Any, vectors: Mapping[int, torch.Tensor], args: argparse.Namespace,
-                        benches: Sequence[Any]) -> C.Sequences:
+                        benches: Sequence[Any]) -> _common.Sequences:
     tmpl = cli.template(args)
-    with C.use_vectors(model, vectors if args.completions_from == "steered" else {}):
-        return C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, args,
-                                  num_samples=args.samples_per_problem)
+    with _common.use_vectors(model, vectors if args.completions_from == "steered" else {}):
+        return _common.sample_sequences(model, tokenizer, _common.problems_of(benches), tmpl, args,
+                                        num_samples=args.samples_per_problem)
 
 
 def register(subparsers) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from analysis import _common as C
+from analysis import _common
 from analysis import plots
 from analysis import cli
 from analysis.cli import UsageError
@@ -68,7 +68,7 @@ def prompt_segments(tokenizer: Any, prompt: str, question: str, n_prompt_tokens:
 
 
 @torch.no_grad()
-def record(model, seqs: C.Sequences, *, batch_size: int, pad: int, args=None) -> list[dict[int, torch.Tensor]]:
+def record(model, seqs: _common.Sequences, *, batch_size: int, pad: int, args=None) -> list[dict[int, torch.Tensor]]:
     """``α_l(t)`` per sequence: a list (one per row) of ``{layer: (len,) tensor}``."""
     device = next(model.parameters()).device
     per_row: list[dict[int, torch.Tensor]] = [dict() for _ in range(len(seqs))]
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     norms = {layer: float(vectors[layer].norm()) for layer in layers}
     total_norm = sum(norms.values()) or 1.0
     tmpl = cli.template(args)
-    problems = C.problems_of(benches)
-    seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args)
+    problems = _common.problems_of(benches)
+    seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, args)
     alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), args=args)
 
     seg_rho: dict[str, list[float]] = {s: [] for s in SEGMENTS}
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         ids = seqs.prompt_ids[row] + seqs.completion_ids[row]
         stack = torch.stack([alphas[row][layer] for layer in layers])  # (layers, len)
         rho = (stack * torch.tensor([norms[layer] for layer in layers])[:, None]).sum(0) / total_norm
-        texts = C.decode_tokens(tokenizer, ids)
+        texts = _common.decode_tokens(tokenizer, ids)
         for t, (seg, r) in enumerate(zip(segs, rho.tolist())):
             seg_rho[seg].append(r)
             for k, layer in enumerate(layers):

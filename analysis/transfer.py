@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from analysis import _common as C
+from analysis import _common
 from analysis import cli, plots
 from analysis.cli import UsageError
 from analysis.table import relative_improvement
@@ -130,17 +130,17 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"loading {_label(r)}")
         model, tokenizer = cli.load_steerable(r, args)
         tmpl = cli.template(args, donors)
-        with C.use_vectors(model, {}):
-            base = C.accuracy(model, tokenizer, benches, args, tmpl)
+        with _common.use_vectors(model, {}):
+            base = _common.accuracy(model, tokenizer, benches, args, tmpl)
         bar.update(1)
         detail[f"base|{r}"] = base.per_benchmark
-        cache: dict[str, C.Accuracy] = {}
+        cache: dict[str, _common.Accuracy] = {}
         for d_i, d in enumerate(donors):
             if (d, r) in bad:
                 bar.update(1)
                 continue
-            with C.use_vectors(model, cli.checkpoint_vectors(d, model)):
-                cache[d] = C.accuracy(model, tokenizer, benches, args, tmpl)
+            with _common.use_vectors(model, cli.checkpoint_vectors(d, model)):
+                cache[d] = _common.accuracy(model, tokenizer, benches, args, tmpl)
             detail[f"{d}|{r}"] = cache[d].per_benchmark
             acc_m[d_i][c] = cache[d].accuracy
             bar.update(1)
@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
         own_acc = None
         if own is not None:
             if own not in cache:
-                with C.use_vectors(model, cli.checkpoint_vectors(own, model)):
-                    cache[own] = C.accuracy(model, tokenizer, benches, args, tmpl)
+                with _common.use_vectors(model, cli.checkpoint_vectors(own, model)):
+                    cache[own] = _common.accuracy(model, tokenizer, benches, args, tmpl)
                 detail[f"{own}|{r}"] = cache[own].per_benchmark
             own_acc = cache[own].accuracy
         bar.update(1)

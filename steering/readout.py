@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from steering import hooks as H
+from steering import hooks
 from steering import vectors as sv
 
 LENSES = ("norm", "raw", "cosine")
@@ -40,11 +40,11 @@ def lens(model: nn.Module, x: torch.Tensor, mode: str = "norm") -> torch.Tensor:
     model's output logits). ``raw``: ``lm_head`` only (projection onto the unembedding rows). ``cosine``: cosine
     similarity with each unembedding row."""
     if mode == "norm":
-        return H.unembed(model, x, apply_norm=True)
+        return hooks.unembed(model, x, apply_norm=True)
     if mode == "raw":
-        return H.unembed(model, x, apply_norm=False)
+        return hooks.unembed(model, x, apply_norm=False)
     if mode == "cosine":
-        w = H.causal_lm(model).lm_head.weight.float()
+        w = hooks.causal_lm(model).lm_head.weight.float()
         xf = x.float()
         return (xf @ w.T) / (xf.norm(dim=-1, keepdim=True).clamp_min(1e-12) * w.norm(dim=-1).clamp_min(1e-12))
     raise ValueError(f"unknown lens {mode!r}; use one of {LENSES}")
@@ -73,7 +73,7 @@ class Vocab:
     @classmethod
     def of(cls, model: nn.Module, tokenizer: Any) -> "Vocab":
         """The vocabulary a model's ``lm_head`` ranks (its rows beyond the tokenizer's are padding)."""
-        return cls(tokenizer, H.causal_lm(model).lm_head.weight.shape[0])
+        return cls(tokenizer, hooks.causal_lm(model).lm_head.weight.shape[0])
 
     def shares(self) -> dict[str, float]:
         return {"size": self.size, "non_latin_share": sum(self.non_latin) / max(self.size, 1),

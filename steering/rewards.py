@@ -32,7 +32,7 @@ What a call does, in order:
    (a single ``\\boxed{`` in the text, no "final answer", no percent sign after the box), math-verify compares the
    two exact rationals, whatever the grading options; that comparison is done here, in microseconds and without
    sympy. Everything else goes to math-verify. Tests check the fast path against math-verify on fuzzed numbers and
-   contexts and on the grading corpus (``tests/data/grader_corpus.jsonl``, ``python -m steering.grader_report``).
+   contexts and on the grading corpus (``tests/data/grader_corpus.jsonl``, ``python -m analysis grader-report``).
 5. **math-verify** (``parse`` both sides, ``verify`` with ``GradingOptions``: math-verify's own ``float_rounding``,
    ``numeric_precision``, ``strict`` and ``allow_set_relation_comp``, with its defaults) runs in a warm worker of a
    ``steering.deadline_pool`` pool, within ``timeout_s``. math-verify's own timeouts use ``signal.alarm``, which only

@@ -23,7 +23,7 @@ asked, so the uncertainty of an accuracy is that of a mean over problems:
   at level ``alpha`` detects with probability ``power``, given the standard error of the mean difference; power from
   ``scipy.stats.nct``, the non-central t, solved with ``scipy.optimize.brentq``.
 
-Everything here is a function of numpy arrays and a seed; no argparse, no files (``analysis.table`` applies it to a
+Everything here is a function of numpy arrays and a seed; no command line, no files (``analysis.table`` applies it to a
 ``results.json``).
 """
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from analysis.__main__ import main
-from steering import hooks as H
+from steering import hooks
 from steering import vectors as sv
 from steering.tiny import build_char_tokenizer, tiny_model
 
@@ -68,12 +68,12 @@ def toy(tmp_path_factory):
     keys = {layer: torch.randn(32, generator=g) for layer in range(3)}
     # one batch holds every condition: each layer's key is added on the rows of the conditions that use it
     key_hooks = [(f"blocks.{layer}.hook_mlp_out",
-                  H.add_at(keys[layer], torch.tensor(on[layer])[:, None].expand(-1, w))) for layer in range(3)]
+                  hooks.add_at(keys[layer], torch.tensor(on[layer])[:, None].expand(-1, w))) for layer in range(3)]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(150):
         opt.zero_grad()
-        with H.hooks(model, key_hooks):
+        with hooks.hooks(model, key_hooks):
             model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
     model.eval()
@@ -131,7 +131,7 @@ def test_logit_lens_command(tiny_checkpoint, tiny_base_dir, tmp_path):
     assert [e["layer"] for e in r["layers"]] == [0, 1, 2]
     for e in r["layers"]:
         with torch.no_grad():
-            scores = H.unembed(model, vectors[e["layer"]])
+            scores = hooks.unembed(model, vectors[e["layer"]])
         assert [t["token_id"] for t in e["top"]] == torch.topk(scores, 5).indices.tolist()
         assert [t["token_id"] for t in e["bottom"]] == torch.topk(-scores, 5).indices.tolist()
         assert e["top"][0]["value"] == pytest.approx(float(scores.max()), rel=1e-5)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from steering import hooks as H
+from steering import hooks
 from steering import token_scaling as ts
 from steering import vectors as sv
 from steering.tiny import tiny_model
@@ -57,12 +57,12 @@ def test_gate_adds_alpha_times_vector_per_token():
     x = ids()
     with torch.no_grad():
         with ts.record_alphas(model) as rec:
-            _, c = H.run_with_cache(model, x, names=[f"blocks.{layer}.ln2.hook_normalized",
-                                                     f"blocks.{layer}.hook_mlp_out"])
+            _, c = hooks.run_with_cache(model, x, names=[f"blocks.{layer}.ln2.hook_normalized",
+                                                         f"blocks.{layer}.hook_mlp_out"])
         with sv.steering_disabled(model):
-            _, c0 = H.run_with_cache(model, x, names=[f"blocks.{layer}.hook_mlp_out"],
-                                     fwd_hooks=[(f"blocks.{layer}.ln2.hook_normalized",
-                                                 H.replace_with(c[f"blocks.{layer}.ln2.hook_normalized"]))])
+            _, c0 = hooks.run_with_cache(model, x, names=[f"blocks.{layer}.hook_mlp_out"],
+                                         fwd_hooks=[(f"blocks.{layer}.ln2.hook_normalized",
+                                                     hooks.replace_with(c[f"blocks.{layer}.ln2.hook_normalized"]))])
     mlp_in = c[f"blocks.{layer}.ln2.hook_normalized"]
     u = mlp_in / mlp_in.norm(dim=-1, keepdim=True)
     alpha = torch.nn.functional.softplus(u @ gate.weight + gate.bias) / torch.nn.functional.softplus(torch.zeros(()))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from analysis.__main__ import main as analysis_main
-from steering import annotate as A
+from steering import annotate
 from steering import vectors as sv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +28,15 @@ def check_result(out, coefs, n):
     assert [r["coef"] for r in res["runs"]] == coefs
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == n * len(coefs)
-    h = A.HeuristicAnnotator()
+    h = annotate.HeuristicAnnotator()
     for run in res["runs"]:
         rows = [g for g in gens if g["coef"] == run["coef"]]
         assert run["n_generations"] == n == len(rows)
         # recount from the saved generations: the numbers are what the annotator says
-        counts = A.label_counts([g["completion"] for g in rows], [h.annotate(g["completion"]) for g in rows])
+        counts = annotate.label_counts([g["completion"] for g in rows], [h.annotate(g["completion"]) for g in rows])
         assert run["counts"] == counts
-        assert run["n_sentences"] == sum(counts.values()) == sum(len(A.sentences(g["completion"])) for g in rows)
-        assert set(run["fractions"]) == set(A.LABELS) | {"none"}
+        assert run["n_sentences"] == sum(counts.values()) == sum(len(annotate.sentences(g["completion"])) for g in rows)
+        assert set(run["fractions"]) == set(annotate.LABELS) | {"none"}
         if run["n_sentences"]:
             assert abs(sum(run["fractions"].values()) - 1) < 1e-9
             for k, c in counts.items():

@@ -84,11 +84,28 @@ def test_trl_vllm_generation_still_uses_the_names_the_vectors_only_sync_relies_o
 
 
 def test_gather_params_is_a_no_op_without_deepspeed():
+    """Without ZeRO-3 the gather runs its body once and leaves every parameter as it was (the same storage, values and
+    trainability), inside and after it, as the vectors-only sync relies on when it reads the vectors inside; an error
+    in the body is not swallowed."""
     from accelerate import Accelerator
 
-    p = torch.nn.Parameter(torch.ones(3))
-    with compat.gather_params(Accelerator(cpu=True), [p]):
-        assert p.numel() == 3
+    accelerator = Accelerator(cpu=True)
+    params = [torch.nn.Parameter(torch.arange(3.0)), torch.nn.Parameter(torch.randn(2, 4))]
+
+    def state():
+        return [(p.data_ptr(), p.shape, p.detach().clone(), p.requires_grad) for p in params]
+
+    def same(a, b):
+        return all(x[:2] == y[:2] and torch.equal(x[2], y[2]) and x[3] == y[3] for x, y in zip(a, b, strict=True))
+
+    before, entered = state(), 0
+    with compat.gather_params(accelerator, iter(params)):  # any iterable of parameters
+        entered += 1
+        assert same(state(), before)
+    assert entered == 1 and same(state(), before)
+    with pytest.raises(RuntimeError, match="raised inside"):
+        with compat.gather_params(accelerator, params):
+            raise RuntimeError("raised inside the gather")
 
 
 # Private names of transformers / TRL / PEFT / vLLM the project once used, and the deprecated spellings of renamed

@@ -34,6 +34,21 @@ def test_score_completion():
     assert not score_completion("\\(14 - 95 = \\boxed{81}\\)", "-81")["boxed_correct"]
 
 
+def test_prompt_is_the_qwen_math_template_rendering():
+    """The demo base is pretrained on exactly the prompts the demo's RL run and evaluation render (the ``qwen_math``
+    template), byte for byte the ChatML text the committed base was built on."""
+    from steering.templates import get_template
+    from steering.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    qwen_math = get_template("qwen_math")
+    assert SYSTEM_PROMPT == qwen_math.system
+    for question in ("What is 7 * 8?", "Compute 3 - 9.", "x {question} \\boxed{}"):
+        assert build_prompt(tok, question) == qwen_math.render(question, tok) == (
+            "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+            f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_completion_formats():
     assert abs(sum(p for _, p, _ in FORMATS) - 1) < 1e-9
     rng = random.Random(0)

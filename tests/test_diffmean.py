@@ -297,7 +297,7 @@ def test_similarity_matrix_and_heatmap(diffmean_out, tiny_checkpoint, tmp_path, 
 
 def test_generate_mode_with_a_fake_chat_judge(tiny_base_dir, tmp_path, monkeypatch):
     """--generate: the model answers held-out tasks, the (faked) chat endpoint labels them, the vectors follow."""
-    from steering import annotate as A
+    from steering import annotate
 
     seen = []
 
@@ -308,7 +308,7 @@ def test_generate_mode_with_a_fake_chat_judge(tiny_base_dir, tmp_path, monkeypat
         half = max(2, len(text) // 2)
         return {"choices": [{"message": {"content": f'["backtracking"]{text[half:]}["end-section"]'}}]}
 
-    monkeypatch.setattr(A, "urllib_transport", fake_transport)
+    monkeypatch.setattr(annotate, "urllib_transport", fake_transport)
     out = tmp_path / "gen"
     rc = analysis_main(["diffmean", "--generate", "3", "--model", str(tiny_base_dir), "--task", "arithmetic",
                         "--max-new-tokens", "24", "--annotator", "chat", "--annotator-url", "http://judge.invalid/v1",

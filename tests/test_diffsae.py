@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import _common as C
-from analysis import diffsae as D
+from analysis import _common
+from analysis import diffsae
 from analysis.__main__ import main
-from steering import sae as S
+import steering.sae
 from steering import vectors as sv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +25,9 @@ DEMO = REPO / "assets" / "demo-checkpoint"
 def test_topk_sae_keeps_k_features_unit_decoder_and_exact_unscale():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 12, generator=g) * 5 + 3
-    sae, info = S.train(S.SAEConfig(12, 40, "topk", k=3), S.TrainConfig(steps=30, batch_size=100, lr=3e-3),
-                        lambda: iter(x.split(100)), init_sample=x)
+    sae, info = steering.sae.train(steering.sae.SAEConfig(12, 40, "topk", k=3),
+                                   steering.sae.TrainConfig(steps=30, batch_size=100, lr=3e-3),
+                                   lambda: iter(x.split(100)), init_sample=x)
     assert info["epochs_completed"] == 4 and info["vectors_seen"] == 3000
     with torch.no_grad():
         a = sae.encode(x)
@@ -34,7 +35,7 @@ def test_topk_sae_keeps_k_features_unit_decoder_and_exact_unscale():
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(40))
     # unscale: an SAE trained on c·x, read on x, gives activations and reconstruction divided by c
     c = info["input_scale"]
-    scaled = S.SparseAutoencoder(sae.cfg)
+    scaled = steering.sae.SparseAutoencoder(sae.cfg)
     scaled.load_state_dict(sae.state_dict())
     with torch.no_grad():
         scaled.b_enc *= c
@@ -46,11 +47,12 @@ def test_topk_sae_keeps_k_features_unit_decoder_and_exact_unscale():
 
 
 def test_saelens_layout_round_trip(tmp_path):
-    sae = S.SparseAutoencoder(S.SAEConfig(8, 16, "topk", k=2), generator=torch.Generator().manual_seed(1))
+    sae = steering.sae.SparseAutoencoder(steering.sae.SAEConfig(8, 16, "topk", k=2),
+                                         generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
-    S.save_saelens(sae, tmp_path / "sae", hook_name="blocks.1.hook_resid_post", model_name="m")
+    steering.sae.save_saelens(sae, tmp_path / "sae", hook_name="blocks.1.hook_resid_post", model_name="m")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     # the fields SAELens 6's TopKSAEConfig / load_from_disk read (sae_lens 6.54.12 opens this, see docs/analysis.md)
     assert cfg["architecture"] == "topk" and cfg["d_in"] == 8 and cfg["d_sae"] == 16 and cfg["k"] == 2
@@ -61,29 +63,29 @@ def test_saelens_layout_round_trip(tmp_path):
     w = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
     assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (8, 16), "b_enc": (16,), "W_dec": (16, 8),
                                                          "b_dec": (8,)}
-    back = S.load_saelens(tmp_path / "sae")
+    back = steering.sae.load_saelens(tmp_path / "sae")
     x = torch.randn(20, 8)
     with torch.no_grad():
         torch.testing.assert_close(back(x)[0], sae(x)[0], rtol=0, atol=0)
-    with pytest.raises(S.SAEError):
-        S.SAEConfig(8, 16, "topk", k=17)
+    with pytest.raises(steering.sae.SAEError):
+        steering.sae.SAEConfig(8, 16, "topk", k=17)
 
 
 def test_mid_ranks_auroc_and_corrections_against_definitions():
     g = torch.Generator().manual_seed(0)
     v = torch.randint(0, 4, (30, 5), generator=g).float()  # many ties
     y = torch.rand(30, generator=g) < 0.4
-    a = D.auroc(v, y)
+    a = diffsae.auroc(v, y)
     for f in range(5):
         pos, neg = v[y, f], v[~y, f]
         pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
         assert float(a[f]) == pytest.approx(float(pairs.mean()), abs=1e-12)
     p = torch.tensor([0.01, 0.04, 0.03, 0.5], dtype=torch.float64)
-    torch.testing.assert_close(D.holm(p), torch.tensor([0.04, 0.09, 0.09, 0.5], dtype=torch.float64))
-    torch.testing.assert_close(D.benjamini_hochberg(p), torch.tensor([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5],
-                                                                     dtype=torch.float64))
+    torch.testing.assert_close(diffsae.holm(p), torch.tensor([0.04, 0.09, 0.09, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(diffsae.benjamini_hochberg(p), torch.tensor([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5],
+                                                                           dtype=torch.float64))
     groups = torch.arange(30) // 3
-    perm = D.permuted_labels(y, groups, 50, g)
+    perm = diffsae.permuted_labels(y, groups, 50, g)
     for b in range(50):  # within-group shuffles keep each group's number of positives
         assert torch.equal(torch.zeros(10, dtype=torch.long).index_add_(0, groups, perm[:, b].long()),
                            torch.zeros(10, dtype=torch.long).index_add_(0, groups, y.long()))
@@ -104,7 +106,7 @@ def planted(tmp_path, *, shuffle_labels: bool):
     n = problems * k
     problem = torch.arange(n) // k
     correct = torch.rand(n, generator=g) < 0.5
-    writers = {s: D.ChunkWriter(tmp_path, s, 500) for s in D.SPLITS}
+    writers = {s: diffsae.ChunkWriter(tmp_path, s, 500) for s in diffsae.SPLITS}
     for r in range(n):
         z = (torch.rand(tokens, n_dirs, generator=g) < 0.2).float() * (1 + torch.rand(tokens, n_dirs, generator=g))
         if not correct[r]:
@@ -117,15 +119,16 @@ def planted(tmp_path, *, shuffle_labels: bool):
         w.flush()
     files = {s: w.files for s, w in writers.items()}
     gen = torch.Generator().manual_seed(0)
-    cfg = S.SAEConfig(d, 48, "topk", k=3)
-    sae, _ = S.train(cfg, S.TrainConfig(steps=400, batch_size=128, lr=3e-3),
-                     D.batch_stream(files["train"], 128, gen), init_sample=D.read_chunk(files["train"][0])["x"])
-    st = D.feature_pass(sae, files, n, top_m=3, input_kind="diff")
+    cfg = steering.sae.SAEConfig(d, 48, "topk", k=3)
+    sae, _ = steering.sae.train(cfg, steering.sae.TrainConfig(steps=400, batch_size=128, lr=3e-3),
+                                diffsae.batch_stream(files["train"], 128, gen),
+                                init_sample=diffsae.read_chunk(files["train"][0])["x"])
+    st = diffsae.feature_pass(sae, files, n, top_m=3, input_kind="diff")
     labels = correct[torch.randperm(n, generator=gen)] if shuffle_labels else correct
     tested = torch.nonzero(st.alive).reshape(-1)
-    sep = D.separation(st.row_means()[:, tested], labels, problem, permutations=199, correction="maxt", alpha=0.05,
-                       generator=gen)
-    rows = D.ranked_table(sep, tested, st.row_means(), labels, st.fires.double() / st.count)
+    sep = diffsae.separation(st.row_means()[:, tested], labels, problem, permutations=199, correction="maxt",
+                             alpha=0.05, generator=gen)
+    rows = diffsae.ranked_table(sep, tested, st.row_means(), labels, st.fires.double() / st.count)
     return sae, st, rows, dirs, sep
 
 
@@ -159,14 +162,15 @@ def test_planted_with_shuffled_labels_passes_nothing(tmp_path):
 
 
 def _seqs():
-    return C.Sequences([[5, 6, 7, 8], [9, 10, 11], [12, 13]], [[14, 15, 16], [17, 18], [19, 20, 21, 22]], [0, 1, 2])
+    return _common.Sequences([[5, 6, 7, 8], [9, 10, 11], [12, 13]], [[14, 15, 16], [17, 18], [19, 20, 21, 22]],
+                             [0, 1, 2])
 
 
 def _collected(tmp_path, model, vectors, layer):
-    w = D.ChunkWriter(tmp_path, "train", 4)
-    D.collect(model, _seqs(), vectors, layer, input_kind="diff", positions="completion", writers={"train": w},
-              split_of_row=["train"] * 3, batch_size=2, pad=0)
-    return {k: torch.cat([D.read_chunk(f)[k] for f in w.files]) for k in ("x", "row", "pos")}
+    w = diffsae.ChunkWriter(tmp_path, "train", 4)
+    diffsae.collect(model, _seqs(), vectors, layer, input_kind="diff", positions="completion", writers={"train": w},
+                    split_of_row=["train"] * 3, batch_size=2, pad=0)
+    return {k: torch.cat([diffsae.read_chunk(f)[k] for f in w.files]) for k in ("x", "row", "pos")}
 
 
 def test_delta_is_zero_without_vectors_and_equals_persistence_shift(tiny_checkpoint, tmp_path):
@@ -204,7 +208,8 @@ def test_command_delta_is_the_persistence_commands_shift(tiny_checkpoint, tmp_pa
                  "--steps", "5", "--sae-batch-size", "4", "--permutations", "19"]) == 0
     p = json.loads((tmp_path / "p" / "result.json").read_text())
     out = tmp_path / "d"
-    x = torch.cat([D.read_chunk(f)["x"] for f in sorted((out / "activations").glob("train-*.safetensors"))]).double()
+    chunks = sorted((out / "activations").glob("train-*.safetensors"))
+    x = torch.cat([diffsae.read_chunk(f)["x"] for f in chunks]).double()
     assert x.shape[0] == p["num_tokens"] > 0
     assert float(x.norm(dim=-1).mean()) == pytest.approx(p["delta_norm"][0][2], rel=1e-6)
     vec2 = sv.load_vectors(tiny_checkpoint)[2].double().reshape(-1)
@@ -227,7 +232,7 @@ def test_command_steered_input_l1_global_permutations_all_positions(tiny_checkpo
 
     def chunks(name):
         files = sorted((tmp_path / name / "activations").glob("*.safetensors"))
-        return {k: torch.cat([D.read_chunk(f)[k] for f in files]) for k in D.read_chunk(files[0])}
+        return {k: torch.cat([diffsae.read_chunk(f)[k] for f in files]) for k in diffsae.read_chunk(files[0])}
 
     diff, st = chunks("diff"), chunks("st")
     assert set(st) == {"x", "delta", "row", "pos", "token"} and set(diff) == {"x", "row", "pos", "token"}
@@ -281,12 +286,12 @@ def test_command_on_demo_checkpoint(tmp_path):
     assert index["tokens"] == {"train": data["train_tokens"], "heldout": data["heldout_tokens"]}
 
     # the per-completion means come from the saved SAE applied to the saved chunks, and the AUROC from them
-    sae = S.load_saelens(out / "sae")
+    sae = steering.sae.load_saelens(out / "sae")
     cf = load_file(str(out / "completion_features.safetensors"))
     sums = torch.zeros(48, 48)
     for split in ("train", "heldout"):
         for name in index["chunks"][split]:
-            chunk = D.read_chunk(out / "activations" / name)
+            chunk = diffsae.read_chunk(out / "activations" / name)
             with torch.no_grad():
                 sums.index_add_(0, chunk["row"], sae.encode(chunk["x"]))
     torch.testing.assert_close(cf["mean_activation"], sums / cf["completion_tokens"][:, None].float(), rtol=1e-5,

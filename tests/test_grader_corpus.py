@@ -5,7 +5,7 @@ each in a completion of the form the reward reads (built by scripts/extract_grad
 source named), and the project's own adversarial shapes. For every case the project's verdict must be math-verify's
 own verdict on the same text (math-verify called directly, with the case's options); there must be no false
 positive; and the project must agree with the suites' expectations at least as often as math-verify does.
-``python -m steering.grader_report`` prints the same figures per source and per answer shape."""
+``python -m analysis grader-report`` prints the same figures per source and per answer shape."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from steering.grader_report import load_corpus, math_verify_verdict, project_results
+from analysis.grader_report import load_corpus, math_verify_verdict, project_results
 from steering.rewards import ANSWER_FORMATS
 
 CORPUS = load_corpus()
@@ -68,6 +68,6 @@ def test_every_call_stays_under_the_timeout(verdicts):
 
 
 def test_report_script_runs():
-    out = subprocess.run([sys.executable, "-m", "steering.grader_report", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "analysis", "grader-report", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--corpus" in out.stdout

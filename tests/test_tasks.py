@@ -111,8 +111,30 @@ def test_errors_are_clear():
         make_tasks("arithmetic", 500, 0, ops=("+",), digits=1)  # only 300 distinct questions exist
 
 
-def test_registry():
-    assert {"arithmetic", "word", "mixed"} <= set(TASKS)
+# reasoning-gym is an optional package (its own test is below); every other task is procedural.
+PROCEDURAL_TASKS = sorted(set(TASKS) - {"reasoning_gym"})
+
+
+@pytest.mark.parametrize("name", PROCEDURAL_TASKS)
+def test_registry_every_task_is_a_problem_source_the_reward_grades(name):
+    """What registering a task promises: ``procedural:NAME`` is a problem source, deterministic in its seed (another
+    seed gives other problems), whose ground truths the reward grades correct when a completion boxes them and
+    wrong when it boxes another number."""
+    from steering import rewards
+    from steering.problems import make_procedural, parse_procedural
+
+    spec = parse_procedural(f"procedural:{name}:40")
+    assert spec.task == name and spec.n == 40
+    problems = make_procedural(spec, 40, seed=5, part="heldout")
+    assert [p["id"] for p in problems] == list(range(40))
+    assert problems == make_procedural(spec, 40, seed=5, part="heldout")
+    assert problems != make_procedural(spec, 40, seed=6, part="heldout")
+    assert all(is_heldout(p["question"]) for p in problems)
+    answers = [p["answer"] for p in problems]
+    right = rewards.score_batch([f"So the answer is \\boxed{{{a}}}." for a in answers], answers)
+    wrong = rewards.score_batch([f"So the answer is \\boxed{{{int(a) + 1}}}." for a in answers], answers)
+    assert all(r.correct and r.reward == 1.0 for r in right)
+    assert not any(r.correct for r in wrong)
 
 
 def test_reasoning_gym_missing_says_how_to_install(monkeypatch):

@@ -18,12 +18,13 @@ generated token. Restating the equation before the result is the model's "reason
 copy the operands and then look the result up far faster than it learns to produce the result directly (a model
 trained on bare answers was still at ~10% after the same budget).
 
-Every training text is the ``qwen_math`` prompt (the chat template with the system message :data:`SYSTEM_PROMPT`,
-the question as the user turn, and the generation prompt), then the completion and ``<|im_end|>``; the loss is on
-the completion tokens only. The committed model pretrains on all 900 questions (``pretrain_part="all"``): it knows
-every fact, so validation / test questions are known facts, and the statistics in ``build_info.json`` are measured on
-the questions of the held-out partition (:func:`steering.tasks.is_heldout`). ``pretrain_part="train"`` holds those 92
-back instead: each of them asks a fact the model then learned in another phrasing only.
+Every training text is the ``qwen_math`` prompt, rendered by :mod:`steering.templates` (the chat template with the
+system message :data:`SYSTEM_PROMPT`, the question as the user turn, and the generation prompt), then the completion
+and ``<|im_end|>``; the loss is on the completion tokens only. The committed model pretrains on all 900 questions
+(``pretrain_part="all"``): it knows every fact, so validation / test questions are known facts, and the statistics in
+``build_info.json`` are measured on the questions of the held-out partition (:func:`steering.tasks.is_heldout`).
+``pretrain_part="train"`` holds those 92 back instead: each of them asks a fact the model then learned in another
+phrasing only.
 
 The build is deterministic in the seed (fixed thread count, deterministic algorithms, seeded data stream). The
 shared system-prompt prefix is run once per batch and its KV cache broadcast to the batch, which roughly halves the
@@ -54,8 +55,11 @@ from typing import Any
 import torch
 
 from steering.files import publish_dir, write_text_atomic
+from steering.templates import get_template
 
-SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+# The demo base is pretrained on the prompts the demo's RL run steers it on: the ``qwen_math`` template's.
+QWEN_MATH = get_template("qwen_math")
+SYSTEM_PROMPT = QWEN_MATH.system
 
 # (name, probability, format) of the training completions. Each one works the equation out (``eq`` is e.g. ``12 + 7``,
 # ``a`` the answer); the first character decides the format, and only the boxed one earns reward.
@@ -132,13 +136,9 @@ _INT_RE = re.compile(r"-?\d+")
 # Prompts and completions
 
 
-def prompt_messages(question: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-
-
 def build_prompt(tokenizer, question: str) -> str:
     """The ``qwen_math`` prompt: chat template, system message, question, generation prompt."""
-    return tokenizer.apply_chat_template(prompt_messages(question), tokenize=False, add_generation_prompt=True)
+    return QWEN_MATH.render(question, tokenizer)
 
 
 def make_completion(question: str, answer: str, rng: random.Random) -> tuple[str, str]:

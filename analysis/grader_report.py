@@ -1,6 +1,7 @@
-"""How the reward grades the public answer-grading corpus, next to math-verify on the same texts.
+"""``python -m analysis grader-report``: how the reward grades the public answer-grading corpus, next to math-verify on
+the same texts.
 
-    python -m steering.grader_report [--corpus tests/data/grader_corpus.jsonl] [--json OUT]
+    python -m analysis grader-report [--corpus tests/data/grader_corpus.jsonl] [--timeout S] [--json OUT]
 
 Each corpus case (``tests/data/grader_corpus.jsonl``, built by ``scripts/extract_grader_corpus.py``) is a completion
 in one of the reward's answer formats, a ground truth, the verdict its source suite expects and the grading options
@@ -18,6 +19,9 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from analysis import cli
+from analysis.cli import UsageError
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "grader_corpus.jsonl"
 
@@ -87,40 +91,48 @@ def print_table(title: str, rows: dict[str, dict[str, int]], out=sys.stdout) -> 
               f"{r['false_pos']:8d} {r['false_neg']:8d}", file=out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m steering.grader_report", description=__doc__.splitlines()[0])
+def register(subparsers) -> None:
+    p = cli.add_command(subparsers, "grader-report", run, __doc__,
+                        help="the reward vs math-verify vs the public grading suites, on the grading corpus")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="the corpus (JSONL; default: %(default)s)")
     p.add_argument("--timeout", type=float, default=2.0, help="the reward's timeout_s per call (default 2)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the figures and per-case verdicts here")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
+    if not Path(args.corpus).is_file():
+        raise UsageError(f"--corpus {args.corpus}: no such file")
     cases = load_corpus(args.corpus)
     reference = [math_verify_verdict(c) for c in cases]
     results, seconds = project_results(cases, args.timeout)
     project = [r.correct for r in results]
-    default = [i for i, c in enumerate(cases) if not c["options"]]
-    by_source = tally(cases, project, reference, "source")
-    by_shape = tally(cases, project, reference, "shape")
-    by_format = tally(cases, project, reference, "answer_format")
-    on_default = tally([cases[i] for i in default], [project[i] for i in default], [reference[i] for i in default],
-                       "source")
+    tables = report_tables(cases, project, reference)
     print(f"{len(cases)} cases from {args.corpus}; 'suite' = the expectation of the case's source")
-    print_table("By source", by_source)
-    print_table("By answer format", by_format)
-    print_table("By answer shape", by_shape)
-    print_table("Cases with math-verify's default options, by source", on_default)
+    for title, key in (("By source", "by_source"), ("By answer format", "by_answer_format"),
+                       ("By answer shape", "by_shape"),
+                       ("Cases with math-verify's default options, by source", "default_options_by_source")):
+        print_table(title, tables[key])
     slowest = max(range(len(cases)), key=seconds.__getitem__)
     print(f"\nSlowest score() call: {seconds[slowest]:.3f} s ({cases[slowest]['id']}); timeout {args.timeout} s; "
           f"{sum(r.timed_out for r in results)} timed out")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "by_source": by_source, "by_shape": by_shape, "by_answer_format": by_format,
-            "default_options_by_source": on_default, "slowest_s": seconds[slowest],
-            "slowest_case": cases[slowest]["id"],
+        from steering.files import write_json_atomic
+
+        write_json_atomic(args.json, {
+            **tables, "slowest_s": seconds[slowest], "slowest_case": cases[slowest]["id"],
             "cases": [{"id": c["id"], "project": p, "math_verify": m, "expected": c["expected"], "seconds": s}
-                      for c, p, m, s in zip(cases, project, reference, seconds)]}, indent=1))
+                      for c, p, m, s in zip(cases, project, reference, seconds)]})
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def report_tables(cases: list[dict], project: list[bool], reference: list[bool]) -> dict[str, dict]:
+    """The report's tallies: by source, answer shape and answer format, and by source over the cases that use
+    math-verify's default options."""
+    default = [i for i, c in enumerate(cases) if not c["options"]]
+    return {
+        "by_source": tally(cases, project, reference, "source"),
+        "by_shape": tally(cases, project, reference, "shape"),
+        "by_answer_format": tally(cases, project, reference, "answer_format"),
+        "default_options_by_source": tally([cases[i] for i in default], [project[i] for i in default],
+                                           [reference[i] for i in default], "source"),
+    }
