@@ -168,17 +168,18 @@ def validate_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
     return out
 
 
-def add_to_hidden(hidden: torch.Tensor, vector: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+def add_to_hidden(hidden: torch.Tensor, vector: torch.Tensor, per_position: torch.Tensor | None = None) -> torch.Tensor:
     """``hidden + vector`` with the numerics of the BEFT bias, the one way a vector is added to a hidden state here
-    (hooks, path patching, attribution): the vector in fp32 (as its parameter is), the sum in fp32 (or wider, if the
-    hidden state is), then cast back to the hidden state's dtype. PEFT's BEFT computes ``(down_proj(x) + bias)
-    .to(dtype)`` with an fp32 bias, so this equals the steered model bit for bit in fp32 *and* bf16; casting the vector
-    to bf16 first would round it once more and differ. ``positions``: a boolean (batch, seq) mask of the positions
-    that get the vector (the others come back unchanged: bf16 -> fp32 -> bf16 is exact)."""
+    (hooks, path patching, attribution, token-scaling gates): the vector in fp32 (as its parameter is), the sum in fp32
+    (or wider, if the hidden state is), then cast back to the hidden state's dtype. PEFT's BEFT computes
+    ``(down_proj(x) + bias).to(dtype)`` with an fp32 bias, so this equals the steered model bit for bit in fp32 *and*
+    bf16; casting the vector to bf16 first would round it once more and differ. ``per_position``: a (batch, seq)
+    boolean mask of the positions that get the vector (the others come back unchanged: bf16 -> fp32 -> bf16 is
+    exact), or a per-position multiplier of it (a token-scaling gate). Differentiable in all three inputs."""
     compute = torch.promote_types(hidden.dtype, torch.float32)
     v = vector.to(device=hidden.device, dtype=torch.float32).to(compute)
-    if positions is not None:
-        v = positions.to(hidden.device).unsqueeze(-1).to(compute) * v
+    if per_position is not None:
+        v = per_position.to(hidden.device).unsqueeze(-1).to(compute) * v
     return (hidden.to(compute) + v).to(hidden.dtype)
 
 
