@@ -67,18 +67,7 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
             sv.validate_layers(c.layers, num_layers)
         except sv.SteeringError as e:
             raise ConfigError(f"layers: {e}") from None
-    init_vectors = None
-    if c.init_from:
-        try:
-            init_vectors = sv.load_vectors(c.init_from)
-        except sv.SteeringError as e:
-            raise ConfigError(f"init_from: {e}") from None
-        _check_fits(init_vectors, base_config, f"init_from: {c.init_from}", c.model_name_or_path,
-                    "give init_from vectors made for this base model, or remove init_from")
-        wanted = set(sv.validate_layers(c.layers, num_layers))
-        scale = c.init_scale
-        init_vectors = {l: v * (scale.get(l, 1.0) if isinstance(scale, dict) else float(scale))
-                        for l, v in init_vectors.items() if l in wanted}
+    init_vectors = _init_vectors(c, base_config) if c.init_from else None
     probe_vectors = _probe_vectors(c, base_config) if c.probe_vectors else None
     template = get_template(c.template)
     if template.stop and c.mask_truncated_completions:
@@ -130,6 +119,22 @@ def _check_fits(vectors: dict[int, Any], base_config: Any, source: str, base: st
         sv.check_fits(vectors, base_config, source=source, target=base, fix=fix)
     except sv.SteeringError as e:
         raise ConfigError(str(e)) from None
+
+
+def _init_vectors(c: SteeringGRPOConfig, base_config: Any) -> dict[int, Any]:
+    """The ``init_from`` vectors of the steered layers, times ``init_scale``, checked to fit the base."""
+    from steering import vectors as sv
+
+    try:
+        vectors = sv.load_vectors(c.init_from)
+    except sv.SteeringError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    _check_fits(vectors, base_config, f"init_from: {c.init_from}", c.model_name_or_path,
+                "give init_from vectors made for this base model, or remove init_from")
+    wanted = set(sv.validate_layers(c.layers, sv.model_shape(base_config)[0]))
+    scale = c.init_scale
+    return {l: v * (scale.get(l, 1.0) if isinstance(scale, dict) else float(scale))
+            for l, v in vectors.items() if l in wanted}
 
 
 def _probe_vectors(c: SteeringGRPOConfig, base_config: Any) -> dict[int, Any]:
