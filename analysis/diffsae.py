@@ -638,7 +638,7 @@ def settings_of(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from steering.readout import pad_id_of
+    from steering.generation import pad_id_of
     from steering.rewards import score_batch
 
     plan = check(args)

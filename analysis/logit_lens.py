@@ -46,7 +46,8 @@ from analysis import cli
 from analysis.cli import UsageError
 from steering import hooks as H
 from steering import vectors as sv
-from steering.readout import LENSES, Vocab, lens, pad_id_of, readout, token_class, vector_lens
+from steering.generation import pad_id_of
+from steering.readout import LENSES, Vocab, lens, readout, token_class, vector_lens
 
 # The lens, the token classes and the top / bottom readout live in the core (``steering.readout``), where the training
 # probes call them too; re-exported here under the names the other analyses import.

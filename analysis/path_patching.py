@@ -65,7 +65,7 @@ from analysis.cli import UsageError
 from steering import compat
 from steering import hooks as H
 from steering import vectors as sv
-from steering.readout import pad_id_of
+from steering.generation import pad_id_of
 
 PROJECTIONS = ("q", "k", "v")
 

@@ -37,6 +37,7 @@ from analysis import plots
 from analysis import cli
 from steering import hooks as H
 from steering import readout
+from steering.generation import pad_id_of
 
 
 def register(subparsers) -> None:
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     steer = o.layers(args.layers)
     last = o.num_layers - 1
     seqs = P.sample_for_analysis(model, tokenizer, vectors, args, o.benches)
-    pad = readout.pad_id_of(tokenizer)
+    pad = pad_id_of(tokenizer)
     stats = P.shift_stats(model, seqs, vectors, steer, [last], positions=args.positions,
                           batch_size=args.forward_batch_size, pad=pad, args=args)
     shifts = [stats[i][last].mean.float() for i in steer]

@@ -53,9 +53,9 @@ import torch
 from torch import nn
 
 from steering import hooks as H
-from steering import readout
 from steering import vectors as sv
 from steering.files import write_text_atomic
+from steering.generation import pad_id_of, pad_rows
 
 DEFAULT_HOOK = "blocks.{layer}.hook_resid_post"
 WARD_OFFSET = 12
@@ -381,7 +381,7 @@ def collect(
     acc = DiffMeanAccumulator(names, hidden, weighting)
     labels = None if labels is None else list(labels)
     device = sv.model_device(model)
-    pad = readout.pad_id_of(tokenizer)
+    pad = pad_id_of(tokenizer)
 
     def encoded() -> Iterator[EncodedTrace]:
         for t in traces:
@@ -392,7 +392,7 @@ def collect(
     buf: list[EncodedTrace] = []
 
     def flush() -> None:
-        ids, mask = readout.pad_right([e.input_ids for e in buf], pad, device)
+        ids, mask = pad_rows([e.input_ids for e in buf], pad, side="right", device=device)
         _, cache = H.run_with_cache(model, input_ids=ids, attention_mask=mask, names=list(names), use_cache=False)
         stacked = torch.stack([cache[n] for n in names])  # (names, batch, seq, hidden)
         for i, e in enumerate(buf):

@@ -25,6 +25,7 @@ from torch import nn
 
 from steering import hooks as H
 from steering import vectors as sv
+from steering.generation import pad_id_of, pad_rows
 
 LENSES = ("norm", "raw", "cosine")
 _ASCII_LETTERS = set(string.ascii_letters)
@@ -117,28 +118,6 @@ def vector_lens(model: nn.Module, layer: int, vector: torch.Tensor, vocab: Vocab
 # Vectors on a model, teacher-forced batches
 
 
-def pad_id_of(tokenizer: Any) -> int:
-    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token, else 0 (padded positions
-    are masked out, so only that it is a valid id matters)."""
-    pid = getattr(tokenizer, "pad_token_id", None)
-    if pid is None:
-        pid = getattr(tokenizer, "eos_token_id", None)
-    return int(pid or 0)
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask)``: positions of real tokens stay 0..len-1, as in an unpadded run."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return ids, mask
-
-
 @dataclass
 class Batch:
     """Right-padded prompt+completion rows (real tokens at positions ``0 .. len-1``, as in an unpadded run)."""
@@ -153,7 +132,7 @@ class Batch:
     def build(cls, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], rows: list[int],
               device: str | torch.device, pad_id: int) -> "Batch":
         seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-        ids, mask = pad_right(seqs, pad_id, device)
+        ids, mask = pad_rows(seqs, pad_id, side="right", device=device)
         return cls(ids, mask, torch.tensor([len(p) for p in prompts], device=device),
                    torch.tensor([len(s) for s in seqs], device=device), rows)
 
