@@ -170,6 +170,7 @@ def add_at(vector: torch.Tensor, positions: torch.Tensor | None = None) -> HookF
     """Hook that adds ``vector`` (d_model) to a residual-shaped activation, at every position or where the boolean
     ``positions`` (batch, seq) mask is true, with the steering vector's numerics (``steering.vectors.add_to_hidden``:
     at ``blocks.{l}.hook_mlp_out`` it equals the checkpoint's vector bit for bit)."""
+
     def fn(t: torch.Tensor, name: str) -> torch.Tensor:
         return add_to_hidden(t, vector, positions)
 

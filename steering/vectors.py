@@ -516,7 +516,8 @@ def load_steered_model(
         check_supported(config)
         check_fits(vectors, config, source=f"checkpoint {str(ckpt_dir)!r}")  # before the weights load
         base = load_base_model(base, dtype=dtype)
-    check_fits(vectors, base, source=f"checkpoint {str(ckpt_dir)!r}")
+    else:
+        check_fits(vectors, base, source=f"checkpoint {str(ckpt_dir)!r}")
     model = attach_steering(base, layers=sorted(vectors), base_model_id=meta.get("base_model") or base_id)
     set_vectors(model, vectors)
     model.eval()
