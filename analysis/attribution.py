@@ -55,6 +55,8 @@ from analysis.cli import UsageError
 from steering import diffmean as dm
 from steering import compat
 from steering import hooks as H
+from steering import readout
+from steering import vectors as sv
 
 ESTIMATES = ("fisher", "logprob", "exact")
 SCORE_KEY = {"fisher": "fisher", "logprob": "logprob", "exact": "exact_kl"}
@@ -156,7 +158,7 @@ def _direction(ex: Example, u: torch.Tensor, coef: float) -> torch.Tensor:
 
 def clean_logp(model: nn.Module, ex: Example, names: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
     """Unsteered float64 log-probabilities at ``ex.rows`` (on the CPU), and the activations cached at ``names``."""
-    device = dm.model_device(model)
+    device = sv.model_device(model)
     with torch.no_grad():
         out, cache = H.run_with_cache(model, input_ids=ex.input_ids.to(device), names=list(names), use_cache=False)
     return _logp(out.logits[0, ex.rows]).cpu(), cache
@@ -164,10 +166,11 @@ def clean_logp(model: nn.Module, ex: Example, names: Sequence[str] = ()) -> tupl
 
 def jvp_logits(model: nn.Module, ex: Example, layer: int, u: torch.Tensor, coef: float = 1.0):
     """``(logits, d logits / d alpha)`` at ``alpha = 0`` for ``alpha * coef * u`` added at ``P`` of ``layer``."""
-    device = dm.model_device(model)
+    device = sv.model_device(model)
     direction = _direction(ex, u, coef).to(device)
     with eager_attention(model), fwAD.dual_level(), torch.no_grad():
         def hook(t: torch.Tensor, name: str) -> torch.Tensor:
+            # A tangent, not a steering vector: at alpha = 0 the primal is t exactly, so this add needs no BEFT numerics
             alpha = fwAD.make_dual(torch.zeros((), dtype=t.dtype, device=t.device),
                                    torch.ones((), dtype=t.dtype, device=t.device))
             return t + alpha * direction.to(t.dtype)
@@ -204,7 +207,7 @@ def logprob_scores(model: nn.Module, ex: Example, vectors: Mapping[int, torch.Te
     """Per layer, ``c * grad(mean_O log p(target)) . u`` summed over P: all layers from one backward pass."""
     if not ex.open_positions:
         return {}
-    device = dm.model_device(model)
+    device = sv.model_device(model)
     lm = H.causal_lm(model)
     dtype = next(lm.parameters()).dtype
     T = ex.input_ids.shape[1]
@@ -235,7 +238,7 @@ def exact_scores(model: nn.Module, ex: Example, vectors: Mapping[int, torch.Tens
     (mean over O of the change of log p(opening token))."""
     if logp is None:
         logp, _ = clean_logp(model, ex)
-    device = dm.model_device(model)
+    device = sv.model_device(model)
     pos, opens = ex.row_index()
     targets = torch.tensor(ex.open_targets, dtype=torch.long)
     mask = ex.mask
@@ -396,7 +399,7 @@ def run_attribution(model: nn.Module, tokenizer: Any, traces: Sequence[Mapping[s
     layers = res["layers"]
     row_cos = embedding_cosines(model, vectors)
     ed = res.pop("embed_direction")
-    dir_cos = [abs(dm.cosine(vectors[layer], ed)) if ed is not None else math.nan for layer in layers]
+    dir_cos = [abs(readout.cosine(vectors[layer], ed)) if ed is not None else math.nan for layer in layers]
     flagged = [layer for i, layer in enumerate(layers)
                if layer < skip_first or row_cos[layer] > embed_threshold
                or (not math.isnan(dir_cos[i]) and dir_cos[i] > embed_threshold)]

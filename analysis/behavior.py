@@ -111,9 +111,11 @@ def main(args: argparse.Namespace) -> int:
     cli.check_generation_args(args, args.n)
     model_id = cli.base_model_id(args.model, ckpt)
     config = cli.model_config(model_id, "--model")
-    if int(config.hidden_size) != vectors[layer].numel() or layer >= int(config.num_hidden_layers):
-        raise UsageError(f"--vectors {ckpt} (layer {layer}, hidden size {vectors[layer].numel()}) does not fit "
-                         f"--model {model_id} ({config.num_hidden_layers} layers x hidden size {config.hidden_size})")
+    try:
+        sv.check_fits({layer: vectors[layer]}, config, f"--vectors {ckpt} (layer {layer})",
+                      target=f"--model {model_id}")
+    except sv.CheckpointError as e:
+        raise UsageError(str(e)) from None
     annotator = cli.make_annotator_arg(args)
     out = cli.prepare_out(args.out)
 

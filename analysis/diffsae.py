@@ -70,7 +70,7 @@ from analysis import _common
 from analysis import cli, plots
 from analysis.cli import UsageError
 import steering.sae
-from steering.diffmean import cosine
+from steering.readout import cosine
 from steering import vectors as sv
 
 INPUTS = ("diff", "steered")
@@ -638,7 +638,7 @@ def settings_of(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from steering.diffmean import pad_id_of
+    from steering.generation import pad_id_of
     from steering.rewards import score_batch
 
     plan = check(args)

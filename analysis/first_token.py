@@ -49,7 +49,7 @@ import torch
 from analysis import _common
 from analysis import cli, plots
 from analysis.table import relative_improvement
-from steering.diffmean import pad_id_of
+from steering.generation import pad_id_of
 from steering.evaluation import avg_at_k, mean_std
 from steering.readout import first_token_gain
 

@@ -45,8 +45,8 @@ from analysis import plots
 from analysis import cli
 from analysis.cli import UsageError
 from steering import hooks
-from steering.diffmean import pad_id_of
 from steering import vectors as sv
+from steering.generation import pad_id_of
 from steering.readout import LENSES, Vocab, lens, readout, token_class, vector_lens
 
 # The lens, the token classes and the top / bottom readout live in the core (``steering.readout``), where the training

@@ -64,7 +64,8 @@ from analysis import cli
 from analysis.cli import UsageError
 from steering import compat
 from steering import hooks as H
-from steering.diffmean import pad_id_of
+from steering import vectors as sv
+from steering.generation import pad_id_of
 
 PROJECTIONS = ("q", "k", "v")
 
@@ -164,7 +165,7 @@ class Patcher:
 
         def mlp_out(t: torch.Tensor, name: str) -> torch.Tensor:
             st["clean_pre"] = st["mid"] + t  # exactly the unsteered residual entering block T
-            return (t + s.to(t.device)).to(t.dtype)  # BEFT: (down_proj(x) + bias) cast back
+            return sv.add_to_hidden(t, s)  # what BEFT does: (down_proj(x) + bias) in fp32, cast back
 
         out: list[tuple[str, H.HookFn]] = []
         if not v.steer:
@@ -172,7 +173,7 @@ class Patcher:
         out += [(f"blocks.{L}.hook_resid_mid", mid), (f"blocks.{L}.hook_mlp_out", mlp_out)]
         if v.skip_layer:
             out.append((f"blocks.{T}.hook_resid_pre", lambda t, n: st["clean_pre"]))
-            out.append((f"blocks.{T}.hook_resid_post", lambda t, n: (t + s.to(t.device)).to(t.dtype)))
+            out.append((f"blocks.{T}.hook_resid_post", lambda t, n: sv.add_to_hidden(t, s)))
             return out
         if v.skip_attn:
             out.append((f"blocks.{T}.ln1.hook_normalized", lambda t, n: self._clean_ln1(st)))
@@ -303,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     vectors = cli.checkpoint_vectors(args.checkpoint, model)
     if layer not in vectors:
         raise UsageError(f"the checkpoint has no vector at layer {layer} (it has {sorted(vectors)}); pass --layer")
-    patcher = Patcher(model, layer, vectors[layer].to(next(model.parameters()).device))
+    patcher = Patcher(model, layer, vectors[layer].to(sv.model_device(model)))
     summary, per_head = build_variants(patcher.n_heads, patcher.n_kv)
     variants = summary + ([] if args.no_heads else per_head)
 

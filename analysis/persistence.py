@@ -42,7 +42,8 @@ from analysis import _common
 from analysis import plots
 from analysis import cli
 from steering import hooks
-from steering.diffmean import cosine, pad_id_of
+from steering.generation import pad_id_of
+from steering.readout import cosine
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 
 from analysis import cli
 from analysis.cli import UsageError
+from steering import readout
 from steering import vectors as sv
 
 
@@ -57,12 +58,9 @@ def expand(items: Sequence[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def cosine_matrix(vs: Sequence[torch.Tensor]) -> list[list[float]]:
-    m = torch.stack([v.double().reshape(-1) for v in vs])
-    norms = m.norm(dim=1)
-    cos = (m @ m.T) / (norms[:, None] * norms[None, :])
-    cos[(norms[:, None] * norms[None, :]) == 0] = math.nan
-    return cos.tolist()
+def _cosines(vectors: Sequence[torch.Tensor]) -> list[list[float | None]]:
+    """The cosine matrix as result-file rows: null where a vector is zero (``steering.readout.cosine_matrix``)."""
+    return readout.none_for_nan(readout.cosine_matrix(vectors))
 
 
 def similarity(named: Mapping[str, Mapping[int, torch.Tensor]], layer: int | None = None) -> dict[str, Any]:
@@ -76,14 +74,17 @@ def similarity(named: Mapping[str, Mapping[int, torch.Tensor]], layer: int | Non
         raise UsageError("the checkpoints share no layer: " + "; ".join(f"{n}: {sorted(v)}" for n, v in named.items()))
     if layer is not None and layer not in common:
         raise UsageError(f"--layer {layer}: not shared by all checkpoints (shared layers: {common})")
-    per_layer = {str(layer_): cosine_matrix([named[n][layer_] for n in names]) for layer_ in common}
-    concat = cosine_matrix([torch.cat([named[n][layer_].reshape(-1) for layer_ in common]) for n in names])
+    per_layer = {str(layer_): _cosines([named[n][layer_] for n in names]) for layer_ in common}
+    concat = _cosines([torch.cat([named[n][layer_].reshape(-1) for layer_ in common]) for n in names])
     return {"names": names, "layers": common, "per_layer": per_layer, "concatenated": concat,
             "norms": {n: {str(layer_): float(named[n][layer_].norm()) for layer_ in common} for n in names},
             "layer": layer}
 
 
 def _heat(ax, mat, names, title, ylabels=True):
+    import numpy as np
+
+    mat = np.array([[np.nan if v is None else v for v in row] for row in mat], dtype=float)  # null: drawn blank
     im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu_r")
     ax.set_xticks(range(len(names)))
     ax.set_yticks(range(len(names)))

@@ -40,7 +40,7 @@ from analysis import plots
 from analysis import cli
 from analysis.cli import UsageError
 from steering import token_scaling as ts
-from steering.diffmean import pad_id_of
+from steering.generation import pad_id_of
 from steering import vectors as sv
 
 SEGMENTS = ("system", "question", "generation_prompt", "generation")

@@ -36,15 +36,8 @@ from analysis import persistence as P
 from analysis import plots
 from analysis import cli
 from steering import hooks as H
-from steering.diffmean import pad_id_of
-
-
-def cosine_matrix(vectors: list[torch.Tensor]) -> list[list[float | None]]:
-    m = torch.stack([v.double().reshape(-1) for v in vectors])
-    n = m.norm(dim=-1)
-    cos = (m @ m.T) / (n[:, None] * n[None, :])
-    return [[None if (n[a] == 0 or n[b] == 0) else float(cos[a, b]) for b in range(len(vectors))]
-            for a in range(len(vectors))]
+from steering import readout
+from steering.generation import pad_id_of
 
 
 def register(subparsers) -> None:
@@ -77,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                       pad=pad, args=args)
         shifts.append(m_all.float().cpu())
         labels.append("all")
-    cos = cosine_matrix(shifts)
+    cos = readout.none_for_nan(readout.cosine_matrix(shifts))  # null where a shift is zero
     vocab = LL.Vocab(tokenizer, H.causal_lm(model).lm_head.weight.shape[0])
     device = next(model.parameters()).device
     readouts = []

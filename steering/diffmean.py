@@ -43,7 +43,6 @@ Everything is kept as running float64 sums, so memory does not grow with the num
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from torch import nn
 from steering import hooks as H
 from steering import vectors as sv
 from steering.files import write_text_atomic
+from steering.generation import pad_id_of, pad_rows
 
 DEFAULT_HOOK = "blocks.{layer}.hook_resid_post"
 WARD_OFFSET = 12
@@ -354,30 +354,6 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i: i + size]
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask)``: positions of real tokens stay 0..len-1."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return ids, mask
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    pid = getattr(tokenizer, "pad_token_id", None)
-    if pid is None:
-        pid = getattr(tokenizer, "eos_token_id", None)
-    return int(pid or 0)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def collect(
     model: nn.Module,
@@ -404,7 +380,7 @@ def collect(
     hidden = int(H.causal_lm(model).config.hidden_size)
     acc = DiffMeanAccumulator(names, hidden, weighting)
     labels = None if labels is None else list(labels)
-    device = model_device(model)
+    device = sv.model_device(model)
     pad = pad_id_of(tokenizer)
 
     def encoded() -> Iterator[EncodedTrace]:
@@ -416,7 +392,7 @@ def collect(
     buf: list[EncodedTrace] = []
 
     def flush() -> None:
-        ids, mask = pad_right([e.input_ids for e in buf], pad, device)
+        ids, mask = pad_rows([e.input_ids for e in buf], pad, side="right", device=device)
         _, cache = H.run_with_cache(model, input_ids=ids, attention_mask=mask, names=list(names), use_cache=False)
         stacked = torch.stack([cache[n] for n in names])  # (names, batch, seq, hidden)
         for i, e in enumerate(buf):
@@ -465,12 +441,10 @@ def save_vectors_checkpoint(
     from transformers import AutoModelForCausalLM
 
     sv.check_supported(config)
-    num_layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
-    layers = sv.validate_layers(list(vectors), num_layers)
+    sv.check_fits(vectors, config, source="the vectors", target=f"the model {base_model!r}")
+    _, hidden = sv.model_shape(config)
+    layers = sorted(vectors)
     for layer, v in vectors.items():
-        if v.numel() != hidden:
-            raise sv.SteeringError(f"vector for layer {layer} has {v.numel()} elements, the model's hidden size is "
-                                   f"{hidden}")
         if not torch.isfinite(v).all():
             raise sv.SteeringError(f"vector for layer {layer} holds NaN or Inf")
     with torch.device("meta"):
@@ -492,11 +466,3 @@ def vectors_by_layer(u: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.
 def diffmean_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``diffmean`` block of a checkpoint's ``steering.json`` (None for other checkpoints)."""
     return sv.read_meta(ckpt_dir).get("diffmean")
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().reshape(-1), b.double().reshape(-1)
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return math.nan
-    return float(a @ b / (na * nb))

@@ -309,16 +309,35 @@ def static_cache_config(generation_config: Any, compile: bool | None = None,
     return cfg
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
-    """Left-padded ``(input_ids, attention_mask)`` for a list of token-id lists."""
+def pad_id_of(tokenizer: Any) -> int:
+    """The id that pads a teacher-forced batch: the tokenizer's pad token, else its end-of-sequence token, else 0
+    (padded positions are masked out, so only that it is a valid id matters)."""
+    pid = getattr(tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = getattr(tokenizer, "eos_token_id", None)
+    return int(pid or 0)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, *, side: str,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token-id lists padded to one width: ``side="left"`` for generation (every
+    row ends at the last column, where the next token goes), ``side="right"`` for teacher-forced passes (real tokens
+    keep positions 0..len-1, as in an unpadded run)."""
+    if side not in ("left", "right"):
+        raise GenerationError(f"side must be 'left' or 'right', got {side!r}")
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, cols] = 1
     return ids.to(device), mask.to(device)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """Left-padded ``(input_ids, attention_mask)`` for a list of token-id lists (:func:`pad_rows`)."""
+    return pad_rows(rows, pad_id, side="left", device=device)
 
 
 END_REASONS = ("stop", "eos", "length")

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from steering.vectors import add_to_hidden
+
 HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
 # name pattern -> (path of the module under the decoder model, hook on its input ("pre") or output ("fwd"))
@@ -166,13 +168,11 @@ def run_with_cache(
 
 def add_at(vector: torch.Tensor, positions: torch.Tensor | None = None) -> HookFn:
     """Hook that adds ``vector`` (d_model) to a residual-shaped activation, at every position or where the boolean
-    ``positions`` (batch, seq) mask is true."""
+    ``positions`` (batch, seq) mask is true, with the steering vector's numerics (``steering.vectors.add_to_hidden``:
+    at ``blocks.{l}.hook_mlp_out`` it equals the checkpoint's vector bit for bit)."""
 
     def fn(t: torch.Tensor, name: str) -> torch.Tensor:
-        v = vector.to(t.dtype).to(t.device)
-        if positions is None:
-            return t + v
-        return t + positions.to(t.device).unsqueeze(-1).to(t.dtype) * v
+        return add_to_hidden(t, vector, positions)
 
     return fn
 

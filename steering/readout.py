@@ -13,6 +13,7 @@ vocabulary (padding rows of the embedding matrix) are never ranked.
 
 from __future__ import annotations
 
+import math
 import string
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from torch import nn
 
 from steering import hooks
 from steering import vectors as sv
+from steering.generation import pad_id_of, pad_rows
 
 LENSES = ("norm", "raw", "cosine")
 _ASCII_LETTERS = set(string.ascii_letters)
@@ -130,13 +132,8 @@ class Batch:
     def build(cls, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], rows: list[int],
               device: str | torch.device, pad_id: int) -> "Batch":
         seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-        return cls(ids.to(device), mask.to(device), torch.tensor([len(p) for p in prompts], device=device),
+        ids, mask = pad_rows(seqs, pad_id, side="right", device=device)
+        return cls(ids, mask, torch.tensor([len(p) for p in prompts], device=device),
                    torch.tensor([len(s) for s in seqs], device=device), rows)
 
     def positions(self, kind: str = "all") -> torch.Tensor:
@@ -187,8 +184,6 @@ def first_position(model, tokenizer, prompts: list[str], vectors: Mapping[int, t
     The base is frozen, so its logits on the same prompts never change: a caller that measures the same prompts again
     (the training probes) passes the same ``base_cache`` list each time, filled on the first call, and skips the base
     passes after it."""
-    from steering.diffmean import pad_id_of
-
     sum_s = sum_b = None
     kl = 0.0
     ids_all = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -218,7 +213,7 @@ def first_token_gain(model, tokenizer, prompts: list[str], vectors: Mapping[int,
     the prompt gains (and loses) the most with ``vectors`` on (every other steered layer zero) over the base, and the
     mean KL(steered ‖ base) there: ``{"num_prompts", "kl", "top_gained", "top_lost"}``, each token
     ``{"token_id", "token", "p_steered", "p_base", "gain"}``. ``base_cache``: see :func:`first_position`."""
-    device = next(model.parameters()).device
+    device = sv.model_device(model)
     ps, pb, kl0 = first_position(model, tokenizer, prompts, vectors, batch_size, device, base_cache)
     vocab_n = min(len(tokenizer), ps.shape[-1])
     delta = (ps - pb)[:vocab_n].cpu()
@@ -230,3 +225,31 @@ def first_token_gain(model, tokenizer, prompts: list[str], vectors: Mapping[int,
 
     return {"num_prompts": len(prompts), "kl": float(kl0), "top_gained": tok_rows(torch.topk(delta, k).indices),
             "top_lost": tok_rows(torch.topk(-delta, k).indices)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cosine similarity
+
+
+def cosine_matrix(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(n, n)`` float64 cosines between ``vectors`` (each flattened), the one cosine of the project (``analysis
+    similarity``, ``unembed-similarity``, the training probes, attribution, diffsae).
+
+    The cosine with a zero vector is undefined, and is NaN here (never 0, which would read as "orthogonal"); in a
+    result file it is written as null (:func:`none_for_nan`), and plots draw it blank."""
+    m = torch.stack([v.detach().double().reshape(-1).cpu() for v in vectors])
+    norms = m.norm(dim=1)
+    outer = norms[:, None] * norms[None, :]
+    cos = (m @ m.T) / outer
+    cos[outer == 0] = math.nan
+    return cos
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The cosine of two vectors (:func:`cosine_matrix`; NaN when either is zero)."""
+    return float(cosine_matrix([a, b])[0, 1])
+
+
+def none_for_nan(matrix: torch.Tensor) -> list[list[float | None]]:
+    """A float matrix as JSON rows, an undefined (NaN) entry as None (null; NaN is not valid JSON)."""
+    return [[None if math.isnan(x) else x for x in row] for row in matrix.tolist()]

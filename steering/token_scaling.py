@@ -130,7 +130,7 @@ def _make_hook(gate: TokenGate, vector: nn.Parameter, down_proj: nn.Module):
         am1 = gate.alpha_minus_one(x)
         if gate._record is not None:
             gate._record.append((am1 + 1.0).detach())
-        new = (out + am1.unsqueeze(-1) * vector.reshape(-1).to(am1.device)).to(out.dtype)
+        new = sv.add_to_hidden(out, vector.reshape(-1), am1)  # (alpha - 1) * s_l on top of BEFT's + s_l
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     return hook

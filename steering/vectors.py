@@ -144,6 +144,11 @@ def model_shape(model: Any) -> tuple[int, int]:
     return int(cfg.num_hidden_layers), int(cfg.hidden_size)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's (first) parameters: where its inputs go."""
+    return next(model.parameters()).device
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Attaching
 
@@ -161,6 +166,21 @@ def validate_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
             f"0..{num_layers - 1}"
         )
     return out
+
+
+def add_to_hidden(hidden: torch.Tensor, vector: torch.Tensor, per_position: torch.Tensor | None = None) -> torch.Tensor:
+    """``hidden + vector`` with the numerics of the BEFT bias, the one way a vector is added to a hidden state here
+    (hooks, path patching, attribution, token-scaling gates): the vector in fp32 (as its parameter is), the sum in fp32
+    (or wider, if the hidden state is), then cast back to the hidden state's dtype. PEFT's BEFT computes
+    ``(down_proj(x) + bias).to(dtype)`` with an fp32 bias, so this equals the steered model bit for bit in fp32 *and*
+    bf16; casting the vector to bf16 first would round it once more and differ. ``per_position``: a (batch, seq)
+    boolean mask of the positions that get the vector (the others come back unchanged: bf16 -> fp32 -> bf16 is
+    exact), or a per-position multiplier of it (a token-scaling gate). Differentiable in all three inputs."""
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    v = vector.to(device=hidden.device, dtype=torch.float32).to(compute)
+    if per_position is not None:
+        v = per_position.to(hidden.device).unsqueeze(-1).to(compute) * v
+    return (hidden.to(compute) + v).to(hidden.dtype)
 
 
 def target_regex(layers: Iterable[int]) -> str:
@@ -230,15 +250,12 @@ def get_vectors(model: nn.Module) -> dict[int, torch.Tensor]:
 @torch.no_grad()
 def set_vectors(model: nn.Module, vectors: Mapping[int, torch.Tensor]) -> None:
     params = vector_parameters(model)
-    num_layers, hidden = model_shape(model)
+    vectors = {layer: torch.as_tensor(value) for layer, value in vectors.items()}
+    unsteered = sorted(set(vectors) - set(params))
+    if unsteered:
+        raise SteeringError(f"layers {unsteered} are not steered in this model (steered: {sorted(params)})")
+    check_fits(vectors, model, source="the vectors given")
     for layer, value in vectors.items():
-        value = torch.as_tensor(value)
-        if layer not in params:
-            raise SteeringError(f"layer {layer} is not steered in this model (steered: {sorted(params)})")
-        if value.numel() != hidden:
-            raise SteeringError(
-                f"vector for layer {layer} has {value.numel()} elements but the model's hidden_size is {hidden}"
-            )
         params[layer].copy_(value.reshape(params[layer].shape).to(params[layer].dtype))
 
 
@@ -460,15 +477,20 @@ def read_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[i
     return meta, vectors
 
 
-def check_fits(vectors: Mapping[int, torch.Tensor], model: Any, source: str = "checkpoint") -> None:
-    """Raise an error naming both shapes unless every vector fits the model (a model or its config)."""
+def check_fits(vectors: Mapping[int, torch.Tensor], model: Any, source: str = "checkpoint", *,
+               target: str = "the model", fix: str = "give vectors made for this model") -> None:
+    """The one answer to "do these vectors fit this model?" (a model, a PeftModel, or a config, so it runs before any
+    weights load): every layer index in range and every vector of the model's hidden size. Otherwise a one-line
+    :class:`CheckpointError` naming both shapes and ending in ``fix``; ``source`` and ``target`` name the vectors and
+    the model the way the caller's user knows them (``--checkpoint DIR``, ``init_from: PATH``, ``--model ID``)."""
     num_layers, hidden = model_shape(model)
-    sizes = {int(v.numel()) for v in vectors.values()}
-    top = max(vectors) + 1 if vectors else 0
-    if sizes != {hidden} or top > num_layers:
+    sizes = sorted({int(v.numel()) for v in vectors.values()})
+    outside = [layer for layer in vectors if not 0 <= layer < num_layers]
+    if sizes != [hidden] or outside:
+        top = max(vectors) + 1 if vectors else 0
         raise CheckpointError(
-            f"{source} does not fit the model: it has vectors of hidden size {sorted(sizes)} for layers "
-            f"{sorted(vectors)} (needs >= {top} layers), but the model has {num_layers} layers x hidden size {hidden}"
+            f"{source} does not fit {target}: it has vectors of hidden size {sizes} for layers {sorted(vectors)} "
+            f"(needs >= {top} layers), but {target} has {num_layers} layers x hidden size {hidden}; {fix}"
         )
 
 
@@ -492,19 +514,11 @@ def load_steered_model(
 
         config = AutoConfig.from_pretrained(base)
         check_supported(config)
-        _check_meta_shape(meta, config, ckpt_dir)
+        check_fits(vectors, config, source=f"checkpoint {str(ckpt_dir)!r}")  # before the weights load
         base = load_base_model(base, dtype=dtype)
-    check_fits(vectors, base, source=f"checkpoint {str(ckpt_dir)!r}")
+    else:
+        check_fits(vectors, base, source=f"checkpoint {str(ckpt_dir)!r}")
     model = attach_steering(base, layers=sorted(vectors), base_model_id=meta.get("base_model") or base_id)
     set_vectors(model, vectors)
     model.eval()
     return model
-
-
-def _check_meta_shape(meta: Mapping[str, Any], config: Any, ckpt_dir: Any) -> None:
-    layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
-    if int(meta["hidden_size"]) != hidden or max(meta["layers"]) >= layers:
-        raise CheckpointError(
-            f"checkpoint {str(ckpt_dir)!r} ({meta['num_hidden_layers']} layers x hidden size {meta['hidden_size']}, "
-            f"steering layers {meta['layers']}) does not fit the model ({layers} layers x hidden size {hidden})"
-        )

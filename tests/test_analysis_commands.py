@@ -173,6 +173,35 @@ def test_persistence_and_unembed_similarity_commands(tiny_checkpoint, tmp_path):
     assert u["shift_norms"]["2"] == pytest.approx(p["vector_norms"]["2"], rel=1e-4)
 
 
+def test_a_zero_vector_has_a_null_cosine_in_similarity_and_unembed_similarity(tiny_base_dir, tiny_checkpoint,
+                                                                               tmp_path):
+    """The one cosine (steering.readout.cosine_matrix): NaN for a zero vector, written as null by both commands."""
+    from steering import readout
+
+    cos = readout.cosine_matrix([torch.zeros(4), torch.ones(4), -torch.ones(4)])
+    assert cos[0].isnan().all() and cos[:, 0].isnan().all() and cos[1, 2].item() == pytest.approx(-1.0)
+    assert readout.none_for_nan(cos)[0] == [None, None, None] and readout.none_for_nan(cos)[1][1:] == [1.0, -1.0]
+    model = sv.attach_steering(sv.load_base_model(str(tiny_base_dir), dtype="float32"))
+    vectors = sv.load_vectors(tiny_checkpoint)
+    sv.set_vectors(model, {**vectors, 1: torch.zeros_like(vectors[1])})  # layer 1 zero: its shift is exactly zero
+    zero_at_1 = sv.save_checkpoint(model, tmp_path / "zero-at-1", base_model=str(tiny_base_dir), step=1)
+    sv.set_vectors(model, {layer: torch.zeros_like(v) for layer, v in vectors.items()})
+    all_zero = sv.save_checkpoint(model, tmp_path / "all-zero", base_model=str(tiny_base_dir), step=1)
+
+    assert main(["similarity", "--vectors", f"zero={all_zero}", f"rl={tiny_checkpoint}", "--out",
+                 str(tmp_path / "s")]) == 0
+    s = read(tmp_path / "s")
+    for mat in [*s["per_layer"].values(), s["concatenated"]]:
+        assert mat[0] == [None, None] and mat[1][0] is None and mat[1][1] == pytest.approx(1.0)
+
+    assert main(["unembed-similarity", "--checkpoint", str(zero_at_1), "--benchmarks", "procedural:arithmetic:2",
+                 "--max-new-tokens", "5", "--no-progress", "--out", str(tmp_path / "u"), "--k", "4"]) == 0
+    u = read(tmp_path / "u")
+    assert u["labels"] == ["0", "1", "2", "all"] and u["shift_norms"]["1"] == 0.0
+    assert u["cosine"][1] == [None] * 4 and [row[1] for row in u["cosine"]] == [None] * 4
+    assert u["cosine"][0][0] == pytest.approx(1.0) and u["cosine"][2][3] is not None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Accuracy-based commands on the toy world
 

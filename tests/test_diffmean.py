@@ -9,6 +9,7 @@ from peft import PeftModel
 
 from analysis.__main__ import main as analysis_main
 from steering import diffmean as dm
+from steering import readout
 from steering import vectors as sv
 from steering.tiny import build_char_tokenizer, tiny_model
 
@@ -282,10 +283,10 @@ def test_similarity_matrix_and_heatmap(diffmean_out, tiny_checkpoint, tmp_path, 
     for l in range(3):
         mat = torch.tensor(res["per_layer"][str(l)])
         assert torch.allclose(mat.diagonal(), torch.ones(3), atol=1e-6) and torch.allclose(mat, mat.T)
-        want = dm.cosine(vecs["backtracking"][l], vecs["rl"][l])
+        want = readout.cosine(vecs["backtracking"][l], vecs["rl"][l])
         assert abs(mat[0, 2].item() - want) < 1e-6
     flat = torch.cat([vecs["deduction"][l] for l in range(3)]), torch.cat([vecs["rl"][l] for l in range(3)])
-    assert abs(res["concatenated"][1][2] - dm.cosine(*flat)) < 1e-6
+    assert abs(res["concatenated"][1][2] - readout.cosine(*flat)) < 1e-6
     assert (out / "similarity.png").stat().st_size > 0
     rc = analysis_main(["similarity", "--vectors", str(diffmean_out), "--layer", "1", "--out", str(tmp_path / "s1")])
     assert rc == 0 and json.loads((tmp_path / "s1" / "result.json").read_text())["layer"] == 1

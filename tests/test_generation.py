@@ -261,3 +261,15 @@ def test_static_rollouts_equal_trls_own_in_real_grpo_steps(tmp_path, tok):
     assert any(not torch.equal(before[l], a[l]) for l in before)  # a gradient step was taken
     for layer in a:
         torch.testing.assert_close(b[layer], a[layer], rtol=1e-6, atol=1e-7)
+
+
+def test_pad_rows_left_for_generation_right_for_teacher_forcing():
+    from steering.generation import GenerationError, pad_rows
+
+    rows = [[5, 6, 7], [8], []]
+    ids, mask = pad_rows(rows, 0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]] and mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    ids, mask = pad_rows(rows, 9, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9], [9, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    with pytest.raises(GenerationError, match="'left' or 'right'"):
+        pad_rows(rows, 0, side="middle")

@@ -301,3 +301,51 @@ def test_saved_char_tokenizer_round_trips_on_a_qwen2_model(tiny_base_dir):
     loaded = sv.load_tokenizer(str(tiny_base_dir))
     assert loaded(text).input_ids == build_char_tokenizer()(text).input_ids
     assert loaded.padding_side == "left" and loaded.pad_token == "<|endoftext|>"
+
+
+def test_add_to_hidden_adds_in_fp32_then_casts():
+    # 1 + (2^-8 + 2^-18) in bf16: the vector cast to bf16 first rounds to exactly 2^-8, and 1 + 2^-8 is a tie that
+    # rounds to even (1.0); added in fp32 first, the sum is just above the tie and rounds up to 1 + 2^-7.
+    h = torch.ones(1, 2, 1, dtype=torch.bfloat16)
+    v = torch.tensor([2.0 ** -8 + 2.0 ** -18])
+    assert torch.equal(h + v.to(torch.bfloat16), h)
+    got = sv.add_to_hidden(h, v)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (h.float() + v).to(torch.bfloat16))
+    assert got[0, 0, 0].item() == 1 + 2.0 ** -7
+    # random bf16 states: always the fp32 sum cast back; only the masked positions change
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 32, generator=g).to(torch.bfloat16)
+    v = torch.randn(32, generator=g)
+    assert torch.equal(sv.add_to_hidden(h, v), (h.float() + v).to(torch.bfloat16))
+    mask = torch.tensor([[True, False, True, False, False], [False] * 5])
+    masked = sv.add_to_hidden(h, v, mask)
+    assert torch.equal(masked[mask], (h.float() + v).to(torch.bfloat16)[mask]) and torch.equal(masked[~mask], h[~mask])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_at_mlp_out_equals_the_beft_bias_bit_for_bit(dtype):
+    from steering import hooks
+
+    x = ids()
+    s = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hooked = hooks.run_with_hooks(tiny_model("qwen2", dtype=dtype), x,
+                                      fwd_hooks=[("blocks.1.hook_mlp_out", hooks.add_at(s))]).logits
+        steered = sv.attach_steering(tiny_model("qwen2", dtype=dtype), layers=[1], init={1: s})(x).logits
+    assert torch.equal(hooked, steered)
+
+
+def test_check_fits_is_one_line_naming_both_shapes_and_the_fix():
+    config = tiny_config("qwen2")  # 3 layers x hidden size 32
+    sv.check_fits({0: torch.zeros(32), 2: torch.zeros(32)}, config)
+    cases = {"wide": {0: torch.zeros(48)}, "too deep": {3: torch.zeros(32)}, "negative": {-1: torch.zeros(32)},
+             "empty": {}}
+    for vectors in cases.values():
+        with pytest.raises(sv.CheckpointError) as err:
+            sv.check_fits(vectors, config, source="init_from: v.gguf", target="the base", fix="give other vectors")
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("init_from: v.gguf does not fit the base")
+        assert "the base has 3 layers x hidden size 32" in msg and msg.endswith("; give other vectors")
+    model = sv.attach_steering(tiny_model("qwen2"), layers=[0])
+    with pytest.raises(sv.CheckpointError, match=r"hidden size \[48\].*3 layers x hidden size 32"):
+        sv.set_vectors(model, {0: torch.zeros(48)})

@@ -61,29 +61,14 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     sv.check_supported(base_config)
     if c.use_vllm:
         check_vllm_run(c, base_config)
-    num_layers, hidden = int(base_config.num_hidden_layers), int(base_config.hidden_size)
+    num_layers, _ = sv.model_shape(base_config)
     if c.adapter == "steering":
         try:
             sv.validate_layers(c.layers, num_layers)
         except sv.SteeringError as e:
             raise ConfigError(f"layers: {e}") from None
-    init_vectors = None
-    if c.init_from:
-        try:
-            init_vectors = sv.load_vectors(c.init_from)
-        except sv.SteeringError as e:
-            raise ConfigError(f"init_from: {e}") from None
-        sizes = {int(v.numel()) for v in init_vectors.values()}
-        if sizes != {hidden} or max(init_vectors) >= num_layers:
-            raise ConfigError(
-                f"init_from: {c.init_from} has vectors of hidden size {sorted(sizes)} for layers {sorted(init_vectors)}"
-                f", but {c.model_name_or_path} has {num_layers} layers x hidden size {hidden}; give init_from vectors "
-                "made for this base model, or remove init_from")
-        wanted = set(sv.validate_layers(c.layers, num_layers))
-        scale = c.init_scale
-        init_vectors = {l: v * (scale.get(l, 1.0) if isinstance(scale, dict) else float(scale))
-                        for l, v in init_vectors.items() if l in wanted}
-    probe_vectors = _probe_vectors(c, num_layers, hidden) if c.probe_vectors else None
+    init_vectors = _init_vectors(c, base_config) if c.init_from else None
+    probe_vectors = _probe_vectors(c, base_config) if c.probe_vectors else None
     template = get_template(c.template)
     if template.stop and c.mask_truncated_completions:
         # TRL counts a completion as truncated unless its last token is an end token: it would mask every completion
@@ -126,7 +111,33 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     return RunInputs(template, train_rows, val_rows, skipped, init_vectors, resume, probe_vectors)
 
 
-def _probe_vectors(c: SteeringGRPOConfig, num_layers: int, hidden: int) -> dict[int, Any]:
+def _check_fits(vectors: dict[int, Any], base_config: Any, source: str, base: str, fix: str) -> None:
+    """``steering.vectors.check_fits`` as a configuration error (exit 2, one line)."""
+    from steering import vectors as sv
+
+    try:
+        sv.check_fits(vectors, base_config, source=source, target=base, fix=fix)
+    except sv.SteeringError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _init_vectors(c: SteeringGRPOConfig, base_config: Any) -> dict[int, Any]:
+    """The ``init_from`` vectors of the steered layers, times ``init_scale``, checked to fit the base."""
+    from steering import vectors as sv
+
+    try:
+        vectors = sv.load_vectors(c.init_from)
+    except sv.SteeringError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    _check_fits(vectors, base_config, f"init_from: {c.init_from}", c.model_name_or_path,
+                "give init_from vectors made for this base model, or remove init_from")
+    wanted = set(sv.validate_layers(c.layers, sv.model_shape(base_config)[0]))
+    scale = c.init_scale
+    return {l: v * (scale.get(l, 1.0) if isinstance(scale, dict) else float(scale))
+            for l, v in vectors.items() if l in wanted}
+
+
+def _probe_vectors(c: SteeringGRPOConfig, base_config: Any) -> dict[int, Any]:
     """The reference vectors of the probes' cosines, checked against the base: they load, fit its shape and, when
     they record one, were made for it."""
     from steering import vectors as sv
@@ -141,11 +152,8 @@ def _probe_vectors(c: SteeringGRPOConfig, num_layers: int, hidden: int) -> dict[
         recorded = sv.read_meta(path).get("base_model") if (path / sv.META_FILE).is_file() else None
     except sv.SteeringError as e:
         raise ConfigError(f"probe_vectors: {e}") from None
-    sizes = {int(v.numel()) for v in vectors.values()}
-    if sizes != {hidden} or max(vectors) >= num_layers:
-        raise ConfigError(f"probe_vectors: {c.probe_vectors} has vectors of hidden size {sorted(sizes)} for layers "
-                          f"{sorted(vectors)}, but {c.model_name_or_path} has {num_layers} layers x hidden size "
-                          f"{hidden}; give vectors made for this base model")
+    _check_fits(vectors, base_config, f"probe_vectors: {c.probe_vectors}", c.model_name_or_path,
+                "give vectors made for this base model")
     if recorded and not _same_model(recorded, c.model_name_or_path):
         raise ConfigError(f"probe_vectors: {c.probe_vectors} was made for the base {recorded!r}, not "
                           f"{c.model_name_or_path!r}; give vectors made for this base model")

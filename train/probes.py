@@ -40,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from steering import vectors as sv
-from steering.diffmean import cosine
+from steering.readout import cosine
 from steering.files import write_text_atomic
 from steering.readout import Vocab, first_token_gain, vector_lens
 from train.trainer import write_metrics_line
