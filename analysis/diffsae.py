@@ -70,6 +70,7 @@ from analysis import _common
 from analysis import cli, plots
 from analysis.cli import UsageError
 import steering.sae
+from steering import separation
 from steering.readout import cosine
 from steering import vectors as sv
 
@@ -447,118 +448,6 @@ def feature_pass(sae: steering.sae.SparseAutoencoder, files: Mapping[str, Sequen
     return st.to_cpu()
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Separation: AUROC, permutation test, corrections
-
-
-def mid_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n of each column of ``values`` (n, F), ties getting their mean rank; (n, F) fp64."""
-    v = values.double().T.contiguous()  # (F, n)
-    srt = torch.sort(v, dim=1).values
-    less = torch.searchsorted(srt, v, right=False).double()
-    leq = torch.searchsorted(srt, v, right=True).double()
-    return ((less + leq + 1) / 2).T
-
-
-def auroc_from_ranks(ranks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """AUROC of each column for positive ``labels`` (n,) bool: P(X₊ > X₋) + ½ P(X₊ = X₋), from mid-ranks (the
-    Mann–Whitney U over n₊ n₋); ``labels`` may be (n, B) for B label vectors at once -> (B, F)."""
-    y = labels.double()
-    if y.dim() == 1:
-        y = y[:, None]
-    n_pos = y.sum(0)  # (B,)
-    n_neg = y.shape[0] - n_pos
-    u = y.T @ ranks - (n_pos * (n_pos + 1) / 2)[:, None]
-    out = u / (n_pos * n_neg)[:, None]
-    return out[0] if labels.dim() == 1 else out
-
-
-def auroc(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return auroc_from_ranks(mid_ranks(values), labels)
-
-
-def permuted_labels(labels: torch.Tensor, groups: torch.Tensor | None, count: int, generator: torch.Generator
-                    ) -> torch.Tensor:
-    """(n, count) bool: ``count`` permutations of ``labels``, each only within its group when ``groups`` is given."""
-    n = labels.shape[0]
-    if groups is None:
-        keys = torch.rand(count, n, generator=generator)
-        return labels[torch.argsort(keys, dim=1)].T
-    g = groups.double()
-    home = torch.argsort(g, stable=True)  # positions grouped, in order
-    order = torch.argsort(g[None, :] + torch.rand(count, n, generator=generator) * 0.5, dim=1)  # grouped, shuffled
-    out = torch.empty(count, n, dtype=torch.bool)
-    out.scatter_(1, order, labels[home][None, :].expand(count, n))
-    return out.T
-
-
-def permutation_test(values: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None, permutations: int,
-                     generator: torch.Generator, block: int = 200) -> dict[str, torch.Tensor]:
-    """Two-sided permutation test of |AUROC − ½| for each column of ``values`` (n, F).
-
-    ``p_value``: (1 + #{b : |A_bf − ½| ≥ |A_f − ½|}) / (B + 1) (never zero; Phipson & Smyth 2010). ``p_maxt``:
-    Westfall–Young single-step maxT, the same with max_g |A_bg − ½| over all columns: it controls the family-wise
-    error over the columns under the permutation null, whatever their dependence, and needs no more permutations than
-    one test does. ``maxt_null``: max_g |A_bg − ½| per permutation (B,)."""
-    ranks = mid_ranks(values)
-    obs = (auroc_from_ranks(ranks, labels) - 0.5).abs()
-    tol = 1e-12  # equal statistics count as "at least as extreme" despite float summation order
-    ge = torch.zeros_like(obs)
-    maxes = []
-    done = 0
-    while done < permutations:
-        b = min(block, permutations - done)
-        stats = (auroc_from_ranks(ranks, permuted_labels(labels, groups, b, generator)) - 0.5).abs()  # (b, F)
-        ge += (stats >= obs[None, :] - tol).sum(0)
-        maxes.append(stats.max(1).values)
-        done += b
-    null = torch.cat(maxes)
-    p = (1 + ge) / (permutations + 1)
-    p_maxt = (1 + (null[None, :] >= obs[:, None] - tol).sum(1).double()) / (permutations + 1)
-    return {"auroc": auroc_from_ranks(ranks, labels), "p_value": p, "p_maxt": p_maxt, "maxt_null": null}
-
-
-def holm(p: torch.Tensor) -> torch.Tensor:
-    """Holm's step-down adjusted p-values (FWER)."""
-    m = p.shape[0]
-    order = torch.argsort(p)
-    adj = torch.cummax(p[order] * (m - torch.arange(m, dtype=p.dtype)), 0).values.clamp(max=1.0)
-    out = torch.empty_like(p)
-    out[order] = adj
-    return out
-
-
-def benjamini_hochberg(p: torch.Tensor) -> torch.Tensor:
-    """Benjamini–Hochberg q-values (FDR)."""
-    m = p.shape[0]
-    order = torch.argsort(p)
-    scaled = p[order] * m / torch.arange(1, m + 1, dtype=p.dtype)
-    q = torch.flip(torch.cummin(torch.flip(scaled, [0]), 0).values, [0]).clamp(max=1.0)
-    out = torch.empty_like(p)
-    out[order] = q
-    return out
-
-
-def separation(means: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None, *, permutations: int,
-               correction: str, alpha: float, generator: torch.Generator) -> dict[str, Any]:
-    """AUROC, raw and corrected p-values and significance of each column of ``means`` (n completions, F features),
-    and the effect an AUROC must exceed to pass (``threshold``)."""
-    t = permutation_test(means, labels, groups, permutations, generator)
-    p = t["p_value"].double()
-    adjusted = {"maxt": t["p_maxt"], "holm": holm(p), "bh": benjamini_hochberg(p)}
-    sig = adjusted[correction] <= alpha
-    effect = (t["auroc"] - 0.5).abs()
-    if correction == "maxt":
-        # the smallest effect whose maxT p-value is <= alpha: strictly above the floor(alpha (B+1))-th largest null max
-        j = int(math.floor(alpha * (permutations + 1)))
-        null = torch.sort(t["maxt_null"], descending=True).values
-        thr = float(null[j - 1]) if j >= 1 else float("inf")
-    else:
-        thr = float(effect[sig].min()) if bool(sig.any()) else None
-    return {"auroc": t["auroc"], "effect": effect, "p_value": p, "p_maxt": adjusted["maxt"],
-            "p_holm": adjusted["holm"], "q_bh": adjusted["bh"], "significant": sig, "threshold": thr}
-
-
 def ranked_table(sep: Mapping[str, Any], tested: torch.Tensor, means: torch.Tensor, correct: torch.Tensor,
                  firing_rate: torch.Tensor) -> list[dict[str, Any]]:
     """One row per tested feature (``tested``: the feature ids of :func:`separation`'s columns), ranked by effect
@@ -732,8 +621,9 @@ def run(args: argparse.Namespace) -> int:
         skipped = "every feature is dead"
     else:
         groups = torch.tensor(seqs.problem)[has_tokens] if args.permutation == "within-problem" else None
-        sep = separation(means[has_tokens][:, tested], correct[has_tokens], groups, permutations=args.permutations,
-                         correction=args.correction, alpha=args.alpha, generator=gen)
+        sep = separation.separation(means[has_tokens][:, tested], correct[has_tokens], groups,
+                                    permutations=args.permutations, correction=args.correction, alpha=args.alpha,
+                                    generator=gen)
     if skipped:
         print(f"diffsae: no separation test: {skipped}", file=sys.stderr)
 

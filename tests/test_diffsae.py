@@ -12,6 +12,7 @@ from analysis import _common
 from analysis import diffsae
 from analysis.__main__ import main
 import steering.sae
+from steering import separation
 from steering import vectors as sv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,20 +76,35 @@ def test_mid_ranks_auroc_and_corrections_against_definitions():
     g = torch.Generator().manual_seed(0)
     v = torch.randint(0, 4, (30, 5), generator=g).float()  # many ties
     y = torch.rand(30, generator=g) < 0.4
-    a = diffsae.auroc(v, y)
+    a = separation.auroc(v, y)
     for f in range(5):
         pos, neg = v[y, f], v[~y, f]
         pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
         assert float(a[f]) == pytest.approx(float(pairs.mean()), abs=1e-12)
     p = torch.tensor([0.01, 0.04, 0.03, 0.5], dtype=torch.float64)
-    torch.testing.assert_close(diffsae.holm(p), torch.tensor([0.04, 0.09, 0.09, 0.5], dtype=torch.float64))
-    torch.testing.assert_close(diffsae.benjamini_hochberg(p), torch.tensor([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5],
+    torch.testing.assert_close(separation.holm(p), torch.tensor([0.04, 0.09, 0.09, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(separation.benjamini_hochberg(p), torch.tensor([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5],
                                                                            dtype=torch.float64))
     groups = torch.arange(30) // 3
-    perm = diffsae.permuted_labels(y, groups, 50, g)
+    perm = separation.permuted_labels(y, groups, 50, g)
     for b in range(50):  # within-group shuffles keep each group's number of positives
         assert torch.equal(torch.zeros(10, dtype=torch.long).index_add_(0, groups, perm[:, b].long()),
                            torch.zeros(10, dtype=torch.long).index_add_(0, groups, y.long()))
+
+
+def test_benjamini_hochberg_is_scipys_and_holm_controls_like_bonferroni_step_down():
+    from scipy.stats import false_discovery_control
+
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 7, 200):
+        p = torch.rand(m, generator=g, dtype=torch.float64) ** 3  # many small p-values, some ties after rounding
+        p = torch.round(p * 1000) / 1000
+        expected = torch.from_numpy(false_discovery_control(p.numpy(), method="bh"))
+        torch.testing.assert_close(separation.benjamini_hochberg(p), expected, rtol=0, atol=1e-12)
+        adjusted = separation.holm(p)
+        assert bool((adjusted >= p).all()) and bool((adjusted <= torch.clamp(p * m, max=1.0)).all())
+        order = torch.argsort(p)
+        assert bool((adjusted[order][1:] >= adjusted[order][:-1]).all())  # step-down: monotone in the raw p
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,7 +142,7 @@ def planted(tmp_path, *, shuffle_labels: bool):
     st = diffsae.feature_pass(sae, files, n, top_m=3, input_kind="diff")
     labels = correct[torch.randperm(n, generator=gen)] if shuffle_labels else correct
     tested = torch.nonzero(st.alive).reshape(-1)
-    sep = diffsae.separation(st.row_means()[:, tested], labels, problem, permutations=199, correction="maxt",
+    sep = separation.separation(st.row_means()[:, tested], labels, problem, permutations=199, correction="maxt",
                              alpha=0.05, generator=gen)
     rows = diffsae.ranked_table(sep, tested, st.row_means(), labels, st.fires.double() / st.count)
     return sae, st, rows, dirs, sep
