@@ -326,11 +326,7 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
     """Train the demo base model from scratch and save it (atomically) to ``out_dir``; return the path.
 
     ``overrides`` are any keys of :data:`DEFAULTS` (``steps``, ``batch_size``, ``lr``, model sizes, ...)."""
-    import transformers
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
-
-    from steering.tiny import build_char_tokenizer, tiny_config
+    from steering.tiny import build_char_tokenizer
 
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
@@ -342,73 +338,12 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
     _set_determinism(seed, cfg["threads"])
     try:
         tokenizer = build_char_tokenizer()
-        config = tiny_config(
-            "qwen2", hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
-            intermediate_size=cfg["intermediate_size"], max_position_embeddings=cfg["max_position_embeddings"],
-        )
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-        model.train()
-        n_params = sum(p.numel() for p in model.parameters())
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=1e-8,
-        )
-        batcher = Batcher(tokenizer, cfg["task"], cfg["task_kwargs"], seed, part=cfg["pretrain_part"])
-        losses: list[float] = []
-        bar = tqdm(range(int(cfg["steps"])), desc="demo base", disable=not progress, dynamic_ncols=True,
-                   file=sys.stderr)
-        for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
-            batch = batcher.next(int(cfg["batch_size"]))
-            loss = prefix_shared_loss(model, batcher.prefix_ids, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            opt.step()
-            losses.append(loss.item())
-            if step % 10 == 0 or step == cfg["steps"] - 1:
-                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{_lr_at(step, cfg):.1e}")
-        bar.close()
+        model = _new_model(cfg, seed)
+        losses = _pretrain(model, tokenizer, cfg, seed, progress)
         train_s = time.perf_counter() - t0
-        model.eval()
-
-        model.config.name_or_path = "demo-base"
-        gen = model.generation_config
-        gen.eos_token_id = tokenizer.eos_token_id
-        gen.pad_token_id = tokenizer.pad_token_id
-        gen.bos_token_id = None
-
-        stats: dict[str, Any] = {}
-        if cfg["eval_size"] > 0:
-            rows = heldout_rows(int(cfg["eval_size"]), task=cfg["task"], **cfg["task_kwargs"])
-            stats = {
-                "greedy": heldout_stats(model, tokenizer, rows, temperature=0.0),
-                "sample_t1": heldout_stats(model, tokenizer, rows, temperature=1.0, seed=0),
-            }
-
-        wall = time.perf_counter() - t0
-        info = {
-            "script": "python -m train.demo_base",
-            "args": {k: cfg[k] for k in DEFAULTS},
-            "seed": seed,
-            "system_prompt": SYSTEM_PROMPT,
-            "formats": [{"name": n, "p": p, "format": f} for n, p, f in FORMATS],
-            "num_parameters": n_params,
-            "train_loss_first10": sum(losses[:10]) / max(len(losses[:10]), 1),
-            "train_loss_last20": sum(losses[-20:]) / max(len(losses[-20:]), 1),
-            "heldout": {"task": cfg["task"], "seed": 12345, **stats},
-            "train_seconds": round(train_s, 1),
-            "wall_seconds": round(wall, 1),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        }
+        _finish(model, tokenizer)
+        stats = _heldout(model, tokenizer, cfg)
+        info = _build_info(cfg, seed, model, losses, stats, train_s, time.perf_counter() - t0)
         with publish_dir(out) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             save_tokenizer(build_char_tokenizer(), tmp)  # a fresh one: generate() left padding switched on in this one
@@ -419,6 +354,98 @@ def build_demo_base(out_dir: str | os.PathLike, *, seed: int = 0, progress: bool
     if progress:
         _print_summary(out, info)
     return out
+
+
+def _new_model(cfg: Mapping[str, Any], seed: int) -> torch.nn.Module:
+    """A randomly initialised tiny Qwen2 of the configured size (seeded), in training mode."""
+    from transformers import AutoModelForCausalLM
+
+    from steering.tiny import tiny_config
+
+    config = tiny_config(
+        "qwen2", hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
+        intermediate_size=cfg["intermediate_size"], max_position_embeddings=cfg["max_position_embeddings"],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    return model
+
+
+def _pretrain(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any], seed: int, progress: bool
+              ) -> list[float]:
+    """AdamW (no weight decay on embeddings and 1-d parameters) on the task's formatted examples; the step losses."""
+    from tqdm.auto import tqdm
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=1e-8,
+    )
+    batcher = Batcher(tokenizer, cfg["task"], cfg["task_kwargs"], seed, part=cfg["pretrain_part"])
+    losses: list[float] = []
+    bar = tqdm(range(int(cfg["steps"])), desc="demo base", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        batch = batcher.next(int(cfg["batch_size"]))
+        loss = prefix_shared_loss(model, batcher.prefix_ids, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == cfg["steps"] - 1:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{_lr_at(step, cfg):.1e}")
+    bar.close()
+    return losses
+
+
+def _finish(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Evaluation mode, a name, and the tokenizer's end and padding tokens in the generation config."""
+    model.eval()
+    model.config.name_or_path = "demo-base"
+    gen = model.generation_config
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.bos_token_id = None
+
+
+def _heldout(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Greedy and T=1 accuracy on ``eval_size`` held-out problems (none when it is 0)."""
+    if cfg["eval_size"] <= 0:
+        return {}
+    rows = heldout_rows(int(cfg["eval_size"]), task=cfg["task"], **cfg["task_kwargs"])
+    return {
+        "greedy": heldout_stats(model, tokenizer, rows, temperature=0.0),
+        "sample_t1": heldout_stats(model, tokenizer, rows, temperature=1.0, seed=0),
+    }
+
+
+def _build_info(cfg: Mapping[str, Any], seed: int, model: torch.nn.Module, losses: Sequence[float],
+                stats: Mapping[str, Any], train_s: float, wall_s: float) -> dict[str, Any]:
+    """``build_info.json``: how the base was made and what it scores."""
+    import transformers
+
+    return {
+        "script": "python -m train.demo_base",
+        "args": {k: cfg[k] for k in DEFAULTS},
+        "seed": seed,
+        "system_prompt": SYSTEM_PROMPT,
+        "formats": [{"name": n, "p": p, "format": f} for n, p, f in FORMATS],
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "train_loss_first10": sum(losses[:10]) / max(len(losses[:10]), 1),
+        "train_loss_last20": sum(losses[-20:]) / max(len(losses[-20:]), 1),
+        "heldout": {"task": cfg["task"], "seed": 12345, **stats},
+        "train_seconds": round(train_s, 1),
+        "wall_seconds": round(wall_s, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
 
 
 def _print_summary(out: Path, info: Mapping[str, Any]) -> None:
