@@ -457,15 +457,6 @@ def split_off_validation(problems: Problems, val_size: int, seed: int) -> tuple[
     return [r for i, r in enumerate(rows) if i not in val_idx], [rows[i] for i in sorted(val_idx)]
 
 
-def to_prompt_dataset(rows: list[Problem], template, tokenizer):
-    """A ``datasets.Dataset`` with the columns GRPOTrainer reads: ``prompt`` (rendered text) and ``answer``."""
-    import datasets
-
-    return datasets.Dataset.from_list(
-        [{"prompt": template.render(r["question"], tokenizer), "answer": r["answer"], "question": r["question"]}
-         for r in rows])
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation benchmarks
 

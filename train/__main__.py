@@ -215,13 +215,21 @@ def build_model(config: SteeringGRPOConfig, inputs: RunInputs):
     return base
 
 
+def to_prompt_dataset(rows: list[dict[str, Any]], template, tokenizer):
+    """A ``datasets.Dataset`` with the columns GRPOTrainer reads: ``prompt`` (rendered text) and ``answer``."""
+    import datasets
+
+    return datasets.Dataset.from_list(
+        [{"prompt": template.render(r["question"], tokenizer), "answer": r["answer"], "question": r["question"]}
+         for r in rows])
+
+
 def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     """The trainer of a run, ready to train (nothing trained yet); ``inputs`` default to :func:`prepare_inputs`."""
     from transformers import set_seed
 
     from steering import vectors as sv
     from steering.rewards import MathReward
-    from steering.problems import to_prompt_dataset
     from steering.generation import EndCounter
     from train.rollout import Rollouts
     from train.trainer import SteeringGRPOTrainer, write_metrics_line
