@@ -1,0 +1,26 @@
+"""docs/architecture.md's map of the tree names every module of the three packages, and nothing that is gone."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_map_names_every_steering_module_and_no_missing_one():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("## The tree at a glance"):]
+    table = section[:section.index("`train/` is the run")]
+    named = set(re.findall(r"`([a-z_]+)`", table))
+    modules = {p.stem for p in (ROOT / "steering").glob("*.py") if p.stem != "__init__"}
+    assert modules - named == set(), "modules missing from the map"
+    assert named - modules == set(), "the map names modules that do not exist"
+    assert f"`steering/` holds {len(modules)} modules" in text
+
+
+def test_the_map_names_every_train_module():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("`train/` is the run"):]
+    paragraph = section[:section.index("`analysis/` is one file per command")]
+    named = set(re.findall(r"`([a-z_]+)`", paragraph))
+    modules = {p.stem for p in (ROOT / "train").glob("*.py") if p.stem != "__init__"}
+    assert modules - named == set()
