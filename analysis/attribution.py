@@ -50,7 +50,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from analysis import cli
+from analysis import cli, output
 from analysis.cli import UsageError
 from steering import diffmean as dm
 from steering import compat
@@ -467,7 +467,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--traces {args.traces}: no span is labelled {label!r} "
                          f"(labels present: {sorted(dm.trace_labels(traces))})")
     model_id = cli.base_model_id(args.model, ckpt)
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     vectors = cli.checkpoint_vectors(ckpt)
     model, tokenizer = cli.load_plain(model_id, args, attn="eager")
     cli.check_vectors_fit(vectors, model, f"--vectors {ckpt}")
@@ -482,4 +482,4 @@ def main(args: argparse.Namespace) -> int:
           + ", ".join(f"{layer}:{v:.3g}" for layer, v in zip(result["layers"], s)), file=sys.stderr)
     print(f"flagged (embedding-like): {result['flagged_layers']}; chosen layer: {result['chosen_layer']}",
           file=sys.stderr)
-    return cli.finish(out, result)
+    return output.finish(out, result)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import cli, plots
+from analysis import cli, output, plots
 from analysis.cli import UsageError
 from analysis.table import benchmark_scores, forest_groups, render_differences, render_pair_detectable
 from steering import statistics as stats
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         if not scores_a:
             raise UsageError(f"{a} and {b} share no problem (benchmarks {sorted(shared) or 'none in common'})")
         inputs.append((a, b, scores_a, scores_b, shared))
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     differences = [_difference(a, b, sa, sb, shared, args) for a, b, sa, sb, shared in inputs]
     result = {"inputs": [{"name": r["name"], "path": r["path"],
                           "rows": [row["label"] for row in r["results"]["rows"]]} for r in runs],
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     plots.forest_plot(out / "differences.png", forest_groups(differences),
                       title="Paired differences between runs (points), 95 % intervals", xlabel="A − B (points)")
     print(result["table"] + render_pair_detectable(differences))
-    return cli.finish(out, result, f"wrote {out / 'differences.png'}")
+    return output.finish(out, result, f"wrote {out / 'differences.png'}")
 
 
 def _difference(a: str, b: str, scores_a: Mapping[str, np.ndarray], scores_b: Mapping[str, np.ndarray],

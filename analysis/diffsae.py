@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from analysis import _common as C
-from analysis import cli, plots
+from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from steering import sae as S
 from steering.diffmean import cosine
@@ -626,7 +626,7 @@ def split_problems(num_problems: int, fraction: float, seed: int) -> set[int]:
 
 
 def settings_of(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
-    return {**cli.sampling_settings(args), "samples_per_problem": args.samples_per_problem, "input": args.input,
+    return {**settings.record(args), "samples_per_problem": args.samples_per_problem, "input": args.input,
             "positions": args.positions, "chunk_size": args.chunk_size, "heldout_fraction": args.heldout_fraction,
             "dict_size": plan.dict_size, "sparsity": args.sparsity, "topk": args.topk, "l1_coeff": args.l1_coeff,
             "steps": args.steps, "lr": args.lr, "sae_batch_size": args.sae_batch_size, "aux_coeff": args.aux_coeff,
@@ -651,8 +651,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--heldout-fraction {args.heldout_fraction} needs at least 2 problems (a held-out one and "
                          f"a training one); there is {len(problems)}; use --heldout-fraction 0")
     tmpl = cli.template(args)
-    settings = settings_of(args, plan)
-    out = cli.prepare_out(args.out)
+    run_settings = settings_of(args, plan)
+    out = output.prepare_out(args.out)
     model, tokenizer = cli.load_steerable(base_id, args)
     vectors = cli.checkpoint_vectors(args.checkpoint, model)
     steer = {layer: vectors[layer] for layer in plan.steer_layers}
@@ -660,10 +660,11 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. completions of the steered model, their verdicts, and the vectors at layer L on their tokens
     with C.use_vectors(model, vectors):
-        seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
+        seqs = C.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+                                  progress=not args.no_progress, num_samples=args.samples_per_problem)
     verdicts = score_batch(seqs.completions, [problems[i]["answer"] for i in seqs.problem],
                            answer_format=tmpl.answer_format, timeout_s=args.reward_timeout,
-                           options=cli.grading_options(args))
+                           options=settings.from_args(args).grading)
     correct = torch.tensor([bool(v.correct) for v in verdicts])
     heldout = split_problems(len(problems), args.heldout_fraction, args.sae_seed)
     split_of_row = ["heldout" if seqs.problem[r] in heldout else "train" for r in range(len(seqs))]
@@ -677,7 +678,7 @@ def run(args: argparse.Namespace) -> int:
     hook_name = f"blocks.{plan.layer}.hook_resid_post"
     if not files["train"]:
         raise UsageError("no training tokens were recorded (every problem is held out?)")
-    cli.write_json(act_dir / "index.json", {
+    output.write_json(act_dir / "index.json", {
         "layer": plan.layer, "hook_name": hook_name, "input": args.input,
         "steer_layers": plan.steer_layers, "positions": args.positions, "d": plan.hidden,
         "chunks": {s: [f.name for f in fs] for s, fs in files.items()},
@@ -768,7 +769,7 @@ def run(args: argparse.Namespace) -> int:
     delta_n = max(st.count, 1)
     result = {
         "command": "diffsae", "checkpoint": str(args.checkpoint), "base_model": base_id, "layer": plan.layer,
-        "hook_name": hook_name, "input": args.input, "steer_layers": plan.steer_layers, "settings": settings,
+        "hook_name": hook_name, "input": args.input, "steer_layers": plan.steer_layers, "settings": run_settings,
         "data": {"num_completions": len(seqs), "num_correct": int(correct.sum()),
                  "accuracy": float(correct.double().mean()), "num_problems": len(problems),
                  "heldout_problems": sorted(heldout), "train_tokens": writers["train"].tokens,
@@ -795,7 +796,7 @@ def run(args: argparse.Namespace) -> int:
     ev = recon["heldout"]["explained_variance"] if recon["heldout"]["num_vectors"] else recon["train"][
         "explained_variance"]
     best = f", top feature {rows[0]['feature']} AUROC {rows[0]['auroc']:.3f}" if rows else ""
-    return cli.finish(out, result, f"diffsae: {len(seqs)} completions, SAE EV {ev:.3f}, {dead} dead{best}")
+    return output.finish(out, result, f"diffsae: {len(seqs)} completions, SAE EV {ev:.3f}, {dead} dead{best}")
 
 
 def threshold_json(effect: float | None) -> dict[str, Any] | None:

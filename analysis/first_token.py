@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from analysis import _common as C
-from analysis import cli, plots
+from analysis import cli, output, plots, settings
 from analysis.table import relative_improvement
 from steering.diffmean import pad_id_of
 from steering.evaluation import avg_at_k, mean_std
@@ -82,7 +82,7 @@ def rescored_accuracy(acc: C.Accuracy, prefix: str, args: argparse.Namespace) ->
             flat = [s for row in seed.samples for s in row]
             verdicts = iter(score_batch([prefix + s["completion"] for s in flat], [s["answer"] for s in flat],
                                         answer_format=fmt, timeout_s=args.reward_timeout,
-                                        options=cli.grading_options(args)))
+                                        options=settings.from_args(args).grading))
             correct = [[bool(next(verdicts).correct) for _ in row] for row in seed.samples]
             per_seed.append(avg_at_k(correct))
         per[name] = {"accuracy": mean_std(per_seed)[0], "per_seed": per_seed}
@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
     pad = pad_id_of(tokenizer)
 
     with C.use_vectors(model, vectors):
-        seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
+        seqs = C.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+                                  progress=not args.no_progress, num_samples=args.samples_per_problem)
     st = position_stats(model, seqs, vectors, max_positions=args.max_positions, batch_size=args.forward_batch_size,
                         pad=pad, args=args)
     prompts = [tmpl.render(p["question"], tokenizer=tokenizer) for p in problems]
@@ -190,13 +191,13 @@ def run(args: argparse.Namespace) -> int:
         matches = token_id is not None and probe == plain + [token_id]
         bar = cli.progress(total=3, desc="substitution test", args=args)
         with C.use_vectors(model, {}):
-            acc_base = C.accuracy(model, tokenizer, benches, args, tmpl)
+            acc_base = C.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
             bar.update(1)
-            sub = C.accuracy(model, tokenizer, benches, args, SuffixTemplate(tmpl, text))
+            sub = C.accuracy(model, tokenizer, benches, settings.from_args(args), SuffixTemplate(tmpl, text))
             acc_sub, sub_detail = rescored_accuracy(sub, text, args)
             bar.update(1)
         with C.use_vectors(model, vectors):
-            acc_steered = C.accuracy(model, tokenizer, benches, args, tmpl)
+            acc_steered = C.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
             bar.update(1)
         bar.close()
         subst = {"token": text, "token_id": token_id, "text": text, "source": source,
@@ -226,8 +227,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"command": "first-token", "checkpoint": str(args.checkpoint), "base_model": o.base_id, "layers": layers,
               "position_gain": pos, "first_position_share": share, "first_token": first, "tokens_by_gain": by_gain,
               "substitution": subst, "num_sequences": len(seqs), "num_tokens": sum(len(c) for c in seqs.completion_ids),
-              "settings": cli.sampling_settings(args), "plots": files}
+              "settings": settings.record(args), "plots": files}
     msg = f"first-token: top first token {first['top_gained'][0]['token']!r}"
     if subst:
         msg += f", substitution recovers {subst['recovered']}"
-    return cli.finish(out, result, msg)
+    return output.finish(out, result, msg)

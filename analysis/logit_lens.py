@@ -42,7 +42,7 @@ from torch import nn
 
 from analysis import _common as C
 from analysis import plots
-from analysis import cli
+from analysis import cli, output, settings
 from analysis.cli import UsageError
 from steering import hooks as H
 from steering.diffmean import pad_id_of
@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         tmpl = cli.template(args)
         problems = C.problems_of(o.benches)
         with C.use_vectors(model, vectors):
-            seqs = C.sample_sequences(model, tokenizer, problems, tmpl, args)
+            seqs = C.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+                                      progress=not args.no_progress)
             shift, count = final_shift(model, seqs, positions=args.positions, batch_size=args.forward_batch_size,
                                        pad=pad_id_of(tokenizer), args=args)
         with torch.no_grad():
@@ -151,5 +152,5 @@ def run(args: argparse.Namespace) -> int:
                             f"non-Latin / non-English share among each vector's top/bottom-{args.k} tokens").name)
     result = {"command": "logit-lens", "checkpoint": str(args.checkpoint), "base_model": o.base_id, "lens": args.lens,
               "k": args.k, "vocab": vocab.shares(), "layers": entries, "final_shift": shift_entry,
-              "settings": cli.sampling_settings(args) if shift_entry else None, "plots": files}
-    return cli.finish(out, result, f"logit-lens: {len(entries)} layers")
+              "settings": settings.record(args) if shift_entry else None, "plots": files}
+    return output.finish(out, result, f"logit-lens: {len(entries)} layers")

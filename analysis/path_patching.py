@@ -60,7 +60,7 @@ from transformers import DynamicCache
 
 from analysis import _common as C
 from analysis import plots
-from analysis import cli
+from analysis import cli, output, settings
 from analysis.cli import UsageError
 from steering import compat
 from steering import hooks as H
@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= layer <= num_layers - 2:
         raise UsageError(f"--layer {args.layer}: must name a layer with a block after it, 0..{num_layers - 2}")
     benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     model, tokenizer = cli.load_plain(base_id, args)
     vectors = cli.checkpoint_vectors(args.checkpoint, model)
     if layer not in vectors:
@@ -309,8 +309,9 @@ def run(args: argparse.Namespace) -> int:
 
     tmpl = cli.template(args)
     with patcher.apply(Variant("full")):
-        seqs = C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, args,
-                                  num_samples=args.samples_per_problem)
+        seqs = C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl,
+                                  settings.from_args(args), num_samples=args.samples_per_problem,
+                                  progress=not args.no_progress)
     kl, count = kl_to_full(patcher, variants, seqs, args, pad_id_of(tokenizer))
     kl["full"] = 0.0
 
@@ -319,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         todo = summary + (per_head if (args.head_accuracy and not args.no_heads) else [])
         for v in cli.progress(todo, desc="path patching (accuracy)", args=args):
             with patcher.apply(v):
-                acc[v.name] = C.accuracy(model, tokenizer, benches, args, tmpl)
+                acc[v.name] = C.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
 
     rows = []
     for v in variants:
@@ -363,5 +364,5 @@ def run(args: argparse.Namespace) -> int:
               "target_layer": layer + 1, "vector_norm": float(vectors[layer].norm()),
               "attention": {"n_heads": patcher.n_heads, "n_kv_heads": patcher.n_kv, "head_dim": patcher.d_head},
               "variants": rows, "heads": heads, "heads_accuracy": heads_acc, "num_sequences": len(seqs),
-              "num_tokens": count, "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})")
+              "num_tokens": count, "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})")

@@ -40,7 +40,7 @@ from torch import nn
 
 from analysis import _common as C
 from analysis import plots
-from analysis import cli
+from analysis import cli, output, settings
 from steering import hooks as H
 from steering.diffmean import cosine, pad_id_of
 
@@ -148,8 +148,9 @@ def sample_for_analysis(model: nn.Module, tokenizer: Any, vectors: Mapping[int, 
                         benches: Sequence[Any]) -> C.Sequences:
     tmpl = cli.template(args)
     with C.use_vectors(model, vectors if args.completions_from == "steered" else {}):
-        return C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, args,
-                                  num_samples=args.samples_per_problem)
+        return C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl,
+                                  settings.from_args(args), num_samples=args.samples_per_problem,
+                                  progress=not args.no_progress)
 
 
 def register(subparsers) -> None:
@@ -195,6 +196,6 @@ def run(args: argparse.Namespace) -> int:
               "steer_layers": steer, "target_layers": targets, **mats,
               "vector_norms": {str(k): float(v.norm()) for k, v in vectors.items()},
               "num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
-              "completions_from": args.completions_from, "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"persistence: {len(steer)} steering layers x {num_layers} targets over {count} "
+              "completions_from": args.completions_from, "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"persistence: {len(steer)} steering layers x {num_layers} targets over {count} "
                                    "tokens")

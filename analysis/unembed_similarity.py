@@ -34,7 +34,7 @@ from analysis import _common as C
 from analysis import logit_lens as LL
 from analysis import persistence as P
 from analysis import plots
-from analysis import cli
+from analysis import cli, output, settings
 from steering import hooks as H
 from steering.diffmean import pad_id_of
 
@@ -97,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
               "lens": args.lens, "k": args.k, "labels": labels, "steer_layers": steer, "cosine": cos,
               "shift_norms": {label: float(m.norm()) for label, m in zip(labels, shifts)}, "readouts": readouts,
               "vocab": vocab.shares(), "num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
-              "completions_from": args.completions_from, "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"unembed-similarity: {len(steer)} layers over {count} tokens")
+              "completions_from": args.completions_from, "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"unembed-similarity: {len(steer)} layers over {count} tokens")

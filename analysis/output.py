@@ -1,0 +1,35 @@
+"""Where an analysis command's output goes: its ``--out`` directory (:func:`prepare_out`), result files written
+atomically (:func:`write_json`), and ``result.json`` with the one line a command prints when it is done
+(:func:`finish`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from analysis.cli import UsageError
+
+
+def prepare_out(path: str | os.PathLike) -> Path:
+    """The ``--out`` directory, made if missing (a usage error if it is a file)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write a result file atomically (``steering.files``); numpy / torch scalars become floats."""
+    from steering.files import write_json_atomic
+
+    return write_json_atomic(path, data, indent=2, default=float)
+
+
+def finish(out: Path, result: Mapping[str, Any], summary: str | None = None) -> int:
+    """Write ``OUT/result.json``; print ``summary; wrote PATH`` (or just the path). The command's exit code, 0."""
+    path = write_json(out / "result.json", result)
+    print(f"{summary}; wrote {path}" if summary else path)
+    return 0
