@@ -5,7 +5,7 @@
   line, exit code 2, raised before any model loads. Where output goes: ``analysis.output``.
 - **Evaluation settings** (sampling, seeds, grading, backend): their flags are ``analysis.settings``; here the rest of
   what the accuracy-measuring commands take: device and dtype (:func:`add_device_arguments`), the template
-  (:func:`resolve_template`), the benchmarks (:func:`load_benchmarks`), the statistics' options.
+  (:func:`resolve_template`), the benchmarks (:func:`load_benchmarks`).
 - **Checkpoint-command arguments** (:func:`add_args` / :func:`check_args`: ``--checkpoint``, ``--model``, ``--out``,
   ``--benchmarks`` + the evaluation arguments), and :func:`open_checkpoint`, which loads what they name.
 - **Trace-command arguments** (``diffmean``, ``attribution``, ``behavior``): positions, annotator, generation.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,15 +65,6 @@ def default(parser: argparse._ActionsContainer, dest: str, fallback: Any) -> Any
     else ``fallback``. (argparse lets an explicit ``default=`` win over the parser's, so the declaration asks.)"""
     value = parser.get_default(dest)
     return fallback if value is None else value
-
-
-def progress(iterable: Iterable[Any] | None = None, *, desc: str = "", total: int | None = None,
-             args: argparse.Namespace | None = None, unit: str = "it"):
-    """A tqdm bar on stderr, off with ``--no-progress``."""
-    from tqdm.auto import tqdm
-
-    disable = args is not None and args.no_progress
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=sys.stderr, leave=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -289,24 +279,6 @@ def check_vectors_fit(vectors: Mapping[int, Any], model: Any, source: str) -> No
 
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation arguments
-
-
-def add_stats_args(parser: argparse.ArgumentParser) -> None:
-    """The statistics' options (``steering.statistics``), shared by ``evaluate`` and ``compare``."""
-    from steering import statistics as stats
-
-    g = parser.add_argument_group("statistics (intervals, paired tests, detectable differences)")
-    g.add_argument("--resamples", type=int, default=stats.DEFAULT_RESAMPLES, metavar="N",
-                   help="bootstrap resamples of the problems, and random sign flips of the paired test "
-                        f"(default {stats.DEFAULT_RESAMPLES}; at least 100)")
-    g.add_argument("--stats-seed", type=int, default=stats.DEFAULT_SEED, metavar="SEED",
-                   help="seed of the bootstrap draws and the sign flips: the same seed gives the same intervals and "
-                        f"p-values (default {stats.DEFAULT_SEED})")
-
-
-def check_stats_args(args: argparse.Namespace) -> None:
-    if args.resamples < 100:
-        raise UsageError(f"--resamples must be >= 100, got {args.resamples}")
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:

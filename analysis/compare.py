@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import cli, output, plots
+from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import benchmark_scores, forest_groups, render_differences, render_pair_detectable
 from steering import statistics as stats
@@ -142,11 +142,11 @@ def register(subparsers) -> None:
                    help="difference A − B to report (repeatable): rows as NAME/LABEL, or NAME for a run with one "
                         "row; default: each row of a later run against the first run's row of the same label")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (result.json, differences.png)")
-    cli.add_stats_args(p)
+    settings.add_statistics_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    cli.check_stats_args(args)
+    settings.check_statistics(args)
     if len(args.results) < 2:
         raise UsageError("give at least two results to compare")
     runs = [read_run(item) for item in args.results]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import relative_improvement
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     jobs += [(f"L{i}", {i: singles[i][0]}) for i in layers]
     jobs += [(f"L{i}+L{j}", {i: singles[i][0], j: singles[j][0]}) for i, j in pairs]
     acc: dict[str, C.Accuracy] = {}
-    for label, vecs in cli.progress(jobs, desc="compose", args=args):
+    for label, vecs in output.progress(jobs, desc="compose", args=args):
         with C.use_vectors(model, vecs):
             acc[label] = C.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
 

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from steering import sae as S
@@ -287,7 +287,7 @@ def collect(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch.Ten
     "diff": :func:`analysis._common.resid_shift` of the steered and the unsteered residual, exactly ``persistence``'s
     shift)."""
     device = next(model.parameters()).device
-    bar = cli.progress(desc="ΔF", total=-(-len(seqs) // batch_size), args=args, unit="batch")
+    bar = output.progress(desc="ΔF", total=-(-len(seqs) // batch_size), args=args, unit="batch")
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         base = C.resid_post(model, batch, {}, [layer])[layer]
@@ -410,7 +410,7 @@ def feature_pass(sae: S.SparseAutoencoder, files: Mapping[str, Sequence[Path]], 
     st = FeatureStats(sae.cfg.d_in, sae.cfg.d_sae, num_rows, top_m, device)
     w_dec = sae.W_dec.detach().double()
     every = [(split, f) for split in SPLITS for f in files.get(split, [])]
-    for split, path in cli.progress(every, desc="features", args=args, unit="chunk"):
+    for split, path in output.progress(every, desc="features", args=args, unit="chunk"):
         chunk = read_chunk(path)
         for start in range(0, chunk["x"].shape[0], sub_batch):
             part = {k: v[start:start + sub_batch].to(device) for k, v in chunk.items()}
@@ -694,7 +694,7 @@ def run(args: argparse.Namespace) -> int:
                          "training vectors recorded; lower it or sample more")
     init = read_chunk(files["train"][0])["x"][:65536]
     curve: dict[str, list[float]] = {"step": [], "loss": [], "explained_variance": []}
-    bar = cli.progress(desc="SAE", total=args.steps, args=args, unit="step")
+    bar = output.progress(desc="SAE", total=args.steps, args=args, unit="step")
     log_every = max(1, args.steps // 200)
 
     def on_step(s: S.StepStats) -> None:

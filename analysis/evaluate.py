@@ -195,12 +195,12 @@ def register(subparsers) -> None:
                         "with its paired interval and p-value; default: each row against Base, and Steering against "
                         "Full and LoRA when present")
     settings.add_arguments(p)
-    cli.add_stats_args(p)
+    settings.add_statistics_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     settings.check(args)
-    cli.check_stats_args(args)
+    settings.check_statistics(args)
     rows = build_rows(args.checkpoint, args.label, args.model, args.include_base, args.base_greedy)
     try:
         pairs = resolve_pairs([r.describe() for r in rows], args.pair)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import cli, output, plots, settings
 from analysis.table import relative_improvement
 from steering.diffmean import pad_id_of
@@ -103,7 +103,7 @@ def position_stats(model, seqs: C.Sequences, vectors, *, max_positions: int, bat
     tok_count: dict[int, int] = {}
     tok_first: dict[int, int] = {}
     per_row: dict[int, list[float]] = {}
-    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="first-token", args=args,
+    for batch in output.progress(seqs.batches(batch_size, device, pad), desc="first-token", args=args,
                             total=-(-len(seqs) // batch_size)):
         with C.use_vectors(model, vectors):
             ls = batch.forward(model).logits.float()
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         probe = tokenizer(prompts[0] + text, add_special_tokens=True)["input_ids"]
         plain = tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
         matches = token_id is not None and probe == plain + [token_id]
-        bar = cli.progress(total=3, desc="substitution test", args=args)
+        bar = output.progress(total=3, desc="substitution test", args=args)
         with C.use_vectors(model, {}):
             acc_base = C.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
             bar.update(1)

@@ -43,7 +43,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 
@@ -286,7 +286,7 @@ def run_collect(args: argparse.Namespace) -> int:
                 acc[key], det[key] = a.accuracy, a.per_benchmark
         return acc, det
 
-    bar = cli.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect", args=args)
+    bar = output.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect", args=args)
     base_acc, base_det = evaluate({})
     bar.update(1)
     all_row = None

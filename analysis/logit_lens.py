@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import plots
 from analysis import cli, output, settings
 from analysis.cli import UsageError
@@ -65,7 +65,7 @@ def final_shift(model: nn.Module, seqs: C.Sequences, *, positions: str = "all", 
     last = f"blocks.{H.num_layers(model) - 1}.hook_resid_post"
     device = next(model.parameters()).device
     total, count = None, 0
-    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="final shift",
+    for batch in output.progress(seqs.batches(batch_size, device, pad), desc="final shift",
                             total=-(-len(seqs) // batch_size), args=args):
         _, steered = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                       names=[last], logits_to_keep=1)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     layers = o.layers(args.layers)
     vocab = Vocab.of(model, tokenizer)
     entries = [vector_lens(model, layer, vectors[layer], vocab, args.k, args.lens)
-               for layer in cli.progress(layers, desc="logit lens", args=args)]
+               for layer in output.progress(layers, desc="logit lens", args=args)]
 
     shift_entry = None
     if not args.no_shift:

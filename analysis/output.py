@@ -1,11 +1,13 @@
 """Where an analysis command's output goes: its ``--out`` directory (:func:`prepare_out`), result files written
-atomically (:func:`write_json`), and ``result.json`` with the one line a command prints when it is done
-(:func:`finish`)."""
+atomically (:func:`write_json`), ``result.json`` with the one line a command prints when it is done (:func:`finish`),
+and progress bars on stderr (:func:`progress`)."""
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +35,12 @@ def finish(out: Path, result: Mapping[str, Any], summary: str | None = None) -> 
     path = write_json(out / "result.json", result)
     print(f"{summary}; wrote {path}" if summary else path)
     return 0
+
+
+def progress(iterable: Iterable[Any] | None = None, *, desc: str = "", total: int | None = None,
+             args: argparse.Namespace | None = None, unit: str = "it"):
+    """A tqdm bar on stderr, off with ``--no-progress``."""
+    from tqdm.auto import tqdm
+
+    disable = args is not None and args.no_progress
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=sys.stderr, leave=False)

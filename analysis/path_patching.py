@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import plots
 from analysis import cli, output, settings
 from analysis.cli import UsageError
@@ -131,10 +131,7 @@ class Patcher:
     ever called by hand, so nothing depends on the keyword names of its forward."""
 
     def __init__(self, model: nn.Module, layer: int, vector: torch.Tensor):
-        num = H.num_layers(model)
-        if not 0 <= layer <= num - 2:
-            raise UsageError(f"path patching needs a block after the vector: --layer must be in 0..{num - 2} "
-                             f"(the model has {num} layers), got {layer}")
+        check_layer(layer, H.num_layers(model))
         self.model = model
         self.layer = layer
         self.target = layer + 1
@@ -239,6 +236,13 @@ class Patcher:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def check_layer(layer: int, num_layers: int) -> None:
+    """The patched layer needs a block after it: ``0 <= layer <= num_layers - 2``."""
+    if not 0 <= layer <= num_layers - 2:
+        raise UsageError(f"path patching needs a block after the vector: --layer must be in 0..{num_layers - 2} "
+                         f"(the model has {num_layers} layers), got {layer}")
+
+
 def _only_when(hooks: list[tuple[str, H.HookFn]], active) -> list[tuple[str, H.HookFn]]:
     """The same hooks, acting only while ``active()`` is true (the main run's hooks stay out of the shadow run's way,
     and the other way round)."""
@@ -269,7 +273,7 @@ def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, arg
     count = 0
     full = Variant("full")
     n_batches = -(-len(seqs) // args.forward_batch_size)
-    bar = cli.progress(total=n_batches * len(variants), desc="path patching (KL)", args=args, unit="pass")
+    bar = output.progress(total=n_batches * len(variants), desc="path patching (KL)", args=args, unit="pass")
     for batch in seqs.batches(args.forward_batch_size, device, pad):
         mask = batch.positions("predict")
         ref = patcher.logits(full, batch.input_ids, batch.attention_mask)[mask]
@@ -295,8 +299,7 @@ def run(args: argparse.Namespace) -> int:
     base_id = cli.base_model_id(args.model, args.checkpoint)
     num_layers = int(cli.model_config(base_id).num_hidden_layers)
     layer = num_layers - 2 if args.layer is None else (args.layer + num_layers if args.layer < 0 else args.layer)
-    if not 0 <= layer <= num_layers - 2:
-        raise UsageError(f"--layer {args.layer}: must name a layer with a block after it, 0..{num_layers - 2}")
+    check_layer(layer, num_layers)
     benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
     out = output.prepare_out(args.out)
     model, tokenizer = cli.load_plain(base_id, args)
@@ -308,19 +311,19 @@ def run(args: argparse.Namespace) -> int:
     variants = summary + ([] if args.no_heads else per_head)
 
     tmpl = cli.template(args)
+    evals = settings.from_args(args)
     with patcher.apply(Variant("full")):
-        seqs = C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl,
-                                  settings.from_args(args), num_samples=args.samples_per_problem,
-                                  progress=not args.no_progress)
+        seqs = C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, evals,
+                                  num_samples=args.samples_per_problem, progress=not args.no_progress)
     kl, count = kl_to_full(patcher, variants, seqs, args, pad_id_of(tokenizer))
     kl["full"] = 0.0
 
     acc: dict[str, Any] = {}
     if not args.no_accuracy:
         todo = summary + (per_head if (args.head_accuracy and not args.no_heads) else [])
-        for v in cli.progress(todo, desc="path patching (accuracy)", args=args):
+        for v in output.progress(todo, desc="path patching (accuracy)", args=args):
             with patcher.apply(v):
-                acc[v.name] = C.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
+                acc[v.name] = C.accuracy(model, tokenizer, benches, evals, tmpl)
 
     rows = []
     for v in variants:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import plots
 from analysis import cli, output, settings
 from steering import hooks as H
@@ -86,7 +86,7 @@ def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch
         i: {j: ShiftStats(torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64))
             for j in targets if j >= i} for i in steer_layers}
     n_batches = -(-len(seqs) // batch_size)
-    bar = cli.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), args=args, unit="pass")
+    bar = output.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), args=args, unit="pass")
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         lo = min(steer_layers)

@@ -152,3 +152,21 @@ def flag_error(error: Exception, prefix: str = "") -> UsageError:
     name, _, rest = str(error).partition(" ")
     flag = _FLAG_OF.get(name) or f"{prefix or '--'}{name.replace('_', '-')}"
     return UsageError(f"{flag} {rest}")
+
+
+def add_statistics_arguments(parser: argparse.ArgumentParser) -> None:
+    """The statistics' options (``steering.statistics``), shared by ``evaluate`` and ``compare``."""
+    from steering import statistics as stats
+
+    g = parser.add_argument_group("statistics (intervals, paired tests, detectable differences)")
+    g.add_argument("--resamples", type=int, default=stats.DEFAULT_RESAMPLES, metavar="N",
+                   help="bootstrap resamples of the problems, and random sign flips of the paired test "
+                        f"(default {stats.DEFAULT_RESAMPLES}; at least 100)")
+    g.add_argument("--stats-seed", type=int, default=stats.DEFAULT_SEED, metavar="SEED",
+                   help="seed of the bootstrap draws and the sign flips: the same seed gives the same intervals and "
+                        f"p-values (default {stats.DEFAULT_SEED})")
+
+
+def check_statistics(args: argparse.Namespace) -> None:
+    if args.resamples < 100:
+        raise UsageError(f"--resamples must be >= 100, got {args.resamples}")

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import plots
 from analysis import cli, output, settings
 from analysis.cli import UsageError
@@ -72,7 +72,7 @@ def record(model, seqs: C.Sequences, *, batch_size: int, pad: int, args=None) ->
     """``α_l(t)`` per sequence: a list (one per row) of ``{layer: (len,) tensor}``."""
     device = next(model.parameters()).device
     per_row: list[dict[int, torch.Tensor]] = [dict() for _ in range(len(seqs))]
-    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="token-scaling", args=args,
+    for batch in output.progress(seqs.batches(batch_size, device, pad), desc="token-scaling", args=args,
                             total=-(-len(seqs) // batch_size)):
         with ts.record_alphas(model) as rec:
             batch.forward(model, logits_to_keep=1)

@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from analysis import _common as C
+from analysis import _common as C, output, settings
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import relative_improvement
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
     score_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
     rec_rows, detail = [], {}
-    bar = cli.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", args=args)
+    bar = output.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", args=args)
     for c, r in enumerate(recipients):
         bar.set_postfix_str(f"loading {_label(r)}")
         model, tokenizer = cli.load_steerable(r, args)
