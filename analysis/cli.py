@@ -11,24 +11,24 @@
 - **Trace-command arguments** (``diffmean``, ``attribution``, ``behavior``): positions, annotator, generation.
 - **Model loading**: the base with a zero steering vector on every layer (:func:`load_steerable`, so that any set of
   vectors is applied as real BEFT parameters by ``analysis._common.use_vectors``), the plain base
-  (:func:`load_plain`), a checkpoint's vectors (:func:`checkpoint_vectors`), and a row of a results table
-  (:func:`load_row_model`; the rows themselves are ``analysis.table.RowSpec``).
+  (:func:`load_plain`) and a checkpoint's vectors (:func:`checkpoint_vectors`); a results table's rows load in
+  ``analysis.table``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from steering import vectors as sv
 
-if TYPE_CHECKING:
-    from analysis.table import RowSpec
 
 
 class UsageError(Exception):
@@ -147,10 +147,7 @@ def base_model_id(model: str | None, checkpoint: str | os.PathLike | None = None
     if model:
         return model
     if checkpoint:
-        try:
-            base = sv.read_meta(checkpoint).get("base_model")
-        except sv.CheckpointError as e:
-            raise UsageError(str(e)) from None
+        base = checkpoint_meta(checkpoint).get("base_model")
         if base:
             return str(base)
         raise UsageError(f"no base model: pass --model BASE ({checkpoint} records none)")
@@ -162,11 +159,25 @@ def training_config(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
     error, not a silent default template."""
     if not checkpoint:
         return {}
+    tc = checkpoint_meta(checkpoint).get("training_config") or {}
+    return tc if isinstance(tc, dict) else {}
+
+
+def checkpoint_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """A steering checkpoint's ``steering.json`` (a usage error if unreadable), parsed once per version of the file:
+    a command asks for its base model, training config and template several times."""
+    meta_file = Path(checkpoint, sv.META_FILE)
+    stat = meta_file.stat() if meta_file.is_file() else None
+    version = (stat.st_ino, stat.st_mtime_ns, stat.st_size) if stat else None
     try:
-        tc = sv.read_meta(checkpoint).get("training_config") or {}
+        return copy.deepcopy(_read_meta(str(checkpoint), version))
     except sv.CheckpointError as e:
         raise UsageError(str(e)) from None
-    return tc if isinstance(tc, dict) else {}
+
+
+@functools.lru_cache(maxsize=32)
+def _read_meta(checkpoint: str, version: tuple[int, int, int] | None) -> dict[str, Any]:
+    return sv.read_meta(checkpoint)
 
 
 def parse_layers(text: str | None, num_layers: int, flag: str = "--layers") -> list[int] | None:
@@ -406,15 +417,21 @@ class LoadedCheckpoint:
 
 
 def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True) -> LoadedCheckpoint:
-    """Check the arguments, load the benchmarks (unless ``benchmarks`` is False), make ``--out``, load the steerable
-    base and ``--checkpoint``'s vectors."""
+    """Check the arguments (:func:`check_args`), then :func:`load_checkpoint`."""
     check_args(args, benchmarks=benchmarks)
-    base_id = base_model_id(args.model, args.checkpoint)
-    benches = load_benchmarks(benchmark_specs(args), args) if benchmarks else None
+    return load_checkpoint(args, benchmarks=benchmarks)
+
+
+def load_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, plain: bool = False) -> LoadedCheckpoint:
+    """For checked arguments: load the benchmarks (unless ``benchmarks`` is False), make ``--out``, load the base
+    (steerable: a zero vector on every layer; ``plain``: without adapters, for hooks) and ``--checkpoint``'s
+    vectors."""
     from analysis import output
 
+    base_id = base_model_id(args.model, args.checkpoint)
+    benches = load_benchmarks(benchmark_specs(args), args) if benchmarks else None
     out = output.prepare_out(args.out)
-    model, tokenizer = load_steerable(base_id, args)
+    model, tokenizer = (load_plain if plain else load_steerable)(base_id, args)
     return LoadedCheckpoint(base_id, benches, out, model, tokenizer, checkpoint_vectors(args.checkpoint, model))
 
 
@@ -541,52 +558,6 @@ def heldout_questions(args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
     from steering.problems import ProceduralSpec, make_procedural
 
     return make_procedural(ProceduralSpec(args.task), n, args.seed, "heldout")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The models of a results table (analysis.table.RowSpec)
-
-
-def _load_lm(name: str, dtype: Any):
-    """Any causal LM, frozen (LoRA and full-model rows may be of any family, unlike steered ones)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=sv.parse_dtype(dtype or "float32"))
-    return sv.freeze(model).eval()
-
-
-def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None = None, backend: str = "hf",
-                   vllm_options: dict[str, Any] | None = None):
-    """(model, tokenizer) for a row: the base, a steering checkpoint on its base, a LoRA adapter (PeftModel) on its
-    base, or a full model dir. ``backend="vllm"``: a ``steering.vllm_engine.VLLMModel`` serving the same model
-    (``vllm_options``: its KV-cache size, ...)."""
-    if backend == "vllm":
-        return _load_row_engine(row, dtype, device, vllm_options or {}), sv.load_tokenizer(row.tokenizer)
-    if row.kind == "base":
-        model = _load_lm(row.base_model, dtype)
-    elif row.kind == "steering":
-        model = sv.load_steered_model(row.path, base=_load_lm(row.base_model, dtype))
-    elif row.kind == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(_load_lm(row.base_model, dtype), row.path)
-    elif row.kind == "full":
-        model = _load_lm(row.path, dtype)
-    else:
-        raise ValueError(f"unknown row kind {row.kind!r}")
-    tokenizer = sv.load_tokenizer(row.tokenizer)
-    return model.to(default_device(device)).eval(), tokenizer
-
-
-def _load_row_engine(row: RowSpec, dtype: Any, device: str | None, options: dict[str, Any]):
-    from steering.vllm_engine import VLLMModel
-
-    if row.kind == "lora":
-        raise UsageError(f"row {row.label!r}: LoRA rows are not served by --backend vllm here; use --backend hf")
-    model_dir = row.path if row.kind == "full" else row.base_model
-    vectors = row.path if row.kind == "steering" else None
-    device_type = "cuda" if str(default_device(device)).startswith("cuda") else "cpu"
-    return VLLMModel(model_dir, vectors, dtype=str(dtype).removeprefix("torch."), device=device_type, **options)
 
 
 def check_vllm_model(model_id: str, device: str | None) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from analysis import _common as C, output, settings
+from analysis import _common as C
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import relative_improvement

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import _common as C, output, settings
+from analysis import _common as C
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from steering import sae as S

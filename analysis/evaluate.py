@@ -17,8 +17,9 @@ p-values), ``OUT/samples.jsonl`` (every completion, its extracted answer and ver
 (a forest plot of the differences).
 
 The evaluation itself (generate, score, avg@k / pass@k) is ``steering.evaluation``; the benchmarks are
-``steering.problems``; the rows (the four kinds of model) and the arguments are ``analysis.cli``; the table and the
-statistics on it are ``analysis.table`` and ``steering.statistics`` (docs/evaluation.md explains the scheme).
+``steering.problems``; the rows (the four kinds of model), the table and the statistics on it are ``analysis.table``
+and ``steering.statistics`` (docs/evaluation.md explains the scheme); the arguments are ``analysis.settings`` and
+``analysis.cli``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from analysis import cli, output, plots, settings
-from analysis.cli import UsageError, load_row_model
+from analysis.cli import UsageError
 from analysis.table import (RowSpec, add_relative, add_statistics, build_rows, check_loadable, check_vllm_rows,
-                            forest_groups, render_table, resolve_pairs)
+                            forest_groups, load_row_model, render_table, resolve_pairs)
 from steering import statistics as stats
 from steering.evaluation import EvalResult, EvalSettings, as_problems, evaluate_model, mean_std, metric_name, problem_key
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import _common as C, output, settings
+from analysis import _common as C
 from analysis import plots
 from analysis import cli, output, settings
 from analysis.cli import UsageError

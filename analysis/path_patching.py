@@ -52,13 +52,14 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from analysis import _common as C, output, settings
+from analysis import _common as C
 from analysis import plots
 from analysis import cli, output, settings
 from analysis.cli import UsageError
@@ -290,59 +291,82 @@ def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, arg
 
 
 def run(args: argparse.Namespace) -> int:
-    cli.check_args(args)
-    if args.backend != "hf":
-        raise UsageError(f"path-patching patches through module hooks, which the {args.backend!r} generation backend "
-                         "bypasses (the static cache replays a compiled forward on CUDA; vLLM runs its own model); use "
-                         "--backend hf")
-    cli.check_positive(args, "samples_per_problem")
-    base_id = cli.base_model_id(args.model, args.checkpoint)
-    num_layers = int(cli.model_config(base_id).num_hidden_layers)
-    layer = num_layers - 2 if args.layer is None else (args.layer + num_layers if args.layer < 0 else args.layer)
-    check_layer(layer, num_layers)
-    benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
-    out = output.prepare_out(args.out)
-    model, tokenizer = cli.load_plain(base_id, args)
-    vectors = cli.checkpoint_vectors(args.checkpoint, model)
-    if layer not in vectors:
-        raise UsageError(f"the checkpoint has no vector at layer {layer} (it has {sorted(vectors)}); pass --layer")
-    patcher = Patcher(model, layer, vectors[layer].to(next(model.parameters()).device))
+    layer = _checked_layer(args)
+    ck = cli.load_checkpoint(args, plain=True)
+    if layer not in ck.vectors:
+        raise UsageError(f"the checkpoint has no vector at layer {layer} (it has {sorted(ck.vectors)}); pass --layer")
+    patcher = Patcher(ck.model, layer, ck.vectors[layer].to(next(ck.model.parameters()).device))
     summary, per_head = build_variants(patcher.n_heads, patcher.n_kv)
     variants = summary + ([] if args.no_heads else per_head)
 
     tmpl = cli.template(args)
     evals = settings.from_args(args)
     with patcher.apply(Variant("full")):
-        seqs = C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, evals,
+        seqs = C.sample_sequences(ck.model, ck.tokenizer, C.problems_of(ck.benches), tmpl, evals,
                                   num_samples=args.samples_per_problem, progress=not args.no_progress)
-    kl, count = kl_to_full(patcher, variants, seqs, args, pad_id_of(tokenizer))
+    kl, count = kl_to_full(patcher, variants, seqs, args, pad_id_of(ck.tokenizer))
     kl["full"] = 0.0
-
     acc: dict[str, Any] = {}
     if not args.no_accuracy:
         todo = summary + (per_head if (args.head_accuracy and not args.no_heads) else [])
         for v in output.progress(todo, desc="path patching (accuracy)", args=args):
             with patcher.apply(v):
-                acc[v.name] = C.accuracy(model, tokenizer, benches, evals, tmpl)
+                acc[v.name] = C.accuracy(ck.model, ck.tokenizer, ck.benches, evals, tmpl)
 
-    rows = []
-    for v in variants:
-        a = acc.get(v.name)
-        rows.append({**v.describe(), "kl_to_full": kl[v.name], "accuracy": None if a is None else a.accuracy,
-                     "accuracy_detail": None if a is None else a.per_benchmark})
+    rows = [{**v.describe(), "kl_to_full": kl[v.name],
+             "accuracy": None if v.name not in acc else acc[v.name].accuracy,
+             "accuracy_detail": None if v.name not in acc else acc[v.name].per_benchmark} for v in variants]
+    heads, heads_acc = _head_tables(patcher, rows, args)
+    files = _plots(ck.out, layer, [v.name for v in summary], rows, (heads, heads_acc), max(_heads_of(patcher).values()),
+                   with_accuracy=bool(acc))
+    result = {"command": "path-patching", "checkpoint": str(args.checkpoint), "base_model": ck.base_id, "layer": layer,
+              "target_layer": layer + 1, "vector_norm": float(ck.vectors[layer].norm()),
+              "attention": {"n_heads": patcher.n_heads, "n_kv_heads": patcher.n_kv, "head_dim": patcher.d_head},
+              "variants": rows, "heads": heads, "heads_accuracy": heads_acc, "num_sequences": len(seqs),
+              "num_tokens": count, "settings": settings.record(args), "plots": files}
+    return output.finish(ck.out, result, f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})")
+
+
+def _checked_layer(args: argparse.Namespace) -> int:
+    """Every check before anything loads; the patched layer (default L-2, negative counts from the end)."""
+    cli.check_args(args)
+    if args.backend != "hf":
+        raise UsageError(f"path-patching patches through module hooks, which the {args.backend!r} generation backend "
+                         "bypasses (the static cache replays a compiled forward on CUDA; vLLM runs its own model); use "
+                         "--backend hf")
+    cli.check_positive(args, "samples_per_problem")
+    num_layers = int(cli.model_config(cli.base_model_id(args.model, args.checkpoint)).num_hidden_layers)
+    layer = num_layers - 2 if args.layer is None else (args.layer + num_layers if args.layer < 0 else args.layer)
+    check_layer(layer, num_layers)
+    return layer
+
+
+def _head_tables(patcher: Patcher, rows: list[dict[str, Any]], args: argparse.Namespace):
+    """``(heads, heads_accuracy)``: per action and projection, each head's KL (and accuracy, with
+    ``--head-accuracy``); None without per-head variants."""
+    if args.no_heads:
+        return None, None
     by_name = {r["name"]: r for r in rows}
-    heads = heads_acc = None
-    n_for = {"q": patcher.n_heads, "k": patcher.n_kv, "v": patcher.n_kv, "z": patcher.n_heads}
-    if not args.no_heads:
-        heads = {act: {p: [by_name[f"{act}-{p}-h{h}"]["kl_to_full"] for h in range(n_for[p])] for p in n_for}
-                 for act in ("remove", "inject")}
-        if args.head_accuracy and not args.no_accuracy:
-            heads_acc = {act: {p: [by_name[f"{act}-{p}-h{h}"]["accuracy"] for h in range(n_for[p])] for p in n_for}
-                         for act in ("remove", "inject")}
 
+    def table(key: str) -> dict[str, dict[str, list[Any]]]:
+        return {act: {p: [by_name[f"{act}-{p}-h{h}"][key] for h in range(n)] for p, n in _heads_of(patcher).items()}
+                for act in ("remove", "inject")}
+
+    return table("kl_to_full"), (table("accuracy") if args.head_accuracy and not args.no_accuracy else None)
+
+
+def _heads_of(patcher: Patcher) -> dict[str, int]:
+    """Heads per patched projection: query heads for Q and the attention output, key/value heads for K and V."""
+    return {"q": patcher.n_heads, "k": patcher.n_kv, "v": patcher.n_kv, "z": patcher.n_heads}
+
+
+def _plots(out: Path, layer: int, names: list[str], rows: list[dict[str, Any]], head_tables: tuple[Any, Any],
+           width: int, *, with_accuracy: bool) -> list[str]:
+    """summary.png (accuracy), summary_kl.png, and the per-head heatmaps (``width``: the most heads of a
+    projection); their file names."""
+    by_name = {r["name"]: r for r in rows}
     files = []
-    names = [v.name for v in summary]
-    if acc:
+    if with_accuracy:
         files.append(plots.bar_plot(out / "summary.png", names, [by_name[n]["accuracy"] for n in names],
                                     title=f"accuracy, vector of layer {layer} patched into block {layer + 1}",
                                     ylabel="accuracy",
@@ -350,9 +374,8 @@ def run(args: argparse.Namespace) -> int:
                                             "full": by_name["full"]["accuracy"]}).name)
     files.append(plots.bar_plot(out / "summary_kl.png", names, [by_name[n]["kl_to_full"] for n in names],
                                 title="mean per-token KL(full ‖ variant)", ylabel="KL (nats)").name)
-    width = max(n_for.values())
-    for data, fname, label in ((heads, "heads_kl.png", "KL(full ‖ variant)"),
-                               (heads_acc, "heads_accuracy.png", "accuracy")):
+    for data, fname, label in zip(head_tables, ("heads_kl.png", "heads_accuracy.png"),
+                                  ("KL(full ‖ variant)", "accuracy")):
         if data is None:
             continue
         row_labels, matrix = [], []
@@ -363,9 +386,4 @@ def run(args: argparse.Namespace) -> int:
                 matrix.append(vals + [None] * (width - len(vals)))
         files.append(plots.heatmap(out / fname, matrix, row_labels, list(range(width)), title=f"per-head {label}",
                                    xlabel="head (K/V: key-value head)", ylabel="variant", cmap="viridis").name)
-    result = {"command": "path-patching", "checkpoint": str(args.checkpoint), "base_model": base_id, "layer": layer,
-              "target_layer": layer + 1, "vector_norm": float(vectors[layer].norm()),
-              "attention": {"n_heads": patcher.n_heads, "n_kv_heads": patcher.n_kv, "head_dim": patcher.d_head},
-              "variants": rows, "heads": heads, "heads_accuracy": heads_acc, "num_sequences": len(seqs),
-              "num_tokens": count, "settings": settings.record(args), "plots": files}
-    return output.finish(out, result, f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})")
+    return files

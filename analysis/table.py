@@ -10,8 +10,8 @@ Relative and Relative Improvement. Accuracies are fractions in ``results.json`` 
   correct counts ``results.json`` keeps (the statistics themselves: ``steering.statistics``).
 - :func:`render_table`, :func:`render_differences`: the tables of ``table.md``.
 - The rows themselves (:class:`RowSpec`, :func:`build_rows`): the four kinds of model a table compares (the base, a
-  steering checkpoint, a PEFT LoRA adapter, a full model directory), checked before any weights load;
-  ``analysis.cli.load_row_model`` loads one.
+  steering checkpoint, a PEFT LoRA adapter, a full model directory), checked before any weights load, and
+  :func:`load_row_model`, which loads one.
 """
 
 from __future__ import annotations
@@ -400,6 +400,48 @@ def checkpoint_info(path: str, model: str | None) -> tuple[str, str | None, str 
         raise UsageError(f"--checkpoint {path}: full model dir without tokenizer files; pass --model BASE for the "
                          "tokenizer")
     return kind, None, tok
+
+
+def _load_lm(name: str, dtype: Any):
+    """Any causal LM, frozen (LoRA and full-model rows may be of any family, unlike steered ones)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=sv.parse_dtype(dtype or "float32"))
+    return sv.freeze(model).eval()
+
+
+def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None = None, backend: str = "hf",
+                   vllm_options: dict[str, Any] | None = None):
+    """(model, tokenizer) for a row: the base, a steering checkpoint on its base, a LoRA adapter (PeftModel) on its
+    base, or a full model dir. ``backend="vllm"``: a ``steering.vllm_engine.VLLMModel`` serving the same model
+    (``vllm_options``: its KV-cache size, ...)."""
+    if backend == "vllm":
+        return _load_row_engine(row, dtype, device, vllm_options or {}), sv.load_tokenizer(row.tokenizer)
+    if row.kind == "base":
+        model = _load_lm(row.base_model, dtype)
+    elif row.kind == "steering":
+        model = sv.load_steered_model(row.path, base=_load_lm(row.base_model, dtype))
+    elif row.kind == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(_load_lm(row.base_model, dtype), row.path)
+    elif row.kind == "full":
+        model = _load_lm(row.path, dtype)
+    else:
+        raise ValueError(f"unknown row kind {row.kind!r}")
+    tokenizer = sv.load_tokenizer(row.tokenizer)
+    return model.to(cli.default_device(device)).eval(), tokenizer
+
+
+def _load_row_engine(row: RowSpec, dtype: Any, device: str | None, options: dict[str, Any]):
+    from steering.vllm_engine import VLLMModel
+
+    if row.kind == "lora":
+        raise UsageError(f"row {row.label!r}: LoRA rows are not served by --backend vllm here; use --backend hf")
+    model_dir = row.path if row.kind == "full" else row.base_model
+    vectors = row.path if row.kind == "steering" else None
+    device_type = "cuda" if str(cli.default_device(device)).startswith("cuda") else "cpu"
+    return VLLMModel(model_dir, vectors, dtype=str(dtype).removeprefix("torch."), device=device_type, **options)
 
 
 def check_vllm_rows(rows: Sequence[RowSpec], device: str | None) -> None:

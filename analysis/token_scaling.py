@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from analysis import _common as C, output, settings
+from analysis import _common as C
 from analysis import plots
 from analysis import cli, output, settings
 from analysis.cli import UsageError

@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from analysis import _common as C, output, settings
+from analysis import _common as C
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import relative_improvement
