@@ -77,7 +77,8 @@ _ENGINES: dict[tuple[str, str], Any] = {}
 
 
 def generation_model(model: nn.Module, settings: EvalSettings) -> Any:
-    """What generates for the settings' ``backend``: the model itself (hf, static), or for vllm an engine serving the model's base
+    """What generates for the settings' ``backend``: the model itself (hf, static), or for vllm an engine serving the
+    model's base
     with exactly the vectors the model carries now (``use_vectors``, ``steering_scale``: every analysis changes the
     steering through the BEFT vectors, which the engine mirrors). One engine per base, kept for the command."""
     if settings.backend != "vllm":

@@ -131,8 +131,9 @@ def main(args: argparse.Namespace) -> int:
     with open(tmp, "w", encoding="utf-8") as f:
         for coef in args.coefs:
             with sv.steering_scale(model, coef):
-                prompts, texts = sample_texts(model, tokenizer, questions, args.template, settings.sampling_params(args),
-                                              seed=args.seed, batch_size=args.gen_batch_size)
+                prompts, texts = sample_texts(model, tokenizer, questions, args.template,
+                                              settings.sampling_params(args), seed=args.seed,
+                                              batch_size=args.gen_batch_size)
             spans = [annotator.annotate(t) for t in texts]
             run = {"coef": coef, **summarize(texts, spans, labels)}
             runs.append(run)

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     jobs += [(f"L{i}", {i: singles[i][0]}) for i in layers]
     jobs += [(f"L{i}+L{j}", {i: singles[i][0], j: singles[j][0]}) for i, j in pairs]
     acc: dict[str, C.Accuracy] = {}
-    for label, vecs in output.progress(jobs, desc="compose", args=args):
+    for label, vecs in output.progress(jobs, desc="compose", quiet=args.no_progress):
         with C.use_vectors(model, vecs):
             acc[label] = C.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
 

@@ -282,12 +282,12 @@ def clear_activations(directory: Path) -> None:
 @torch.no_grad()
 def collect(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch.Tensor], layer: int, *,
             input_kind: str, positions: str, writers: Mapping[str, ChunkWriter], split_of_row: Sequence[str],
-            batch_size: int, pad: int, args: argparse.Namespace | None = None) -> None:
+            batch_size: int, pad: int, quiet: bool = False) -> None:
     """Record the SAE's input vectors of every sequence at ``layer`` into the writers (ΔF with ``input_kind``
     "diff": :func:`analysis._common.resid_shift` of the steered and the unsteered residual, exactly ``persistence``'s
     shift)."""
     device = next(model.parameters()).device
-    bar = output.progress(desc="ΔF", total=-(-len(seqs) // batch_size), args=args, unit="batch")
+    bar = output.progress(desc="ΔF", total=-(-len(seqs) // batch_size), quiet=quiet, unit="batch")
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         base = C.resid_post(model, batch, {}, [layer])[layer]
@@ -404,13 +404,13 @@ class FeatureStats:
 
 @torch.no_grad()
 def feature_pass(sae: S.SparseAutoencoder, files: Mapping[str, Sequence[Path]], num_rows: int, *, top_m: int,
-                 input_kind: str, sub_batch: int = 4096, args: argparse.Namespace | None = None) -> FeatureStats:
+                 input_kind: str, sub_batch: int = 4096, quiet: bool = False) -> FeatureStats:
     """Encode every stored vector once and gather :class:`FeatureStats` (reconstruction metrics per split)."""
     device = sae.W_dec.device
     st = FeatureStats(sae.cfg.d_in, sae.cfg.d_sae, num_rows, top_m, device)
     w_dec = sae.W_dec.detach().double()
     every = [(split, f) for split in SPLITS for f in files.get(split, [])]
-    for split, path in output.progress(every, desc="features", args=args, unit="chunk"):
+    for split, path in output.progress(every, desc="features", quiet=quiet, unit="chunk"):
         chunk = read_chunk(path)
         for start in range(0, chunk["x"].shape[0], sub_batch):
             part = {k: v[start:start + sub_batch].to(device) for k, v in chunk.items()}
@@ -673,7 +673,7 @@ def run(args: argparse.Namespace) -> int:
     clear_activations(act_dir)
     writers = {split: ChunkWriter(act_dir, split, args.chunk_size) for split in SPLITS}
     collect(model, seqs, steer, plan.layer, input_kind=args.input, positions=args.positions, writers=writers,
-            split_of_row=split_of_row, batch_size=args.forward_batch_size, pad=pad, args=args)
+            split_of_row=split_of_row, batch_size=args.forward_batch_size, pad=pad, quiet=args.no_progress)
     files = {split: list(w.files) for split, w in writers.items()}
     hook_name = f"blocks.{plan.layer}.hook_resid_post"
     if not files["train"]:
@@ -694,7 +694,7 @@ def run(args: argparse.Namespace) -> int:
                          "training vectors recorded; lower it or sample more")
     init = read_chunk(files["train"][0])["x"][:65536]
     curve: dict[str, list[float]] = {"step": [], "loss": [], "explained_variance": []}
-    bar = output.progress(desc="SAE", total=args.steps, args=args, unit="step")
+    bar = output.progress(desc="SAE", total=args.steps, quiet=args.no_progress, unit="step")
     log_every = max(1, args.steps // 200)
 
     def on_step(s: S.StepStats) -> None:
@@ -717,7 +717,8 @@ def run(args: argparse.Namespace) -> int:
                                     "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
 
     # 3. feature statistics and separation
-    st = feature_pass(sae, files, len(seqs), top_m=args.examples * EXAMPLE_POOL, input_kind=args.input, args=args)
+    st = feature_pass(sae, files, len(seqs), top_m=args.examples * EXAMPLE_POOL, input_kind=args.input,
+                      quiet=args.no_progress)
     means = st.row_means()
     has_tokens = st.row_tokens > 0
     alive = st.alive

@@ -39,7 +39,8 @@ from analysis.cli import UsageError
 from analysis.table import (RowSpec, add_relative, add_statistics, build_rows, check_loadable, check_vllm_rows,
                             forest_groups, load_row_model, render_table, resolve_pairs)
 from steering import statistics as stats
-from steering.evaluation import EvalResult, EvalSettings, as_problems, evaluate_model, mean_std, metric_name, problem_key
+from steering.evaluation import (EvalResult, EvalSettings, as_problems, evaluate_model, mean_std, metric_name,
+                                 problem_key)
 
 
 def environment() -> dict[str, Any]:

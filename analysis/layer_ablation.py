@@ -286,7 +286,8 @@ def run_collect(args: argparse.Namespace) -> int:
                 acc[key], det[key] = a.accuracy, a.per_benchmark
         return acc, det
 
-    bar = output.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect", args=args)
+    bar = output.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect",
+                          quiet=args.no_progress)
     base_acc, base_det = evaluate({})
     bar.update(1)
     all_row = None

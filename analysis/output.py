@@ -4,7 +4,6 @@ and progress bars on stderr (:func:`progress`)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -38,9 +37,8 @@ def finish(out: Path, result: Mapping[str, Any], summary: str | None = None) -> 
 
 
 def progress(iterable: Iterable[Any] | None = None, *, desc: str = "", total: int | None = None,
-             args: argparse.Namespace | None = None, unit: str = "it"):
-    """A tqdm bar on stderr, off with ``--no-progress``."""
+             quiet: bool = False, unit: str = "it"):
+    """A tqdm bar on stderr; ``quiet`` (``--no-progress``): none."""
     from tqdm.auto import tqdm
 
-    disable = args is not None and args.no_progress
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=sys.stderr, leave=False)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=quiet, file=sys.stderr, leave=False)

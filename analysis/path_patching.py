@@ -267,15 +267,17 @@ def register(subparsers) -> None:
     p.add_argument("--samples-per-problem", type=int, default=1, help="completions per problem for the KL (default 1)")
 
 
-def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, args: argparse.Namespace,
-               pad: int) -> tuple[dict[str, float], int]:
+def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, *, batch_size: int, pad: int,
+               quiet: bool = False) -> tuple[dict[str, float], int]:
+    """Each variant's mean per-token KL(full ‖ variant) over the positions that predict completion tokens, and the
+    number of those positions."""
     device = next(patcher.model.parameters()).device
     sums = {v.name: 0.0 for v in variants}
     count = 0
     full = Variant("full")
-    n_batches = -(-len(seqs) // args.forward_batch_size)
-    bar = output.progress(total=n_batches * len(variants), desc="path patching (KL)", args=args, unit="pass")
-    for batch in seqs.batches(args.forward_batch_size, device, pad):
+    n_batches = -(-len(seqs) // batch_size)
+    bar = output.progress(total=n_batches * len(variants), desc="path patching (KL)", quiet=quiet, unit="pass")
+    for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions("predict")
         ref = patcher.logits(full, batch.input_ids, batch.attention_mask)[mask]
         count += int(mask.sum())
@@ -304,12 +306,13 @@ def run(args: argparse.Namespace) -> int:
     with patcher.apply(Variant("full")):
         seqs = C.sample_sequences(ck.model, ck.tokenizer, C.problems_of(ck.benches), tmpl, evals,
                                   num_samples=args.samples_per_problem, progress=not args.no_progress)
-    kl, count = kl_to_full(patcher, variants, seqs, args, pad_id_of(ck.tokenizer))
+    kl, count = kl_to_full(patcher, variants, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(ck.tokenizer),
+                           quiet=args.no_progress)
     kl["full"] = 0.0
     acc: dict[str, Any] = {}
     if not args.no_accuracy:
         todo = summary + (per_head if (args.head_accuracy and not args.no_heads) else [])
-        for v in output.progress(todo, desc="path patching (accuracy)", args=args):
+        for v in output.progress(todo, desc="path patching (accuracy)", quiet=args.no_progress):
             with patcher.apply(v):
                 acc[v.name] = C.accuracy(ck.model, ck.tokenizer, ck.benches, evals, tmpl)
 
@@ -324,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
               "attention": {"n_heads": patcher.n_heads, "n_kv_heads": patcher.n_kv, "head_dim": patcher.d_head},
               "variants": rows, "heads": heads, "heads_accuracy": heads_acc, "num_sequences": len(seqs),
               "num_tokens": count, "settings": settings.record(args), "plots": files}
-    return output.finish(ck.out, result, f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})")
+    summary_line = f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})"
+    return output.finish(ck.out, result, summary_line)
 
 
 def _checked_layer(args: argparse.Namespace) -> int:

@@ -73,7 +73,7 @@ class ShiftStats:
 @torch.no_grad()
 def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch.Tensor], steer_layers: Sequence[int],
                 target_layers: Sequence[int] | None = None, *, positions: str = "all", batch_size: int = 8,
-                pad: int = 0, args: argparse.Namespace | None = None) -> dict[int, dict[int, ShiftStats]]:
+                pad: int = 0, quiet: bool = False) -> dict[int, dict[int, ShiftStats]]:
     """``stats[i][j]`` for every steering layer ``i`` and target layer ``j >= i`` (``target_layers``: default all).
 
     ``model`` must carry a steering vector on every layer (:func:`analysis.cli.load_steerable`); it is steered
@@ -86,7 +86,7 @@ def shift_stats(model: nn.Module, seqs: C.Sequences, vectors: Mapping[int, torch
         i: {j: ShiftStats(torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64))
             for j in targets if j >= i} for i in steer_layers}
     n_batches = -(-len(seqs) // batch_size)
-    bar = output.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), args=args, unit="pass")
+    bar = output.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), quiet=quiet, unit="pass")
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         lo = min(steer_layers)
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     num_layers = o.num_layers
     targets = list(range(num_layers))
     stats = shift_stats(model, seqs, vectors, steer, targets, positions=args.positions,
-                        batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), args=args)
+                        batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), quiet=args.no_progress)
     mats = matrices(stats, vectors, steer, targets)
     files = []
     titles = {"cos_to_vector": "mean_t cos(Δ_j(t), s_j)", "cos_to_mean": "mean_t cos(Δ_j(t), mean Δ_j)"}

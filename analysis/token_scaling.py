@@ -68,11 +68,12 @@ def prompt_segments(tokenizer: Any, prompt: str, question: str, n_prompt_tokens:
 
 
 @torch.no_grad()
-def record(model, seqs: C.Sequences, *, batch_size: int, pad: int, args=None) -> list[dict[int, torch.Tensor]]:
+def record(model, seqs: C.Sequences, *, batch_size: int, pad: int, quiet: bool = False
+           ) -> list[dict[int, torch.Tensor]]:
     """``α_l(t)`` per sequence: a list (one per row) of ``{layer: (len,) tensor}``."""
     device = next(model.parameters()).device
     per_row: list[dict[int, torch.Tensor]] = [dict() for _ in range(len(seqs))]
-    for batch in output.progress(seqs.batches(batch_size, device, pad), desc="token-scaling", args=args,
+    for batch in output.progress(seqs.batches(batch_size, device, pad), desc="token-scaling", quiet=quiet,
                             total=-(-len(seqs) // batch_size)):
         with ts.record_alphas(model) as rec:
             batch.forward(model, logits_to_keep=1)
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     problems = C.problems_of(benches)
     seqs = C.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
                               progress=not args.no_progress)
-    alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), args=args)
+    alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), quiet=args.no_progress)
 
     seg_rho: dict[str, list[float]] = {s: [] for s in SEGMENTS}
     seg_alpha: dict[str, dict[int, list[float]]] = {s: {layer: [] for layer in layers} for s in SEGMENTS}

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
     score_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
     rec_rows, detail = [], {}
-    bar = output.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", args=args)
+    bar = output.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", quiet=args.no_progress)
     for c, r in enumerate(recipients):
         bar.set_postfix_str(f"loading {_label(r)}")
         model, tokenizer = cli.load_steerable(r, args)

@@ -67,14 +67,14 @@ def run(args: argparse.Namespace) -> int:
     seqs = P.sample_for_analysis(model, tokenizer, vectors, args, o.benches)
     pad = pad_id_of(tokenizer)
     stats = P.shift_stats(model, seqs, vectors, steer, [last], positions=args.positions,
-                          batch_size=args.forward_batch_size, pad=pad, args=args)
+                          batch_size=args.forward_batch_size, pad=pad, quiet=args.no_progress)
     shifts = [stats[i][last].mean.float() for i in steer]
     labels = [str(i) for i in steer]
     count = stats[steer[0]][last].count
     if not args.no_all:
         with C.use_vectors(model, vectors):
             m_all, _ = LL.final_shift(model, seqs, positions=args.positions, batch_size=args.forward_batch_size,
-                                      pad=pad, args=args)
+                                      pad=pad, quiet=args.no_progress)
         shifts.append(m_all.float().cpu())
         labels.append("all")
     cos = cosine_matrix(shifts)
