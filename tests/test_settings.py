@@ -56,8 +56,8 @@ def help_of(command: str, capsys) -> str:
 
 
 def test_a_commands_own_defaults_take_effect_and_show_in_its_help(capsys):
-    assert parse("logit-lens", "--checkpoint", "c", "--out", "o").max_new_tokens == 512
-    assert parse("persistence", "--checkpoint", "c", "--out", "o").max_new_tokens == 512
+    for command in ("logit-lens", "persistence", "unembed-similarity", "token-scaling"):  # as docs/analysis.md says
+        assert parse(command, "--checkpoint", "c", "--out", "o").max_new_tokens == 512, command
     behaviour = parse("behavior", "--vectors", "v", "--layer", "1", "--out", "o")
     assert (behaviour.temperature, behaviour.max_new_tokens, behaviour.dtype) == (0.0, 256, "float32")
     evaluate = parse("evaluate", "--benchmarks", "six", "--out", "o")
