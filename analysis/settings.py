@@ -5,6 +5,8 @@
 The trace commands (``diffmean``, ``behavior``) generate with the same sampling flags (:func:`add_sampling_arguments`,
 :func:`sampling_params`); a command whose method needs other defaults (greedy, shorter completions) states them where
 it registers (``analysis.cli.add_command(..., temperature=0.0)``), and its ``--help`` shows them.
+
+The statistics' options of ``evaluate`` and ``compare`` (:func:`add_statistics_arguments`) live here too.
 """
 
 from __future__ import annotations
