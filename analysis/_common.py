@@ -13,7 +13,6 @@ The command-line arguments and model loading these build on live in ``analysis.c
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis import cli
 from analysis.cli import UsageError
-from steering import hooks as H
+from steering import hooks
 from steering import readout
 from steering import vectors as sv
+from steering.evaluation import EvalSettings
 
 # --------------------------------------------------------------------------------------------------------------------
 # Vectors on a loaded model
@@ -47,8 +46,8 @@ def resid_post(model: nn.Module, batch: "Batch", vectors: Mapping[int, torch.Ten
     Only the last position's logits are computed: the residuals are what is wanted."""
     names = [f"blocks.{j}.hook_resid_post" for j in layers]
     with use_vectors(model, vectors):
-        _, cache = H.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    names=names, logits_to_keep=1)
+        _, cache = hooks.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                        names=names, logits_to_keep=1)
     return {int(name.split(".")[1]): cache[name] for name in names}
 
 
@@ -77,11 +76,12 @@ class Accuracy:
 _ENGINES: dict[tuple[str, str], Any] = {}
 
 
-def generation_model(model: nn.Module, args: argparse.Namespace) -> Any:
-    """What generates for ``--backend``: the model itself (hf, static), or for vllm an engine serving the model's base
+def generation_model(model: nn.Module, settings: EvalSettings) -> Any:
+    """What generates for the settings' ``backend``: the model itself (hf, static), or for vllm an engine serving the
+    model's base
     with exactly the vectors the model carries now (``use_vectors``, ``steering_scale``: every analysis changes the
     steering through the BEFT vectors, which the engine mirrors). One engine per base, kept for the command."""
-    if args.backend != "vllm":
+    if settings.backend != "vllm":
         return model
     from steering.vllm_engine import VLLMError, VLLMModel
 
@@ -90,7 +90,7 @@ def generation_model(model: nn.Module, args: argparse.Namespace) -> Any:
     if key not in _ENGINES:
         device = "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
         try:
-            _ENGINES[key] = VLLMModel(key[0], dtype=key[1], device=device, **cli.vllm_options(args))
+            _ENGINES[key] = VLLMModel(key[0], dtype=key[1], device=device, **settings.vllm_options())
         except VLLMError as e:
             raise UsageError(f"--backend vllm: {e}") from None
     engine = _ENGINES[key]
@@ -99,26 +99,26 @@ def generation_model(model: nn.Module, args: argparse.Namespace) -> Any:
     return engine
 
 
-def accuracy(model: nn.Module, tokenizer: Any, benches: Sequence[Any], args: argparse.Namespace, template: Any, *,
+def accuracy(model: nn.Module, tokenizer: Any, benches: Sequence[Any], settings: EvalSettings, template: Any, *,
              greedy: bool = False) -> Accuracy:
     """Evaluate the model *as it is now* (vectors, hooks) on every benchmark with
     ``steering.evaluation.evaluate_model``.
 
-    ``greedy`` (or ``--temperature 0``): T = 0, one sample, first seed. Otherwise ``--temperature``, ``--seeds``, and
-    ``--num-samples`` (default: the benchmark's own, 32 for AIME/AMC)."""
+    ``greedy`` (or temperature 0): T = 0, one sample, first seed. Otherwise the settings' temperature, seeds and
+    samples per problem (default: the benchmark's own, 32 for AIME/AMC)."""
     from steering.evaluation import evaluate_model, metric_name
 
-    greedy = greedy or args.temperature == 0
-    params = cli.sampling_params(args, greedy=greedy)
-    seeds = list(args.seeds[:1]) if greedy else list(args.seeds)
+    greedy = greedy or settings.greedy
+    params = settings.sampling_params(greedy=greedy)
+    seeds = settings.seeds_for(greedy)
     per: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {}
     for b in benches:
-        k = cli.samples_for(b, args, greedy)
-        res = evaluate_model(generation_model(model, args), tokenizer, b.problems, template=template, params=params,
-                             num_samples=k,
-                             seeds=seeds, batch_size=args.batch_size, timeout_s=args.reward_timeout,
-                             options=cli.grading_options(args), backend=args.backend, progress=False)
+        k = settings.samples_for(b.default_samples, greedy)
+        res = evaluate_model(generation_model(model, settings), tokenizer, b.problems, template=template,
+                             params=params, num_samples=k, seeds=seeds, batch_size=settings.batch_size,
+                             timeout_s=settings.timeout_s, options=settings.grading, backend=settings.backend,
+                             progress=False)
         per[b.name] = {"accuracy": res.accuracy, "std": res.std, "metric": metric_name(k), "num_samples": k,
                        "seeds": seeds, "num_problems": len(b.problems)}
         results[b.name] = res
@@ -166,26 +166,24 @@ def sample(model: nn.Module, tokenizer: Any, questions: Sequence[str], template:
 
 
 def sample_sequences(model: nn.Module, tokenizer: Any, problems: Sequence[Mapping[str, Any]], template: Any,
-                     args: argparse.Namespace, *, num_samples: int = 1) -> Sequences:
-    """Sample completions for ``problems`` with the evaluation flags (first seed, ``--batch-size``,
-    ``--backend``)."""
-    prompts, res = sample(generation_model(model, args), tokenizer, [p["question"] for p in problems], template,
-                          cli.sampling_params(args),
-                          seed=args.seeds[0], batch_size=args.batch_size, num_samples=num_samples,
-                          backend=args.backend, progress=not args.no_progress)
+                     settings: EvalSettings, *, num_samples: int = 1, progress: bool = False) -> Sequences:
+    """Sample completions for ``problems`` with the evaluation settings (first seed, batch size, backend)."""
+    prompts, res = sample(generation_model(model, settings), tokenizer, [p["question"] for p in problems], template,
+                          settings.sampling_params(), seed=settings.seeds[0], batch_size=settings.batch_size,
+                          num_samples=num_samples, backend=settings.backend, progress=progress)
     problem = [i for i in range(len(prompts)) for _ in range(num_samples)]
     return Sequences([list(p) for p in res.prompt_ids], [list(c) for c in res.completion_ids], problem,
                      [prompts[i] for i in problem], list(res.completions))
 
 
-def sample_texts(model: nn.Module, tokenizer: Any, questions: Sequence[str], args: argparse.Namespace
-                 ) -> tuple[list[str], list[str]]:
-    """``(prompts, completions)``: one completion per question with the trace commands' generation flags
-    (``--template``, ``--seed``, ``--gen-batch-size``, sampling)."""
+def sample_texts(model: nn.Module, tokenizer: Any, questions: Sequence[str], template: str, params: Any, *, seed: int,
+                 batch_size: int | None) -> tuple[list[str], list[str]]:
+    """``(prompts, completions)``: one completion per question, as the trace commands generate (the template by
+    name, one seed, ``batch_size`` rows per call)."""
     from steering.templates import get_template
 
-    prompts, res = sample(model, tokenizer, questions, get_template(args.template), cli.sampling_params(args),
-                          seed=args.seed, batch_size=args.gen_batch_size)
+    prompts, res = sample(model, tokenizer, questions, get_template(template), params, seed=seed,
+                          batch_size=batch_size)
     return prompts, list(res.completions)
 
 

@@ -50,11 +50,11 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from analysis import cli
+from analysis import cli, output
 from analysis.cli import UsageError
 from steering import diffmean as dm
 from steering import compat
-from steering import hooks as H
+from steering import hooks
 from steering import readout
 from steering import vectors as sv
 
@@ -116,7 +116,7 @@ def make_examples(tokenizer: Any, traces: Iterable[Mapping[str, Any]], label: st
 @contextmanager
 def eager_attention(model: nn.Module):
     """Forward-mode AD has no formula for the fused SDPA kernels: run eager attention inside the block."""
-    lm = H.causal_lm(model)
+    lm = hooks.causal_lm(model)
     old = compat.attn_implementation(lm)
     if old in (None, "eager"):
         yield
@@ -160,7 +160,7 @@ def clean_logp(model: nn.Module, ex: Example, names: Sequence[str] = ()) -> tupl
     """Unsteered float64 log-probabilities at ``ex.rows`` (on the CPU), and the activations cached at ``names``."""
     device = sv.model_device(model)
     with torch.no_grad():
-        out, cache = H.run_with_cache(model, input_ids=ex.input_ids.to(device), names=list(names), use_cache=False)
+        out, cache = hooks.run_with_cache(model, input_ids=ex.input_ids.to(device), names=list(names), use_cache=False)
     return _logp(out.logits[0, ex.rows]).cpu(), cache
 
 
@@ -175,8 +175,8 @@ def jvp_logits(model: nn.Module, ex: Example, layer: int, u: torch.Tensor, coef:
                                    torch.ones((), dtype=t.dtype, device=t.device))
             return t + alpha * direction.to(t.dtype)
 
-        out = H.run_with_hooks(model, input_ids=ex.input_ids.to(device), use_cache=False,
-                               fwd_hooks=[(dm.DEFAULT_HOOK.format(layer=layer), hook)])
+        out = hooks.run_with_hooks(model, input_ids=ex.input_ids.to(device), use_cache=False,
+                                   fwd_hooks=[(dm.DEFAULT_HOOK.format(layer=layer), hook)])
         primal, tangent = fwAD.unpack_dual(out.logits)
     if tangent is None:  # the hook never ran: cannot happen for a valid layer
         raise RuntimeError(f"no tangent reached the logits from layer {layer}")
@@ -208,7 +208,7 @@ def logprob_scores(model: nn.Module, ex: Example, vectors: Mapping[int, torch.Te
     if not ex.open_positions:
         return {}
     device = sv.model_device(model)
-    lm = H.causal_lm(model)
+    lm = hooks.causal_lm(model)
     dtype = next(lm.parameters()).dtype
     T = ex.input_ids.shape[1]
     hidden = int(lm.config.hidden_size)
@@ -218,8 +218,8 @@ def logprob_scores(model: nn.Module, ex: Example, vectors: Mapping[int, torch.Te
         return lambda t, name: t + deltas[layer].to(t.dtype)
 
     with torch.enable_grad():
-        out = H.run_with_hooks(model, input_ids=ex.input_ids.to(device), use_cache=False,
-                               fwd_hooks=[(dm.DEFAULT_HOOK.format(layer=layer), adder(layer)) for layer in vectors])
+        out = hooks.run_with_hooks(model, input_ids=ex.input_ids.to(device), use_cache=False,
+                                   fwd_hooks=[(dm.DEFAULT_HOOK.format(layer=layer), adder(layer)) for layer in vectors])
         opens = torch.tensor(ex.open_positions, device=device)
         targets = torch.tensor(ex.open_targets, device=device)
         logp = torch.log_softmax(out.logits[0, opens].float(), dim=-1)
@@ -245,9 +245,9 @@ def exact_scores(model: nn.Module, ex: Example, vectors: Mapping[int, torch.Tens
     out: dict[int, dict[str, float]] = {}
     for layer, u in vectors.items():
         with torch.no_grad():
-            steered = H.run_with_hooks(model, input_ids=ex.input_ids.to(device), use_cache=False,
-                                       fwd_hooks=[(dm.DEFAULT_HOOK.format(layer=layer),
-                                                   H.add_at(coef * u.to(device), mask.to(device)))]).logits[0]
+            steered = hooks.run_with_hooks(model, input_ids=ex.input_ids.to(device), use_cache=False,
+                                           fwd_hooks=[(dm.DEFAULT_HOOK.format(layer=layer),
+                                                       hooks.add_at(coef * u.to(device), mask.to(device)))]).logits[0]
         logq = _logp(steered[ex.rows]).cpu()
         row = {"exact_kl": float(kl_from_logp(logp[pos], logq[pos]).mean())}
         if len(opens):
@@ -276,7 +276,7 @@ def attribution(model: nn.Module, examples: Sequence[Example], vectors: Mapping[
         raise ValueError(f"unknown estimates {bad}; choose from {list(ESTIMATES)}")
     layers = sorted(vectors)
     vectors = {layer: vectors[layer] for layer in layers}
-    hidden = int(H.causal_lm(model).config.hidden_size)
+    hidden = int(hooks.causal_lm(model).config.hidden_size)
     embed_acc = dm.DiffMeanAccumulator(["hook_embed"], hidden, "span")
     per: dict[str, dict[int, list[float]]] = {}
 
@@ -316,7 +316,7 @@ def attribution(model: nn.Module, examples: Sequence[Example], vectors: Mapping[
 
 def embedding_cosines(model: nn.Module, vectors: Mapping[int, torch.Tensor], chunk: int = 16384) -> dict[int, float]:
     """Per layer, the max |cosine| of ``u_l`` with any row of the input embedding matrix."""
-    emb = H.causal_lm(model).get_input_embeddings().weight.detach()
+    emb = hooks.causal_lm(model).get_input_embeddings().weight.detach()
     out = {}
     for layer, u in vectors.items():
         uh = u.to(emb.device).float()
@@ -470,7 +470,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--traces {args.traces}: no span is labelled {label!r} "
                          f"(labels present: {sorted(dm.trace_labels(traces))})")
     model_id = cli.base_model_id(args.model, ckpt)
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     vectors = cli.checkpoint_vectors(ckpt)
     model, tokenizer = cli.load_plain(model_id, args, attn="eager")
     cli.check_vectors_fit(vectors, model, f"--vectors {ckpt}")
@@ -485,4 +485,4 @@ def main(args: argparse.Namespace) -> int:
           + ", ".join(f"{layer}:{v:.3g}" for layer, v in zip(result["layers"], s)), file=sys.stderr)
     print(f"flagged (embedding-like): {result['flagged_layers']}; chosen layer: {result['chosen_layer']}",
           file=sys.stderr)
-    return cli.finish(out, result)
+    return output.finish(out, result)

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from analysis import cli
+from analysis import cli, output, settings
 from analysis._common import sample_texts
 from analysis.cli import UsageError
 from steering import vectors as sv
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     except sv.CheckpointError as e:
         raise UsageError(str(e)) from None
     annotator = cli.make_annotator_arg(args)
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
 
     # ---- one steered model; c scales its vector in place (c = 0: exactly the base)
     base, tokenizer = cli.load_plain(model_id, args)
@@ -133,7 +133,9 @@ def main(args: argparse.Namespace) -> int:
     with open(tmp, "w", encoding="utf-8") as f:
         for coef in args.coefs:
             with sv.steering_scale(model, coef):
-                prompts, texts = sample_texts(model, tokenizer, questions, args)
+                prompts, texts = sample_texts(model, tokenizer, questions, args.template,
+                                              settings.sampling_params(args), seed=args.seed,
+                                              batch_size=args.gen_batch_size)
             spans = [annotator.annotate(t) for t in texts]
             run = {"coef": coef, **summarize(texts, spans, labels)}
             runs.append(run)
@@ -159,4 +161,4 @@ def main(args: argparse.Namespace) -> int:
                                             - zero["fractions"].get(label, 0.0) for r in runs}
     result["plot"] = str(plot(result, out / "behavior.png"))
     result["generations"] = str(gen_path)
-    return cli.finish(out, result)
+    return output.finish(out, result)

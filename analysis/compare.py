@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import cli, plots
+from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import benchmark_scores, forest_groups, render_differences, render_pair_detectable
 from steering import statistics as stats
@@ -142,11 +142,11 @@ def register(subparsers) -> None:
                    help="difference A − B to report (repeatable): rows as NAME/LABEL, or NAME for a run with one "
                         "row; default: each row of a later run against the first run's row of the same label")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (result.json, differences.png)")
-    cli.add_stats_args(p)
+    settings.add_statistics_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    cli.check_stats_args(args)
+    settings.check_statistics(args)
     if len(args.results) < 2:
         raise UsageError("give at least two results to compare")
     runs = [read_run(item) for item in args.results]
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         if not scores_a:
             raise UsageError(f"{a} and {b} share no problem (benchmarks {sorted(shared) or 'none in common'})")
         inputs.append((a, b, scores_a, scores_b, shared))
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     differences = [_difference(a, b, sa, sb, shared, args) for a, b, sa, sb, shared in inputs]
     result = {"inputs": [{"name": r["name"], "path": r["path"],
                           "rows": [row["label"] for row in r["results"]["rows"]]} for r in runs],
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     plots.forest_plot(out / "differences.png", forest_groups(differences),
                       title="Paired differences between runs (points), 95 % intervals", xlabel="A − B (points)")
     print(result["table"] + render_pair_detectable(differences))
-    return cli.finish(out, result, f"wrote {out / 'differences.png'}")
+    return output.finish(out, result, f"wrote {out / 'differences.png'}")
 
 
 def _difference(a: str, b: str, scores_a: Mapping[str, np.ndarray], scores_b: Mapping[str, np.ndarray],

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from analysis import _common
-from analysis import cli, plots
+from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import relative_improvement
 from steering import vectors as sv
@@ -123,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
     jobs += [(f"L{i}", {i: singles[i][0]}) for i in layers]
     jobs += [(f"L{i}+L{j}", {i: singles[i][0], j: singles[j][0]}) for i, j in pairs]
     acc: dict[str, _common.Accuracy] = {}
-    for label, vecs in cli.progress(jobs, desc="compose", args=args):
+    for label, vecs in output.progress(jobs, desc="compose", quiet=args.no_progress):
         with _common.use_vectors(model, vecs):
-            acc[label] = _common.accuracy(model, tokenizer, benches, args, tmpl)
+            acc[label] = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
 
     a = {k: v.accuracy for k, v in acc.items()}
     single_rows = [{"layer": i, "source": singles[i][1], "accuracy": a[f"L{i}"]} for i in layers]
@@ -152,5 +152,5 @@ def run(args: argparse.Namespace) -> int:
               "isolated": singles_paths is not None, "layers": layers, "base_accuracy": a["base"],
               "all_layer_accuracy": a["all"], "singles": single_rows, "pairs": pair_rows, "score_matrix": score_m,
               "pair_accuracy_matrix": pair_m, "detail": {k: v.per_benchmark for k, v in acc.items()},
-              "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(o.out, result, f"compose: {len(pairs)} pairs of {len(layers)} layers")
+              "settings": settings.record(args), "plots": files}
+    return output.finish(o.out, result, f"compose: {len(pairs)} pairs of {len(layers)} layers")

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from analysis import cli
+from analysis import cli, output, settings
 from analysis._common import sample_texts
 from analysis.cli import UsageError
 from steering import diffmean as dm
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(f"--traces {args.traces}: no labelled spans")
     else:
         cli.check_generation_args(args, args.generate)
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
 
     # ---- traces from generation, if asked
     model = tokenizer = None
@@ -102,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
         annotator = cli.make_annotator_arg(args)
         gen_model, gen_tok = cli.load_plain(args.model, args)
         rows = cli.heldout_questions(args, args.generate)
-        prompts, texts = sample_texts(gen_model, gen_tok, [r["question"] for r in rows], args)
+        prompts, texts = sample_texts(gen_model, gen_tok, [r["question"] for r in rows], args.template,
+                                      settings.sampling_params(args), seed=args.seed, batch_size=args.gen_batch_size)
         if act_id == args.model:
             model, tokenizer = gen_model, gen_tok
         del gen_model
@@ -158,4 +159,4 @@ def main(args: argparse.Namespace) -> int:
     for label, info in result["labels"].items():
         print(f"{label}: {info['spans']} spans, {info['positions']} positions -> {info['checkpoint']}",
               file=sys.stderr)
-    return cli.finish(out, result)
+    return output.finish(out, result)

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from analysis import _common
-from analysis import cli, plots
+from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 import steering.sae
 from steering import separation
@@ -283,12 +283,12 @@ def clear_activations(directory: Path) -> None:
 @torch.no_grad()
 def collect(model: nn.Module, seqs: _common.Sequences, vectors: Mapping[int, torch.Tensor], layer: int, *,
             input_kind: str, positions: str, writers: Mapping[str, ChunkWriter], split_of_row: Sequence[str],
-            batch_size: int, pad: int, args: argparse.Namespace | None = None) -> None:
+            batch_size: int, pad: int, quiet: bool = False) -> None:
     """Record the SAE's input vectors of every sequence at ``layer`` into the writers (ΔF with ``input_kind``
     "diff": :func:`analysis._common.resid_shift` of the steered and the unsteered residual, exactly ``persistence``'s
     shift)."""
     device = next(model.parameters()).device
-    bar = cli.progress(desc="ΔF", total=-(-len(seqs) // batch_size), args=args, unit="batch")
+    bar = output.progress(desc="ΔF", total=-(-len(seqs) // batch_size), quiet=quiet, unit="batch")
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         base = _common.resid_post(model, batch, {}, [layer])[layer]
@@ -405,13 +405,13 @@ class FeatureStats:
 
 @torch.no_grad()
 def feature_pass(sae: steering.sae.SparseAutoencoder, files: Mapping[str, Sequence[Path]], num_rows: int, *, top_m: int,
-                 input_kind: str, sub_batch: int = 4096, args: argparse.Namespace | None = None) -> FeatureStats:
+                 input_kind: str, sub_batch: int = 4096, quiet: bool = False) -> FeatureStats:
     """Encode every stored vector once and gather :class:`FeatureStats` (reconstruction metrics per split)."""
     device = sae.W_dec.device
     st = FeatureStats(sae.cfg.d_in, sae.cfg.d_sae, num_rows, top_m, device)
     w_dec = sae.W_dec.detach().double()
     every = [(split, f) for split in SPLITS for f in files.get(split, [])]
-    for split, path in cli.progress(every, desc="features", args=args, unit="chunk"):
+    for split, path in output.progress(every, desc="features", quiet=quiet, unit="chunk"):
         chunk = read_chunk(path)
         for start in range(0, chunk["x"].shape[0], sub_batch):
             part = {k: v[start:start + sub_batch].to(device) for k, v in chunk.items()}
@@ -515,7 +515,7 @@ def split_problems(num_problems: int, fraction: float, seed: int) -> set[int]:
 
 
 def settings_of(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
-    return {**cli.sampling_settings(args), "samples_per_problem": args.samples_per_problem, "input": args.input,
+    return {**settings.record(args), "samples_per_problem": args.samples_per_problem, "input": args.input,
             "positions": args.positions, "chunk_size": args.chunk_size, "heldout_fraction": args.heldout_fraction,
             "dict_size": plan.dict_size, "sparsity": args.sparsity, "topk": args.topk, "l1_coeff": args.l1_coeff,
             "steps": args.steps, "lr": args.lr, "sae_batch_size": args.sae_batch_size, "aux_coeff": args.aux_coeff,
@@ -540,8 +540,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--heldout-fraction {args.heldout_fraction} needs at least 2 problems (a held-out one and "
                          f"a training one); there is {len(problems)}; use --heldout-fraction 0")
     tmpl = cli.template(args)
-    settings = settings_of(args, plan)
-    out = cli.prepare_out(args.out)
+    run_settings = settings_of(args, plan)
+    out = output.prepare_out(args.out)
     model, tokenizer = cli.load_steerable(base_id, args)
     vectors = cli.checkpoint_vectors(args.checkpoint, model)
     steer = {layer: vectors[layer] for layer in plan.steer_layers}
@@ -549,10 +549,11 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. completions of the steered model, their verdicts, and the vectors at layer L on their tokens
     with _common.use_vectors(model, vectors):
-        seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
+        seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+                                        progress=not args.no_progress, num_samples=args.samples_per_problem)
     verdicts = score_batch(seqs.completions, [problems[i]["answer"] for i in seqs.problem],
                            answer_format=tmpl.answer_format, timeout_s=args.reward_timeout,
-                           options=cli.grading_options(args))
+                           options=settings.from_args(args).grading)
     correct = torch.tensor([bool(v.correct) for v in verdicts])
     heldout = split_problems(len(problems), args.heldout_fraction, args.sae_seed)
     split_of_row = ["heldout" if seqs.problem[r] in heldout else "train" for r in range(len(seqs))]
@@ -561,12 +562,12 @@ def run(args: argparse.Namespace) -> int:
     clear_activations(act_dir)
     writers = {split: ChunkWriter(act_dir, split, args.chunk_size) for split in SPLITS}
     collect(model, seqs, steer, plan.layer, input_kind=args.input, positions=args.positions, writers=writers,
-            split_of_row=split_of_row, batch_size=args.forward_batch_size, pad=pad, args=args)
+            split_of_row=split_of_row, batch_size=args.forward_batch_size, pad=pad, quiet=args.no_progress)
     files = {split: list(w.files) for split, w in writers.items()}
     hook_name = f"blocks.{plan.layer}.hook_resid_post"
     if not files["train"]:
         raise UsageError("no training tokens were recorded (every problem is held out?)")
-    cli.write_json(act_dir / "index.json", {
+    output.write_json(act_dir / "index.json", {
         "layer": plan.layer, "hook_name": hook_name, "input": args.input,
         "steer_layers": plan.steer_layers, "positions": args.positions, "d": plan.hidden,
         "chunks": {s: [f.name for f in fs] for s, fs in files.items()},
@@ -582,7 +583,7 @@ def run(args: argparse.Namespace) -> int:
                          "training vectors recorded; lower it or sample more")
     init = read_chunk(files["train"][0])["x"][:65536]
     curve: dict[str, list[float]] = {"step": [], "loss": [], "explained_variance": []}
-    bar = cli.progress(desc="SAE", total=args.steps, args=args, unit="step")
+    bar = output.progress(desc="SAE", total=args.steps, quiet=args.no_progress, unit="step")
     log_every = max(1, args.steps // 200)
 
     def on_step(s: steering.sae.StepStats) -> None:
@@ -605,7 +606,8 @@ def run(args: argparse.Namespace) -> int:
                                                "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
 
     # 3. feature statistics and separation
-    st = feature_pass(sae, files, len(seqs), top_m=args.examples * EXAMPLE_POOL, input_kind=args.input, args=args)
+    st = feature_pass(sae, files, len(seqs), top_m=args.examples * EXAMPLE_POOL, input_kind=args.input,
+                      quiet=args.no_progress)
     means = st.row_means()
     has_tokens = st.row_tokens > 0
     alive = st.alive
@@ -658,7 +660,7 @@ def run(args: argparse.Namespace) -> int:
     delta_n = max(st.count, 1)
     result = {
         "command": "diffsae", "checkpoint": str(args.checkpoint), "base_model": base_id, "layer": plan.layer,
-        "hook_name": hook_name, "input": args.input, "steer_layers": plan.steer_layers, "settings": settings,
+        "hook_name": hook_name, "input": args.input, "steer_layers": plan.steer_layers, "settings": run_settings,
         "data": {"num_completions": len(seqs), "num_correct": int(correct.sum()),
                  "accuracy": float(correct.double().mean()), "num_problems": len(problems),
                  "heldout_problems": sorted(heldout), "train_tokens": writers["train"].tokens,
@@ -685,7 +687,7 @@ def run(args: argparse.Namespace) -> int:
     ev = recon["heldout"]["explained_variance"] if recon["heldout"]["num_vectors"] else recon["train"][
         "explained_variance"]
     best = f", top feature {rows[0]['feature']} AUROC {rows[0]['auroc']:.3f}" if rows else ""
-    return cli.finish(out, result, f"diffsae: {len(seqs)} completions, SAE EV {ev:.3f}, {dead} dead{best}")
+    return output.finish(out, result, f"diffsae: {len(seqs)} completions, SAE EV {ev:.3f}, {dead} dead{best}")
 
 
 def threshold_json(effect: float | None) -> dict[str, Any] | None:

@@ -17,8 +17,9 @@ p-values), ``OUT/samples.jsonl`` (every completion, its extracted answer and ver
 (a forest plot of the differences).
 
 The evaluation itself (generate, score, avg@k / pass@k) is ``steering.evaluation``; the benchmarks are
-``steering.problems``; the rows (the four kinds of model) and the arguments are ``analysis.cli``; the table and the
-statistics on it are ``analysis.table`` and ``steering.statistics`` (docs/evaluation.md explains the scheme).
+``steering.problems``; the rows (the four kinds of model), the table and the statistics on it are ``analysis.table``
+and ``steering.statistics`` (docs/evaluation.md explains the scheme); the arguments are ``analysis.settings`` and
+``analysis.cli``.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from analysis import cli, plots
-from analysis.cli import RowSpec, UsageError, load_row_model
-from analysis.table import add_relative, add_statistics, forest_groups, render_table, resolve_pairs
+from analysis import cli, output, plots, settings
+from analysis.cli import UsageError
+from analysis.table import (RowSpec, add_relative, add_statistics, build_rows, check_loadable, check_vllm_rows,
+                            forest_groups, load_row_model, render_table, resolve_pairs)
 from steering import statistics as stats
-from steering.evaluation import EvalResult, as_problems, evaluate_model, mean_std, metric_name, problem_key
+from steering.evaluation import (EvalResult, EvalSettings, as_problems, evaluate_model, mean_std, metric_name,
+                                 problem_key)
 
 
 def environment() -> dict[str, Any]:
@@ -63,10 +66,10 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
     from tqdm.auto import tqdm
 
     device, dtype = cli.device_and_dtype(args)
-    params = cli.sampling_params(args)
-    bench_meta = [_bench_meta(b, args) for b in benches]
+    evals = settings.from_args(args)
+    bench_meta = [_bench_meta(b, evals) for b in benches]
     results: dict[str, Any] = {
-        "settings": _settings(args, template, params, device, dtype, bench_meta),
+        "settings": _settings(args, evals, template, device, dtype, bench_meta),
         "benchmarks": bench_meta,
         "rows": [],
     }
@@ -76,22 +79,21 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
     try:
         for row in rows:
             bar.set_postfix_str(f"loading {row.label}")
-            model, tokenizer = load_row_model(row, dtype=dtype, device=device, backend=args.backend,
-                                              vllm_options=cli.vllm_options(args))
-            row_params = cli.sampling_params(args, greedy=row.greedy)
-            seeds = list(args.seeds[:1]) if row.greedy else list(args.seeds)
+            model, tokenizer = load_row_model(row, dtype=dtype, device=device, backend=evals.backend,
+                                              vllm_options=evals.vllm_options())
+            row_params = evals.sampling_params(greedy=row.greedy)
+            seeds = list(evals.seeds[:1]) if row.greedy else list(evals.seeds)
             row_out: dict[str, Any] = {**row.describe(), "seeds": seeds, "sampling": asdict(row_params),
                                        "results": {}}
             for b in benches:
-                k = cli.samples_for(b, args, greedy=row.greedy)
+                k = evals.samples_for(b.default_samples, greedy=row.greedy)
                 per_seed_results = []
                 for seed in seeds:
                     bar.set_postfix_str(f"{row.label} | {b.name} | seed {seed}")
                     res = evaluate_model(model, tokenizer, b.problems, template=template, params=row_params,
-                                         num_samples=k, seeds=[seed], batch_size=args.batch_size,
-                                         timeout_s=args.reward_timeout, options=cli.grading_options(args),
-                                         backend=args.backend, progress=not args.no_progress,
-                                         max_length=args.max_length)
+                                         num_samples=k, seeds=[seed], batch_size=evals.batch_size,
+                                         timeout_s=evals.timeout_s, options=evals.grading, backend=evals.backend,
+                                         progress=not args.no_progress, max_length=evals.max_length)
                     per_seed_results.append(res.seeds[0])
                     if samples_f is not None:
                         for rec in res.records():
@@ -113,7 +115,7 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
             _empty_cuda_cache()
             add_relative(results["rows"])
             if out is not None:  # partial results after every row: a long run that dies keeps what it has
-                cli.write_json(out / "results.json", results)
+                output.write_json(out / "results.json", results)
     finally:
         bar.close()
         if samples_f is not None:
@@ -128,15 +130,15 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
     return results
 
 
-def _settings(args: argparse.Namespace, template: Any, params: Any, device: str, dtype: str,
+def _settings(args: argparse.Namespace, evals: EvalSettings, template: Any, device: str, dtype: str,
               bench_meta: list[dict[str, Any]]) -> dict[str, Any]:
     """The exact settings of a run, as results.json records them."""
     return {
         "template": template.name, "answer_format": template.answer_format,
-        "sampling": asdict(params), "seeds": list(args.seeds), "batch_size": args.batch_size,
-        "limit": args.limit, "dtype": dtype, "device": device, "backend": args.backend,
-        "max_length": args.max_length, "reward_style": "pm1", "reward_timeout_s": args.reward_timeout,
-        "grading_options": asdict(cli.grading_options(args)),
+        "sampling": asdict(evals.sampling_params()), "seeds": list(evals.seeds), "batch_size": evals.batch_size,
+        "limit": args.limit, "dtype": dtype, "device": device, "backend": evals.backend,
+        "max_length": evals.max_length, "reward_style": "pm1", "reward_timeout_s": evals.timeout_s,
+        "grading_options": asdict(evals.grading),
         "pass_k": list(args.pass_k),
         "num_samples": {b["name"]: b["num_samples"] for b in bench_meta},
         "greedy_rule": "temperature 0 -> 1 sample per problem",
@@ -146,10 +148,10 @@ def _settings(args: argparse.Namespace, template: Any, params: Any, device: str,
     }
 
 
-def _bench_meta(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _bench_meta(bench: Any, evals: EvalSettings) -> dict[str, Any]:
     """A benchmark's entry in results.json, with its problems' ids and content keys: every row's per-problem counts
     follow this order, and ``compare`` matches problems across runs by the keys."""
-    k = cli.samples_for(bench, args, greedy=False)
+    k = evals.samples_for(bench.default_samples)
     problems = as_problems(bench.problems)
     return {**bench.describe(), "num_samples": k, "metric": metric_name(k),
             "problem_ids": [p["id"] for p in problems], "problem_keys": [problem_key(p) for p in problems]}
@@ -157,7 +159,7 @@ def _bench_meta(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def _write(results: dict[str, Any], out: Path) -> None:
     """The finished run's results.json, table.md and, when rows were compared, the forest plot differences.png."""
-    cli.write_json(out / "results.json", results)
+    output.write_json(out / "results.json", results)
     (out / "table.md").write_text(results["table"], encoding="utf-8")
     if results["differences"]:
         plots.forest_plot(out / "differences.png", forest_groups(results["differences"]),
@@ -194,24 +196,24 @@ def register(subparsers) -> None:
                    help="difference A − B to report (repeatable; a row label or role: base, steering, lora, full), "
                         "with its paired interval and p-value; default: each row against Base, and Steering against "
                         "Full and LoRA when present")
-    cli.add_eval_args(p)
-    cli.add_stats_args(p)
+    settings.add_arguments(p)
+    settings.add_statistics_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    cli.check_eval_args(args)
-    cli.check_stats_args(args)
-    rows = cli.build_rows(args.checkpoint, args.label, args.model, args.include_base, args.base_greedy)
+    settings.check(args)
+    settings.check_statistics(args)
+    rows = build_rows(args.checkpoint, args.label, args.model, args.include_base, args.base_greedy)
     try:
         pairs = resolve_pairs([r.describe() for r in rows], args.pair)
     except ValueError as e:
         raise UsageError(str(e)) from None
     template = cli.resolve_template(args.template, [r.path for r in rows])
     benches = cli.load_benchmarks(args.benchmarks, args)
-    cli.check_loadable(rows)
+    check_loadable(rows)
     if args.backend == "vllm":
-        cli.check_vllm_rows(rows, args.device)
-    out = cli.prepare_out(args.out)
+        check_vllm_rows(rows, args.device)
+    out = output.prepare_out(args.out)
     results = evaluate_rows(rows, benches, args, template, out, pairs=pairs, resamples=args.resamples,
                             stats_seed=args.stats_seed)
     print(results["table"])

@@ -47,10 +47,10 @@ from typing import Any
 import torch
 
 from analysis import _common
-from analysis import cli, plots
+from analysis import cli, output, plots, settings
 from analysis.table import relative_improvement
 from steering.generation import pad_id_of
-from steering.evaluation import avg_at_k, mean_std
+from steering.evaluation import EvalSettings, avg_at_k, mean_std
 from steering.readout import first_token_gain
 
 
@@ -70,8 +70,9 @@ class SuffixTemplate:
         return self.base.stops(tokenizer, model)  # the completion still ends where the base template's does
 
 
-def rescored_accuracy(acc: _common.Accuracy, prefix: str, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
-    """Accuracy of an evaluation whose every completion is scored as ``prefix + completion``."""
+def rescored_accuracy(acc: _common.Accuracy, prefix: str, evals: EvalSettings) -> tuple[float, dict[str, Any]]:
+    """Accuracy of an evaluation whose every completion is scored as ``prefix + completion`` (graded as ``evals``
+    says)."""
     from steering.rewards import score_batch
 
     per: dict[str, Any] = {}
@@ -81,8 +82,7 @@ def rescored_accuracy(acc: _common.Accuracy, prefix: str, args: argparse.Namespa
         for seed in res.seeds:
             flat = [s for row in seed.samples for s in row]
             verdicts = iter(score_batch([prefix + s["completion"] for s in flat], [s["answer"] for s in flat],
-                                        answer_format=fmt, timeout_s=args.reward_timeout,
-                                        options=cli.grading_options(args)))
+                                        answer_format=fmt, timeout_s=evals.timeout_s, options=evals.grading))
             correct = [[bool(next(verdicts).correct) for _ in row] for row in seed.samples]
             per_seed.append(avg_at_k(correct))
         per[name] = {"accuracy": mean_std(per_seed)[0], "per_seed": per_seed}
@@ -90,7 +90,8 @@ def rescored_accuracy(acc: _common.Accuracy, prefix: str, args: argparse.Namespa
 
 
 @torch.no_grad()
-def position_stats(model, seqs: _common.Sequences, vectors, *, max_positions: int, batch_size: int, pad: int, args=None
+def position_stats(model, seqs: _common.Sequences, vectors, *, max_positions: int, batch_size: int, pad: int,
+                   quiet: bool = False
                    ) -> dict[str, Any]:
     device = next(model.parameters()).device
     P = max_positions
@@ -103,7 +104,7 @@ def position_stats(model, seqs: _common.Sequences, vectors, *, max_positions: in
     tok_count: dict[int, int] = {}
     tok_first: dict[int, int] = {}
     per_row: dict[int, list[float]] = {}
-    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="first-token", args=args,
+    for batch in output.progress(seqs.batches(batch_size, device, pad), desc="first-token", quiet=quiet,
                             total=-(-len(seqs) // batch_size)):
         with _common.use_vectors(model, vectors):
             ls = batch.forward(model).logits.float()
@@ -165,9 +166,10 @@ def run(args: argparse.Namespace) -> int:
     pad = pad_id_of(tokenizer)
 
     with _common.use_vectors(model, vectors):
-        seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, args, num_samples=args.samples_per_problem)
+        seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+                                        progress=not args.no_progress, num_samples=args.samples_per_problem)
     st = position_stats(model, seqs, vectors, max_positions=args.max_positions, batch_size=args.forward_batch_size,
-                        pad=pad, args=args)
+                        pad=pad, quiet=args.no_progress)
     prompts = [tmpl.render(p["question"], tokenizer=tokenizer) for p in problems]
     first = first_token_gain(model, tokenizer, prompts, vectors, k=args.k, batch_size=args.forward_batch_size)
     k = len(first["top_gained"])
@@ -188,15 +190,15 @@ def run(args: argparse.Namespace) -> int:
         probe = tokenizer(prompts[0] + text, add_special_tokens=True)["input_ids"]
         plain = tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
         matches = token_id is not None and probe == plain + [token_id]
-        bar = cli.progress(total=3, desc="substitution test", args=args)
+        bar = output.progress(total=3, desc="substitution test", quiet=args.no_progress)
         with _common.use_vectors(model, {}):
-            acc_base = _common.accuracy(model, tokenizer, benches, args, tmpl)
+            acc_base = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
             bar.update(1)
-            sub = _common.accuracy(model, tokenizer, benches, args, SuffixTemplate(tmpl, text))
-            acc_sub, sub_detail = rescored_accuracy(sub, text, args)
+            sub = _common.accuracy(model, tokenizer, benches, settings.from_args(args), SuffixTemplate(tmpl, text))
+            acc_sub, sub_detail = rescored_accuracy(sub, text, settings.from_args(args))
             bar.update(1)
         with _common.use_vectors(model, vectors):
-            acc_steered = _common.accuracy(model, tokenizer, benches, args, tmpl)
+            acc_steered = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
             bar.update(1)
         bar.close()
         subst = {"token": text, "token_id": token_id, "text": text, "source": source,
@@ -226,8 +228,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"command": "first-token", "checkpoint": str(args.checkpoint), "base_model": o.base_id, "layers": layers,
               "position_gain": pos, "first_position_share": share, "first_token": first, "tokens_by_gain": by_gain,
               "substitution": subst, "num_sequences": len(seqs), "num_tokens": sum(len(c) for c in seqs.completion_ids),
-              "settings": cli.sampling_settings(args), "plots": files}
+              "settings": settings.record(args), "plots": files}
     msg = f"first-token: top first token {first['top_gained'][0]['token']!r}"
     if subst:
         msg += f", substitution recovers {subst['recovered']}"
-    return cli.finish(out, result, msg)
+    return output.finish(out, result, msg)

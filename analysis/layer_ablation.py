@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import _common
-from analysis import cli, plots
+from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 
 SCHEDULES: dict[str, list[tuple[float, float]]] = {
@@ -170,7 +170,7 @@ def run_make(args: argparse.Namespace) -> int:
         lrs[layer] = rate
     layers = cli.parse_layers(args.layers, num_layers) if args.layers else list(range(num_layers))
 
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     (out / "configs").mkdir(exist_ok=True)
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path(base_cfg.get("output_dir", "runs/layer-ablation"))
     run_name = base_cfg.get("run_name") or Path(str(model)).name
@@ -215,12 +215,12 @@ def run_make(args: argparse.Namespace) -> int:
         + yaml.safe_dump(sweep, sort_keys=False))
     manifest = {"model": model, "dataset": base_cfg.get("dataset"), "num_layers": num_layers,
                 "schedule": sched_name, "anchors": anchors, "runs": runs}
-    cli.write_json(out / "runs.json", manifest)
+    output.write_json(out / "runs.json", manifest)
     files = [plots.line_plot(out / "lr_schedule.png", list(range(num_layers)), {"learning rate": lrs},
                              title=f"per-layer learning rate ({sched_name})", xlabel="layer",
                              ylabel="learning rate").name]
     validated = _validate(runs) if args.validate else None
-    return cli.finish(out, {"command": "layer-ablation make", **manifest, "launch": "launch.sh",
+    return output.finish(out, {"command": "layer-ablation make", **manifest, "launch": "launch.sh",
                             "sweep": "sweep.yaml", "validated": validated, "plots": files},
                       f"layer-ablation make: {len(runs)} configs in {out / 'configs'}; run them with bash "
                       f"{out / 'launch.sh'} or wandb sweep {out / 'sweep.yaml'}")
@@ -273,7 +273,7 @@ def run_collect(args: argparse.Namespace) -> int:
     cli.check_args(args, refs)
     base_id = cli.base_model_id(args.model or manifest.get("model"), refs[0] if refs else None)
     benches = cli.load_benchmarks(cli.benchmark_specs(args, refs), args)
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     model, tokenizer = cli.load_steerable(base_id, args)
     tmpl = cli.template(args, refs)
     temps = [("T=0", True)] + ([(f"T={args.temperature:g}", False)] if args.temperature > 0 else [])
@@ -282,11 +282,12 @@ def run_collect(args: argparse.Namespace) -> int:
         acc, det = {}, {}
         with _common.use_vectors(model, vectors):
             for key, greedy in temps:
-                a = _common.accuracy(model, tokenizer, benches, args, tmpl, greedy=greedy)
+                a = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl, greedy=greedy)
                 acc[key], det[key] = a.accuracy, a.per_benchmark
         return acc, det
 
-    bar = cli.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect", args=args)
+    bar = output.progress(total=len(found) + 1 + bool(args.all_layers), desc="layer-ablation collect",
+                          quiet=args.no_progress)
     base_acc, base_det = evaluate({})
     bar.update(1)
     all_row = None
@@ -318,8 +319,8 @@ def run_collect(args: argparse.Namespace) -> int:
               "layers": layers, "temperatures": [0.0] + ([args.temperature] if args.temperature > 0 else []),
               "runs": rows,
               "base": {**base_acc, "detail": base_det}, "all_layers": all_row, "missing": missing,
-              "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"layer-ablation collect: {len(rows) - len(missing)} runs evaluated"
+              "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"layer-ablation collect: {len(rows) - len(missing)} runs evaluated"
                       + (f", {len(missing)} without a checkpoint (layers {missing})" if missing else ""))
 
 

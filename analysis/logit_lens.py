@@ -42,7 +42,7 @@ from torch import nn
 
 from analysis import _common
 from analysis import plots
-from analysis import cli
+from analysis import cli, output, settings
 from analysis.cli import UsageError
 from steering import hooks
 from steering import vectors as sv
@@ -60,13 +60,13 @@ __all__ = ["LENSES", "Vocab", "final_shift", "lens", "readout", "register", "run
 
 @torch.no_grad()
 def final_shift(model: nn.Module, seqs: _common.Sequences, *, positions: str = "all", batch_size: int = 8,
-                pad: int = 0, args: argparse.Namespace | None = None) -> tuple[torch.Tensor, int]:
+                pad: int = 0, quiet: bool = False) -> tuple[torch.Tensor, int]:
     """Token-mean of ``resid_post_{L-1}(steered) − resid_post_{L-1}(unsteered)`` with the model's current vectors."""
     last = f"blocks.{hooks.num_layers(model) - 1}.hook_resid_post"
     device = next(model.parameters()).device
     total, count = None, 0
-    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="final shift",
-                            total=-(-len(seqs) // batch_size), args=args):
+    for batch in output.progress(seqs.batches(batch_size, device, pad), desc="final shift",
+                                 total=-(-len(seqs) // batch_size), quiet=quiet):
         _, steered = hooks.run_with_cache(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                           names=[last], logits_to_keep=1)
         with sv.steering_disabled(model):
@@ -129,16 +129,17 @@ def run(args: argparse.Namespace) -> int:
     layers = o.layers(args.layers)
     vocab = Vocab.of(model, tokenizer)
     entries = [vector_lens(model, layer, vectors[layer], vocab, args.k, args.lens)
-               for layer in cli.progress(layers, desc="logit lens", args=args)]
+               for layer in output.progress(layers, desc="logit lens", quiet=args.no_progress)]
 
     shift_entry = None
     if not args.no_shift:
         tmpl = cli.template(args)
         problems = _common.problems_of(o.benches)
         with _common.use_vectors(model, vectors):
-            seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, args)
+            seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+                                            progress=not args.no_progress)
             shift, count = final_shift(model, seqs, positions=args.positions, batch_size=args.forward_batch_size,
-                                       pad=pad_id_of(tokenizer), args=args)
+                                       pad=pad_id_of(tokenizer), quiet=args.no_progress)
         with torch.no_grad():
             shift_entry = {"num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
                            "norm": float(shift.norm()), **readout(lens(model, shift, args.lens), vocab, args.k)}
@@ -151,5 +152,5 @@ def run(args: argparse.Namespace) -> int:
                             f"non-Latin / non-English share among each vector's top/bottom-{args.k} tokens").name)
     result = {"command": "logit-lens", "checkpoint": str(args.checkpoint), "base_model": o.base_id, "lens": args.lens,
               "k": args.k, "vocab": vocab.shares(), "layers": entries, "final_shift": shift_entry,
-              "settings": cli.sampling_settings(args) if shift_entry else None, "plots": files}
-    return cli.finish(out, result, f"logit-lens: {len(entries)} layers")
+              "settings": settings.record(args) if shift_entry else None, "plots": files}
+    return output.finish(out, result, f"logit-lens: {len(entries)} layers")

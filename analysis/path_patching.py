@@ -52,18 +52,19 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from analysis import _common as C
+from analysis import _common
 from analysis import plots
-from analysis import cli
+from analysis import cli, output, settings
 from analysis.cli import UsageError
 from steering import compat
-from steering import hooks as H
+from steering import hooks
 from steering import vectors as sv
 from steering.generation import pad_id_of
 
@@ -132,16 +133,13 @@ class Patcher:
     ever called by hand, so nothing depends on the keyword names of its forward."""
 
     def __init__(self, model: nn.Module, layer: int, vector: torch.Tensor):
-        num = H.num_layers(model)
-        if not 0 <= layer <= num - 2:
-            raise UsageError(f"path patching needs a block after the vector: --layer must be in 0..{num - 2} "
-                             f"(the model has {num} layers), got {layer}")
+        check_layer(layer, hooks.num_layers(model))
         self.model = model
         self.layer = layer
         self.target = layer + 1
         self.vector = vector.detach().float().reshape(-1)
-        self.n_heads, self.n_kv, self.d_head = H.attention_shape(model)
-        self.decoder = H.causal_lm(model).model
+        self.n_heads, self.n_kv, self.d_head = hooks.attention_shape(model)
+        self.decoder = hooks.causal_lm(model).model
         self.block = self.decoder.layers[self.target]
         self._in_shadow = False
         self._shadow_cache: Any = None
@@ -154,7 +152,7 @@ class Patcher:
             st["clean_ln1"] = self.block.input_layernorm.forward(st["clean_pre"])
         return st["clean_ln1"]
 
-    def _hooks(self, v: Variant, st: dict[str, Any], shadow: dict[str, Any]) -> list[tuple[str, H.HookFn]]:
+    def _hooks(self, v: Variant, st: dict[str, Any], shadow: dict[str, Any]) -> list[tuple[str, hooks.HookFn]]:
         """The hooks of variant ``v``; ``st`` is this run's state, ``shadow`` the state of the shadow run (``z``)."""
         L, T = self.layer, self.target
         s = self.vector
@@ -167,7 +165,7 @@ class Patcher:
             st["clean_pre"] = st["mid"] + t  # exactly the unsteered residual entering block T
             return sv.add_to_hidden(t, s)  # what BEFT does: (down_proj(x) + bias) in fp32, cast back
 
-        out: list[tuple[str, H.HookFn]] = []
+        out: list[tuple[str, hooks.HookFn]] = []
         if not v.steer:
             return out
         out += [(f"blocks.{L}.hook_resid_mid", mid), (f"blocks.{L}.hook_mlp_out", mlp_out)]
@@ -184,11 +182,11 @@ class Patcher:
 
                 def fn(t: torch.Tensor, name: str, _proj=proj, _heads=heads) -> torch.Tensor:
                     clean = _proj.forward(self._clean_ln1(st))  # .forward: no second firing of this hook point
-                    return H.patch_heads(clean, _heads, self.d_head)(t, name)
+                    return hooks.patch_heads(clean, _heads, self.d_head)(t, name)
 
                 out.append((f"blocks.{T}.attn.hook_{p}", fn))
         if v.z_mode:
-            out.append((f"blocks.{T}.attn.hook_z", lambda t, n: H.patch_heads(shadow["z"], v.z_heads, self.d_head)(t, n)))
+            out.append((f"blocks.{T}.attn.hook_z", lambda t, n: hooks.patch_heads(shadow["z"], v.z_heads, self.d_head)(t, n)))
         return out
 
     def _run_shadow(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -203,7 +201,7 @@ class Patcher:
                 raise UsageError(f"path patching of per-head outputs needs a dynamic KV cache during generation, got "
                                  f"{type(live).__name__}; generate with the default cache (--backend hf)")
             if live is not self._live_cache or live.get_seq_length() == 0:  # a new generation: a new shadow cache
-                self._live_cache, self._shadow_cache = live, DynamicCache(config=H.causal_lm(self.model).config)
+                self._live_cache, self._shadow_cache = live, DynamicCache(config=hooks.causal_lm(self.model).config)
             cache = self._shadow_cache
         self._in_shadow = True
         try:
@@ -227,7 +225,7 @@ class Patcher:
         try:
             if v.z_mode:
                 handle = self.decoder.register_forward_pre_hook(self._run_shadow, with_kwargs=True)
-            with H.hooks(self.model, hooks):
+            with hooks.hooks(self.model, hooks):
                 yield
         finally:
             if handle is not None:
@@ -240,7 +238,14 @@ class Patcher:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def _only_when(hooks: list[tuple[str, H.HookFn]], active) -> list[tuple[str, H.HookFn]]:
+def check_layer(layer: int, num_layers: int) -> None:
+    """The patched layer needs a block after it: ``0 <= layer <= num_layers - 2``."""
+    if not 0 <= layer <= num_layers - 2:
+        raise UsageError(f"path patching needs a block after the vector: --layer must be in 0..{num_layers - 2} "
+                         f"(the model has {num_layers} layers), got {layer}")
+
+
+def _only_when(hooks: list[tuple[str, hooks.HookFn]], active) -> list[tuple[str, hooks.HookFn]]:
     """The same hooks, acting only while ``active()`` is true (the main run's hooks stay out of the shadow run's way,
     and the other way round)."""
     return [(name, (lambda t, n, _fn=fn: _fn(t, n) if active() else None)) for name, fn in hooks]
@@ -263,15 +268,17 @@ def register(subparsers) -> None:
     p.add_argument("--samples-per-problem", type=int, default=1, help="completions per problem for the KL (default 1)")
 
 
-def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, args: argparse.Namespace,
-               pad: int) -> tuple[dict[str, float], int]:
+def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: _common.Sequences, *, batch_size: int, pad: int,
+               quiet: bool = False) -> tuple[dict[str, float], int]:
+    """Each variant's mean per-token KL(full ‖ variant) over the positions that predict completion tokens, and the
+    number of those positions."""
     device = next(patcher.model.parameters()).device
     sums = {v.name: 0.0 for v in variants}
     count = 0
     full = Variant("full")
-    n_batches = -(-len(seqs) // args.forward_batch_size)
-    bar = cli.progress(total=n_batches * len(variants), desc="path patching (KL)", args=args, unit="pass")
-    for batch in seqs.batches(args.forward_batch_size, device, pad):
+    n_batches = -(-len(seqs) // batch_size)
+    bar = output.progress(total=n_batches * len(variants), desc="path patching (KL)", quiet=quiet, unit="pass")
+    for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions("predict")
         ref = patcher.logits(full, batch.input_ids, batch.attention_mask)[mask]
         count += int(mask.sum())
@@ -280,66 +287,91 @@ def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: C.Sequences, arg
                 bar.update(1)
                 continue
             got = patcher.logits(v, batch.input_ids, batch.attention_mask)[mask]
-            sums[v.name] += float(C.kl_per_token(ref, got).double().sum())
+            sums[v.name] += float(_common.kl_per_token(ref, got).double().sum())
             bar.update(1)
     bar.close()
     return {k: (val / count if count else float("nan")) for k, val in sums.items()}, count
 
 
 def run(args: argparse.Namespace) -> int:
+    layer = _checked_layer(args)
+    ck = cli.load_checkpoint(args, plain=True)
+    if layer not in ck.vectors:
+        raise UsageError(f"the checkpoint has no vector at layer {layer} (it has {sorted(ck.vectors)}); pass --layer")
+    patcher = Patcher(ck.model, layer, ck.vectors[layer].to(next(ck.model.parameters()).device))
+    summary, per_head = build_variants(patcher.n_heads, patcher.n_kv)
+    variants = summary + ([] if args.no_heads else per_head)
+
+    tmpl = cli.template(args)
+    evals = settings.from_args(args)
+    with patcher.apply(Variant("full")):
+        seqs = _common.sample_sequences(ck.model, ck.tokenizer, _common.problems_of(ck.benches), tmpl, evals,
+                                        num_samples=args.samples_per_problem, progress=not args.no_progress)
+    kl, count = kl_to_full(patcher, variants, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(ck.tokenizer),
+                           quiet=args.no_progress)
+    kl["full"] = 0.0
+    acc: dict[str, Any] = {}
+    if not args.no_accuracy:
+        todo = summary + (per_head if (args.head_accuracy and not args.no_heads) else [])
+        for v in output.progress(todo, desc="path patching (accuracy)", quiet=args.no_progress):
+            with patcher.apply(v):
+                acc[v.name] = _common.accuracy(ck.model, ck.tokenizer, ck.benches, evals, tmpl)
+
+    rows = [{**v.describe(), "kl_to_full": kl[v.name],
+             "accuracy": None if v.name not in acc else acc[v.name].accuracy,
+             "accuracy_detail": None if v.name not in acc else acc[v.name].per_benchmark} for v in variants]
+    heads, heads_acc = _head_tables(patcher, rows, args)
+    files = _plots(ck.out, layer, [v.name for v in summary], rows, (heads, heads_acc), max(_heads_of(patcher).values()),
+                   with_accuracy=bool(acc))
+    result = {"command": "path-patching", "checkpoint": str(args.checkpoint), "base_model": ck.base_id, "layer": layer,
+              "target_layer": layer + 1, "vector_norm": float(ck.vectors[layer].norm()),
+              "attention": {"n_heads": patcher.n_heads, "n_kv_heads": patcher.n_kv, "head_dim": patcher.d_head},
+              "variants": rows, "heads": heads, "heads_accuracy": heads_acc, "num_sequences": len(seqs),
+              "num_tokens": count, "settings": settings.record(args), "plots": files}
+    summary_line = f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})"
+    return output.finish(ck.out, result, summary_line)
+
+
+def _checked_layer(args: argparse.Namespace) -> int:
+    """Every check before anything loads; the patched layer (default L-2, negative counts from the end)."""
     cli.check_args(args)
     if args.backend != "hf":
         raise UsageError(f"path-patching patches through module hooks, which the {args.backend!r} generation backend "
                          "bypasses (the static cache replays a compiled forward on CUDA; vLLM runs its own model); use "
                          "--backend hf")
     cli.check_positive(args, "samples_per_problem")
-    base_id = cli.base_model_id(args.model, args.checkpoint)
-    num_layers = int(cli.model_config(base_id).num_hidden_layers)
+    num_layers = int(cli.model_config(cli.base_model_id(args.model, args.checkpoint)).num_hidden_layers)
     layer = num_layers - 2 if args.layer is None else (args.layer + num_layers if args.layer < 0 else args.layer)
-    if not 0 <= layer <= num_layers - 2:
-        raise UsageError(f"--layer {args.layer}: must name a layer with a block after it, 0..{num_layers - 2}")
-    benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
-    out = cli.prepare_out(args.out)
-    model, tokenizer = cli.load_plain(base_id, args)
-    vectors = cli.checkpoint_vectors(args.checkpoint, model)
-    if layer not in vectors:
-        raise UsageError(f"the checkpoint has no vector at layer {layer} (it has {sorted(vectors)}); pass --layer")
-    patcher = Patcher(model, layer, vectors[layer].to(sv.model_device(model)))
-    summary, per_head = build_variants(patcher.n_heads, patcher.n_kv)
-    variants = summary + ([] if args.no_heads else per_head)
+    check_layer(layer, num_layers)
+    return layer
 
-    tmpl = cli.template(args)
-    with patcher.apply(Variant("full")):
-        seqs = C.sample_sequences(model, tokenizer, C.problems_of(benches), tmpl, args,
-                                  num_samples=args.samples_per_problem)
-    kl, count = kl_to_full(patcher, variants, seqs, args, pad_id_of(tokenizer))
-    kl["full"] = 0.0
 
-    acc: dict[str, Any] = {}
-    if not args.no_accuracy:
-        todo = summary + (per_head if (args.head_accuracy and not args.no_heads) else [])
-        for v in cli.progress(todo, desc="path patching (accuracy)", args=args):
-            with patcher.apply(v):
-                acc[v.name] = C.accuracy(model, tokenizer, benches, args, tmpl)
-
-    rows = []
-    for v in variants:
-        a = acc.get(v.name)
-        rows.append({**v.describe(), "kl_to_full": kl[v.name], "accuracy": None if a is None else a.accuracy,
-                     "accuracy_detail": None if a is None else a.per_benchmark})
+def _head_tables(patcher: Patcher, rows: list[dict[str, Any]], args: argparse.Namespace):
+    """``(heads, heads_accuracy)``: per action and projection, each head's KL (and accuracy, with
+    ``--head-accuracy``); None without per-head variants."""
+    if args.no_heads:
+        return None, None
     by_name = {r["name"]: r for r in rows}
-    heads = heads_acc = None
-    n_for = {"q": patcher.n_heads, "k": patcher.n_kv, "v": patcher.n_kv, "z": patcher.n_heads}
-    if not args.no_heads:
-        heads = {act: {p: [by_name[f"{act}-{p}-h{h}"]["kl_to_full"] for h in range(n_for[p])] for p in n_for}
-                 for act in ("remove", "inject")}
-        if args.head_accuracy and not args.no_accuracy:
-            heads_acc = {act: {p: [by_name[f"{act}-{p}-h{h}"]["accuracy"] for h in range(n_for[p])] for p in n_for}
-                         for act in ("remove", "inject")}
 
+    def table(key: str) -> dict[str, dict[str, list[Any]]]:
+        return {act: {p: [by_name[f"{act}-{p}-h{h}"][key] for h in range(n)] for p, n in _heads_of(patcher).items()}
+                for act in ("remove", "inject")}
+
+    return table("kl_to_full"), (table("accuracy") if args.head_accuracy and not args.no_accuracy else None)
+
+
+def _heads_of(patcher: Patcher) -> dict[str, int]:
+    """Heads per patched projection: query heads for Q and the attention output, key/value heads for K and V."""
+    return {"q": patcher.n_heads, "k": patcher.n_kv, "v": patcher.n_kv, "z": patcher.n_heads}
+
+
+def _plots(out: Path, layer: int, names: list[str], rows: list[dict[str, Any]], head_tables: tuple[Any, Any],
+           width: int, *, with_accuracy: bool) -> list[str]:
+    """summary.png (accuracy), summary_kl.png, and the per-head heatmaps (``width``: the most heads of a
+    projection); their file names."""
+    by_name = {r["name"]: r for r in rows}
     files = []
-    names = [v.name for v in summary]
-    if acc:
+    if with_accuracy:
         files.append(plots.bar_plot(out / "summary.png", names, [by_name[n]["accuracy"] for n in names],
                                     title=f"accuracy, vector of layer {layer} patched into block {layer + 1}",
                                     ylabel="accuracy",
@@ -347,9 +379,8 @@ def run(args: argparse.Namespace) -> int:
                                             "full": by_name["full"]["accuracy"]}).name)
     files.append(plots.bar_plot(out / "summary_kl.png", names, [by_name[n]["kl_to_full"] for n in names],
                                 title="mean per-token KL(full ‖ variant)", ylabel="KL (nats)").name)
-    width = max(n_for.values())
-    for data, fname, label in ((heads, "heads_kl.png", "KL(full ‖ variant)"),
-                               (heads_acc, "heads_accuracy.png", "accuracy")):
+    for data, fname, label in zip(head_tables, ("heads_kl.png", "heads_accuracy.png"),
+                                  ("KL(full ‖ variant)", "accuracy")):
         if data is None:
             continue
         row_labels, matrix = [], []
@@ -360,9 +391,4 @@ def run(args: argparse.Namespace) -> int:
                 matrix.append(vals + [None] * (width - len(vals)))
         files.append(plots.heatmap(out / fname, matrix, row_labels, list(range(width)), title=f"per-head {label}",
                                    xlabel="head (K/V: key-value head)", ylabel="variant", cmap="viridis").name)
-    result = {"command": "path-patching", "checkpoint": str(args.checkpoint), "base_model": base_id, "layer": layer,
-              "target_layer": layer + 1, "vector_norm": float(vectors[layer].norm()),
-              "attention": {"n_heads": patcher.n_heads, "n_kv_heads": patcher.n_kv, "head_dim": patcher.d_head},
-              "variants": rows, "heads": heads, "heads_accuracy": heads_acc, "num_sequences": len(seqs),
-              "num_tokens": count, "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"path-patching: {len(variants)} variants (layer {layer} -> block {layer + 1})")
+    return files

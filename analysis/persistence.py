@@ -40,7 +40,7 @@ from torch import nn
 
 from analysis import _common
 from analysis import plots
-from analysis import cli
+from analysis import cli, output, settings
 from steering import hooks
 from steering.generation import pad_id_of
 from steering.readout import cosine
@@ -72,10 +72,9 @@ class ShiftStats:
 
 
 @torch.no_grad()
-def shift_stats(model: nn.Module, seqs: _common.Sequences, vectors: Mapping[int, torch.Tensor],
-                steer_layers: Sequence[int], target_layers: Sequence[int] | None = None, *, positions: str = "all",
-                batch_size: int = 8, pad: int = 0,
-                args: argparse.Namespace | None = None) -> dict[int, dict[int, ShiftStats]]:
+def shift_stats(model: nn.Module, seqs: _common.Sequences, vectors: Mapping[int, torch.Tensor], steer_layers: Sequence[int],
+                target_layers: Sequence[int] | None = None, *, positions: str = "all", batch_size: int = 8,
+                pad: int = 0, quiet: bool = False) -> dict[int, dict[int, ShiftStats]]:
     """``stats[i][j]`` for every steering layer ``i`` and target layer ``j >= i`` (``target_layers``: default all).
 
     ``model`` must carry a steering vector on every layer (:func:`analysis.cli.load_steerable`); it is steered
@@ -88,7 +87,7 @@ def shift_stats(model: nn.Module, seqs: _common.Sequences, vectors: Mapping[int,
         i: {j: ShiftStats(torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64))
             for j in targets if j >= i} for i in steer_layers}
     n_batches = -(-len(seqs) // batch_size)
-    bar = cli.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), args=args, unit="pass")
+    bar = output.progress(desc="persistence", total=n_batches * (1 + len(steer_layers)), quiet=quiet, unit="pass")
     for batch in seqs.batches(batch_size, device, pad):
         mask = batch.positions(positions)
         lo = min(steer_layers)
@@ -150,8 +149,9 @@ def sample_for_analysis(model: nn.Module, tokenizer: Any, vectors: Mapping[int, 
                         benches: Sequence[Any]) -> _common.Sequences:
     tmpl = cli.template(args)
     with _common.use_vectors(model, vectors if args.completions_from == "steered" else {}):
-        return _common.sample_sequences(model, tokenizer, _common.problems_of(benches), tmpl, args,
-                                        num_samples=args.samples_per_problem)
+        return _common.sample_sequences(model, tokenizer, _common.problems_of(benches), tmpl,
+                                        settings.from_args(args), num_samples=args.samples_per_problem,
+                                        progress=not args.no_progress)
 
 
 def register(subparsers) -> None:
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     num_layers = o.num_layers
     targets = list(range(num_layers))
     stats = shift_stats(model, seqs, vectors, steer, targets, positions=args.positions,
-                        batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), args=args)
+                        batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), quiet=args.no_progress)
     mats = matrices(stats, vectors, steer, targets)
     files = []
     titles = {"cos_to_vector": "mean_t cos(Δ_j(t), s_j)", "cos_to_mean": "mean_t cos(Δ_j(t), mean Δ_j)"}
@@ -197,6 +197,6 @@ def run(args: argparse.Namespace) -> int:
               "steer_layers": steer, "target_layers": targets, **mats,
               "vector_norms": {str(k): float(v.norm()) for k, v in vectors.items()},
               "num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
-              "completions_from": args.completions_from, "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"persistence: {len(steer)} steering layers x {num_layers} targets over {count} "
+              "completions_from": args.completions_from, "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"persistence: {len(steer)} steering layers x {num_layers} targets over {count} "
                                    "tokens")

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from analysis import cli
+from analysis import cli, output, settings, table
 from analysis.cli import UsageError
 from steering.vectors import CheckpointError
 
@@ -118,14 +118,14 @@ def register(subparsers) -> None:
                    help="an evaluate results.json holding the candidates' test scores (rows matched by path or label)")
     p.add_argument("--model", default=None, metavar="BASE", help="base model (default: recorded in the checkpoints)")
     p.add_argument("--out", default=None, metavar="DIR", help="where select.json goes (default: RUN)")
-    cli.add_eval_args(p)
+    settings.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from analysis.evaluate import evaluate_rows
     from steering.problems import expand_specs, split_label
 
-    cli.check_eval_args(args)
+    settings.check(args)
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UsageError(f"--run {args.run}: no such directory")
@@ -187,27 +187,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         candidates = list(names)
 
-    rows: list[cli.RowSpec] = []
+    rows: list[table.RowSpec] = []
     template = None
     if val_benches is not None or test_benches is not None:
-        rows = cli.build_rows([f"{n}={paths[n]}" for n in candidates], [], args.model, False, False)
+        rows = table.build_rows([f"{n}={paths[n]}" for n in candidates], [], args.model, False, False)
         for r, n in zip(rows, candidates):
             r.role = "other"
             r.label = n
         template = cli.resolve_template(args.template, [str(paths[n]) for n in candidates])
-        cli.check_loadable(rows)
-    out = cli.prepare_out(args.out or run_dir)
+        table.check_loadable(rows)
+    out = output.prepare_out(args.out or run_dir)
 
     # ---- evaluate what needs evaluating
     if val_benches is not None:
-        res = evaluate_rows(rows, val_benches, args, template, cli.prepare_out(out / "select-val"))
+        res = evaluate_rows(rows, val_benches, args, template, output.prepare_out(out / "select-val"))
         val_scores = {r["label"]: r["avg"]["mean"] for r in res["rows"]}
         val_source = {"kind": "evaluated", "benchmarks": [b["name"] for b in res["benchmarks"]],
                       "results": str((out / "select-val" / "results.json").resolve())}
     test_scores: dict[str, float] = {}
     test_source: dict[str, Any] | None = None
     if test_benches is not None:
-        res = evaluate_rows(rows, test_benches, args, template, cli.prepare_out(out / "select-test"))
+        res = evaluate_rows(rows, test_benches, args, template, output.prepare_out(out / "select-test"))
         test_scores = {r["label"]: r["avg"]["mean"] for r in res["rows"]}
         test_source = {"kind": "evaluated", "benchmarks": [b["name"] for b in res["benchmarks"]],
                        "results": str((out / "select-test" / "results.json").resolve())}
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         "note": "Report validation_selected. test_best is chosen on the test benchmarks themselves (what the reference "
                 "code does) and is optimistic.",
     }
-    cli.write_json(out / "select.json", report)
+    output.write_json(out / "select.json", report)
     line = f"validation-selected: {selected} (val {_pct(val_scores.get(selected))}"
     if test_source is not None:
         line += f", test {_pct(test_scores.get(selected))})"

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from analysis import cli
+from analysis import cli, output
 from analysis.cli import UsageError
 from steering import readout
 from steering import vectors as sv
@@ -129,6 +129,6 @@ def main(args: argparse.Namespace) -> int:
         named[name] = cli.checkpoint_vectors(path)
     result = similarity(named, args.layer)
     result["paths"] = {n: str(p) for n, p in items}
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     result["plot"] = str(plot(result, out / "similarity.png"))
-    return cli.finish(out, result)
+    return output.finish(out, result)

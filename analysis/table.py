@@ -9,17 +9,28 @@ Relative and Relative Improvement. Accuracies are fractions in ``results.json`` 
   between rows (:func:`resolve_pairs`) and the smallest detectable difference per benchmark, from the per-problem
   correct counts ``results.json`` keeps (the statistics themselves: ``steering.statistics``).
 - :func:`render_table`, :func:`render_differences`: the tables of ``table.md``.
+- The rows themselves (:class:`RowSpec`, :func:`build_rows`): the four kinds of model a table compares (the base, a
+  steering checkpoint, a PEFT LoRA adapter, a full model directory), checked before any weights load, and
+  :func:`load_row_model`, which loads one.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from analysis import cli
+from analysis.cli import UsageError
 from steering import statistics as stats
+from steering import vectors as sv
 
 
 def relative(method: float, full: float) -> float | None:
@@ -321,3 +332,193 @@ def forest_groups(differences: Sequence[Mapping[str, Any]]) -> dict[str, list[tu
 
     return {f"{d['a']} − {d['b']}": [line(n, v) for n, v in d["benchmarks"].items()] + [line("Avg", d["avg"])]
             for d in differences}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The rows: the four kinds of model a results table compares
+
+
+ROLE_NAMES = {"base": "Base", "base_greedy": "Base (greedy)", "steering": "Steering", "lora": "LoRA", "full": "Full"}
+
+
+@dataclass
+class RowSpec:
+    """One row of the table: a model to evaluate."""
+
+    label: str
+    kind: str  # base | steering | lora | full
+    role: str  # base | base_greedy | steering | lora | full | other
+    path: str | None  # checkpoint / model dir (None for the base row)
+    base_model: str | None  # base to load the adapter onto / the base row's model
+    tokenizer: str | None
+    greedy: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label, "kind": self.kind, "role": self.role, "path": self.path,
+                "base_model": self.base_model, "tokenizer": self.tokenizer, "greedy": self.greedy}
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``steering`` (has steering.json), ``lora`` (adapter_config.json without it) or ``full`` (config.json)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"--checkpoint {path}: no such directory")
+    if (p / sv.META_FILE).is_file():
+        return "steering"
+    if (p / sv.ADAPTER_CONFIG_FILE).is_file():
+        return "lora"
+    if (p / "config.json").is_file():
+        return "full"
+    raise UsageError(f"--checkpoint {path}: not a checkpoint (no steering.json, adapter_config.json or config.json)")
+
+
+def _has_tokenizer(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
+
+
+def checkpoint_info(path: str, model: str | None) -> tuple[str, str | None, str | None]:
+    """(kind, base model id, tokenizer source) of a checkpoint dir, checked without loading any weights."""
+    kind = checkpoint_kind(path)
+    if kind == "steering":
+        cli.check_checkpoint_arg(path)
+        base = cli.base_model_id(model, path)
+        return kind, base, base
+    if kind == "lora":
+        try:
+            cfg = json.loads((Path(path) / sv.ADAPTER_CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise UsageError(f"--checkpoint {path}: unreadable {sv.ADAPTER_CONFIG_FILE} ({e})") from None
+        if not any(Path(path, f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise UsageError(f"--checkpoint {path}: LoRA adapter without adapter_model.safetensors")
+        base = model or cfg.get("base_model_name_or_path")
+        if not base:
+            raise UsageError(f"--checkpoint {path}: adapter_config.json names no base model; pass --model BASE")
+        return kind, base, path if _has_tokenizer(path) else base
+    tok = path if _has_tokenizer(path) else model
+    if tok is None:
+        raise UsageError(f"--checkpoint {path}: full model dir without tokenizer files; pass --model BASE for the "
+                         "tokenizer")
+    return kind, None, tok
+
+
+def _load_lm(name: str, dtype: Any):
+    """Any causal LM, frozen (LoRA and full-model rows may be of any family, unlike steered ones)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=sv.parse_dtype(dtype or "float32"))
+    return sv.freeze(model).eval()
+
+
+def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None = None, backend: str = "hf",
+                   vllm_options: dict[str, Any] | None = None):
+    """(model, tokenizer) for a row: the base, a steering checkpoint on its base, a LoRA adapter (PeftModel) on its
+    base, or a full model dir. ``backend="vllm"``: a ``steering.vllm_engine.VLLMModel`` serving the same model
+    (``vllm_options``: its KV-cache size, ...)."""
+    if backend == "vllm":
+        return _load_row_engine(row, dtype, device, vllm_options or {}), sv.load_tokenizer(row.tokenizer)
+    if row.kind == "base":
+        model = _load_lm(row.base_model, dtype)
+    elif row.kind == "steering":
+        model = sv.load_steered_model(row.path, base=_load_lm(row.base_model, dtype))
+    elif row.kind == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(_load_lm(row.base_model, dtype), row.path)
+    elif row.kind == "full":
+        model = _load_lm(row.path, dtype)
+    else:
+        raise ValueError(f"unknown row kind {row.kind!r}")
+    tokenizer = sv.load_tokenizer(row.tokenizer)
+    return model.to(cli.default_device(device)).eval(), tokenizer
+
+
+def _load_row_engine(row: RowSpec, dtype: Any, device: str | None, options: dict[str, Any]):
+    from steering.vllm_engine import VLLMModel
+
+    if row.kind == "lora":
+        raise UsageError(f"row {row.label!r}: LoRA rows are not served by --backend vllm here; use --backend hf")
+    model_dir = row.path if row.kind == "full" else row.base_model
+    vectors = row.path if row.kind == "steering" else None
+    device_type = "cuda" if str(cli.default_device(device)).startswith("cuda") else "cpu"
+    return VLLMModel(model_dir, vectors, dtype=str(dtype).removeprefix("torch."), device=device_type, **options)
+
+
+def check_vllm_rows(rows: Sequence[RowSpec], device: str | None) -> None:
+    """``--backend vllm``: vLLM installed, a tested version, and every row's model servable here; LoRA rows are
+    refused. One line each, before any weights load."""
+    for row in rows:
+        if row.kind == "lora":
+            raise UsageError(f"--backend vllm: row {row.label!r} is a LoRA adapter, which this project does not serve "
+                             "through vLLM; use --backend hf for LoRA rows")
+        cli.check_vllm_model(row.path if row.kind == "full" else row.base_model, device)
+
+
+def check_loadable(rows: Sequence[RowSpec]) -> None:
+    """Read the config of every model a row needs (cheap: no weights), so a wrong Hub id or an unreachable Hub fails
+    with one line before anything big loads."""
+    from transformers import AutoConfig
+
+    seen: set[str] = set()
+    for row in rows:
+        name = row.path if row.kind == "full" else row.base_model
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        try:
+            AutoConfig.from_pretrained(name)
+        except Exception as e:  # OSError (missing / offline), ValueError (unknown model type), ...
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"cannot load the model config of {name!r} (row {row.label!r}): {msg[:300]}") from None
+
+
+def build_rows(checkpoints: Sequence[str], labels: Sequence[str], model: str | None, include_base: bool,
+               base_greedy: bool) -> list[RowSpec]:
+    """The rows to evaluate, checked (directories, kinds, base models) before anything loads."""
+    if model is not None:
+        cli.check_model_id(model)
+    if labels and len(labels) != len(checkpoints):
+        raise UsageError(f"--label given {len(labels)} times for {len(checkpoints)} --checkpoint; give one label per "
+                         "checkpoint, or write --checkpoint LABEL=DIR")
+    rows: list[RowSpec] = []
+    parsed = []
+    for i, item in enumerate(checkpoints):
+        label = labels[i] if labels else None
+        m = re.match(r"^([A-Za-z][\w .\-()]*)=(.+)$", item)
+        if m and not Path(item).exists():
+            if label is not None:
+                raise UsageError(f"--checkpoint {item}: labelled both inline and with --label")
+            label, path = m.group(1), m.group(2)
+        else:
+            path = item
+        kind, base, tok = checkpoint_info(path, model)
+        parsed.append((label, path, kind, base, tok))
+    base_id = model
+    if base_id is None:
+        base_id = next((b for _, _, k, b, _ in parsed if k in ("steering", "lora") and b), None)
+    if not checkpoints or include_base or base_greedy:
+        if base_id is None:
+            if not checkpoints:
+                raise UsageError("nothing to evaluate: give --model BASE (the unsteered base) and/or --checkpoint DIR")
+            raise UsageError("--include-base / --base-greedy need a base model: pass --model BASE")
+        if not checkpoints or include_base:
+            rows.append(RowSpec("Base", "base", "base", None, base_id, base_id))
+        if base_greedy:
+            rows.append(RowSpec("Base (greedy)", "base", "base_greedy", None, base_id, base_id, greedy=True))
+    kind_counts: dict[str, int] = {}
+    for _, _, kind, _, _ in parsed:
+        kind_counts[kind] = kind_counts.get(kind, 0) + 1
+    for label, path, kind, base, tok in parsed:
+        if label is not None:
+            role = label.lower() if label.lower() in ROLE_NAMES else kind
+            shown = ROLE_NAMES.get(label.lower(), label)
+        else:
+            role = kind
+            shown = ROLE_NAMES[kind] if kind_counts[kind] == 1 else f"{ROLE_NAMES[kind]} ({Path(path).name})"
+        rows.append(RowSpec(shown, kind, role, str(path), base, tok))
+    seen: set[str] = set()
+    for r in rows:
+        if r.label in seen:
+            raise UsageError(f"two rows are labelled {r.label!r}; give distinct labels (--checkpoint LABEL=DIR)")
+        seen.add(r.label)
+    return rows

@@ -37,7 +37,7 @@ import torch
 
 from analysis import _common
 from analysis import plots
-from analysis import cli
+from analysis import cli, output, settings
 from analysis.cli import UsageError
 from steering import token_scaling as ts
 from steering.generation import pad_id_of
@@ -68,11 +68,12 @@ def prompt_segments(tokenizer: Any, prompt: str, question: str, n_prompt_tokens:
 
 
 @torch.no_grad()
-def record(model, seqs: _common.Sequences, *, batch_size: int, pad: int, args=None) -> list[dict[int, torch.Tensor]]:
+def record(model, seqs: _common.Sequences, *, batch_size: int, pad: int, quiet: bool = False
+           ) -> list[dict[int, torch.Tensor]]:
     """``α_l(t)`` per sequence: a list (one per row) of ``{layer: (len,) tensor}``."""
     device = next(model.parameters()).device
     per_row: list[dict[int, torch.Tensor]] = [dict() for _ in range(len(seqs))]
-    for batch in cli.progress(seqs.batches(batch_size, device, pad), desc="token-scaling", args=args,
+    for batch in output.progress(seqs.batches(batch_size, device, pad), desc="token-scaling", quiet=quiet,
                             total=-(-len(seqs) // batch_size)):
         with ts.record_alphas(model) as rec:
             batch.forward(model, logits_to_keep=1)
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                          "token_scaling: true")
     base_id = cli.base_model_id(args.model, args.checkpoint)
     benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
     base, tokenizer = cli.load_plain(base_id, args)
     try:
         model = ts.load_token_scaled_model(args.checkpoint, base=base)
@@ -116,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
     total_norm = sum(norms.values()) or 1.0
     tmpl = cli.template(args)
     problems = _common.problems_of(benches)
-    seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, args)
-    alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), args=args)
+    seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+                              progress=not args.no_progress)
+    alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), quiet=args.no_progress)
 
     seg_rho: dict[str, list[float]] = {s: [] for s in SEGMENTS}
     seg_alpha: dict[str, dict[int, list[float]]] = {s: {layer: [] for layer in layers} for s in SEGMENTS}
@@ -178,6 +180,6 @@ def run(args: argparse.Namespace) -> int:
                        "biases": {str(layer): float(g.bias.detach()) for layer, g in gates.items()}},
               "alpha_stats": alpha_stats, "segments": segments, "concentration": {"top_10pct_share": conc},
               "top_tokens": top, "examples": examples, "num_sequences": len(seqs), "num_tokens": len(tokens_all),
-              "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"token-scaling: {len(tokens_all)} tokens; "
+              "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"token-scaling: {len(tokens_all)} tokens; "
                       + ", ".join(f"{s} ρ={segments[s]['mean_relative_magnitude']:.3f}" for s in present))

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import _common
-from analysis import cli, plots
+from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import relative_improvement
 from steering import vectors as sv
@@ -120,18 +120,18 @@ def run(args: argparse.Namespace) -> int:
                          f"{first['reason']}; transfer needs the same shape (or pass --skip-incompatible)")
     bad = {(x["donor"], x["recipient"]) for x in incompatible}
     benches = cli.load_benchmarks(cli.benchmark_specs(args, donors), args)
-    out = cli.prepare_out(args.out)
+    out = output.prepare_out(args.out)
 
     acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
     score_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
     rec_rows, detail = [], {}
-    bar = cli.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", args=args)
+    bar = output.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", quiet=args.no_progress)
     for c, r in enumerate(recipients):
         bar.set_postfix_str(f"loading {_label(r)}")
         model, tokenizer = cli.load_steerable(r, args)
         tmpl = cli.template(args, donors)
         with _common.use_vectors(model, {}):
-            base = _common.accuracy(model, tokenizer, benches, args, tmpl)
+            base = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
         bar.update(1)
         detail[f"base|{r}"] = base.per_benchmark
         cache: dict[str, _common.Accuracy] = {}
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
                 continue
             with _common.use_vectors(model, cli.checkpoint_vectors(d, model)):
-                cache[d] = _common.accuracy(model, tokenizer, benches, args, tmpl)
+                cache[d] = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
             detail[f"{d}|{r}"] = cache[d].per_benchmark
             acc_m[d_i][c] = cache[d].accuracy
             bar.update(1)
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         if own is not None:
             if own not in cache:
                 with _common.use_vectors(model, cli.checkpoint_vectors(own, model)):
-                    cache[own] = _common.accuracy(model, tokenizer, benches, args, tmpl)
+                    cache[own] = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
                 detail[f"{own}|{r}"] = cache[own].per_benchmark
             own_acc = cache[own].accuracy
         bar.update(1)
@@ -175,5 +175,5 @@ def run(args: argparse.Namespace) -> int:
               "donors": [{"label": _label(d), "path": d, "base_model": m.get("base_model"), "layers": m["layers"],
                           "hidden_size": m["hidden_size"]} for d, m in zip(donors, donor_meta)],
               "recipients": rec_rows, "accuracy": acc_m, "score": score_m, "incompatible": incompatible,
-              "detail": detail, "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"transfer: {len(donors)} donors x {len(recipients)} recipients")
+              "detail": detail, "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"transfer: {len(donors)} donors x {len(recipients)} recipients")

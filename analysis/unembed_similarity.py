@@ -30,12 +30,12 @@ import argparse
 
 import torch
 
-from analysis import _common as C
-from analysis import logit_lens as LL
-from analysis import persistence as P
+from analysis import _common
+from analysis import logit_lens
+from analysis import persistence
 from analysis import plots
-from analysis import cli
-from steering import hooks as H
+from analysis import cli, output, settings
+from steering import hooks
 from steering import readout
 from steering.generation import pad_id_of
 
@@ -46,9 +46,9 @@ def register(subparsers) -> None:
                                    "each layer's vector, and their logit lens")
     p.add_argument("--layers", default=None, help="steering layers (default: every layer the checkpoint steers)")
     p.add_argument("--k", type=int, default=20, help="top / bottom tokens per shift (default 20)")
-    p.add_argument("--lens", choices=LL.LENSES, default="norm", help="how a shift is read out (see logit-lens)")
+    p.add_argument("--lens", choices=logit_lens.LENSES, default="norm", help="how a shift is read out (see logit-lens)")
     p.add_argument("--no-all", action="store_true", help="skip the all-vectors shift")
-    P.add_sequence_args(p)
+    persistence.add_sequence_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,38 +57,38 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
     steer = o.layers(args.layers)
     last = o.num_layers - 1
-    seqs = P.sample_for_analysis(model, tokenizer, vectors, args, o.benches)
+    seqs = persistence.sample_for_analysis(model, tokenizer, vectors, args, o.benches)
     pad = pad_id_of(tokenizer)
-    stats = P.shift_stats(model, seqs, vectors, steer, [last], positions=args.positions,
-                          batch_size=args.forward_batch_size, pad=pad, args=args)
+    stats = persistence.shift_stats(model, seqs, vectors, steer, [last], positions=args.positions,
+                                    batch_size=args.forward_batch_size, pad=pad, quiet=args.no_progress)
     shifts = [stats[i][last].mean.float() for i in steer]
     labels = [str(i) for i in steer]
     count = stats[steer[0]][last].count
     if not args.no_all:
-        with C.use_vectors(model, vectors):
-            m_all, _ = LL.final_shift(model, seqs, positions=args.positions, batch_size=args.forward_batch_size,
-                                      pad=pad, args=args)
+        with _common.use_vectors(model, vectors):
+            m_all, _ = logit_lens.final_shift(model, seqs, positions=args.positions, batch_size=args.forward_batch_size,
+                                              pad=pad, quiet=args.no_progress)
         shifts.append(m_all.float().cpu())
         labels.append("all")
     cos = readout.none_for_nan(readout.cosine_matrix(shifts))  # null where a shift is zero
-    vocab = LL.Vocab(tokenizer, H.causal_lm(model).lm_head.weight.shape[0])
+    vocab = logit_lens.Vocab(tokenizer, hooks.causal_lm(model).lm_head.weight.shape[0])
     device = next(model.parameters()).device
     readouts = []
     with torch.no_grad():
         for label, m in zip(labels, shifts):
             readouts.append({"label": label, "layer": None if label == "all" else int(label), "norm": float(m.norm()),
-                             **LL.readout(LL.lens(model, m.to(device), args.lens), vocab, args.k)})
+                             **logit_lens.readout(logit_lens.lens(model, m.to(device), args.lens), vocab, args.k)})
     files = [plots.heatmap(out / "cosine.png", cos, labels, labels, cmap="RdBu_r", vmin=-1, vmax=1,
                            title="cos of mean final-layer shifts (before final norm)", xlabel="steering layer",
                            ylabel="steering layer").name]
-    files += LL.token_tables(out, [f"L{r['label']}" if r["layer"] is not None else "all" for r in readouts],
-                             readouts, min(args.k, 12), "each layer's final-residual shift", f"{args.lens} lens")
+    files += logit_lens.token_tables(out, [f"L{r['label']}" if r["layer"] is not None else "all" for r in readouts],
+                                     readouts, min(args.k, 12), "each layer's final-residual shift", f"{args.lens} lens")
     per_layer = [r for r in readouts if r["layer"] is not None]
-    files.append(LL.share_plot(out / "non_latin_share.png", [r["layer"] for r in per_layer], per_layer, vocab, args.k,
-                               f"non-Latin share among the top/bottom-{args.k} tokens of each layer's shift").name)
+    files.append(logit_lens.share_plot(out / "non_latin_share.png", [r["layer"] for r in per_layer], per_layer, vocab, args.k,
+                                       f"non-Latin share among the top/bottom-{args.k} tokens of each layer's shift").name)
     result = {"command": "unembed-similarity", "checkpoint": str(args.checkpoint), "base_model": o.base_id,
               "lens": args.lens, "k": args.k, "labels": labels, "steer_layers": steer, "cosine": cos,
               "shift_norms": {label: float(m.norm()) for label, m in zip(labels, shifts)}, "readouts": readouts,
               "vocab": vocab.shares(), "num_sequences": len(seqs), "num_tokens": count, "positions": args.positions,
-              "completions_from": args.completions_from, "settings": cli.sampling_settings(args), "plots": files}
-    return cli.finish(out, result, f"unembed-similarity: {len(steer)} layers over {count} tokens")
+              "completions_from": args.completions_from, "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"unembed-similarity: {len(steer)} layers over {count} tokens")

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from steering import hooks as H
+from steering import hooks
 from steering import vectors as sv
 from steering.files import write_text_atomic
 from steering.generation import pad_id_of, pad_rows
@@ -375,9 +375,9 @@ def collect(
     Traces are batched ``batch_size`` at a time, right-padded; results do not depend on the batch size (up to float
     rounding)."""
     if names is None:
-        layers = list(range(H.num_layers(model))) if layers is None else list(layers)
+        layers = list(range(hooks.num_layers(model))) if layers is None else list(layers)
         names = hook_names(layers)
-    hidden = int(H.causal_lm(model).config.hidden_size)
+    hidden = int(hooks.causal_lm(model).config.hidden_size)
     acc = DiffMeanAccumulator(names, hidden, weighting)
     labels = None if labels is None else list(labels)
     device = sv.model_device(model)
@@ -393,7 +393,7 @@ def collect(
 
     def flush() -> None:
         ids, mask = pad_rows([e.input_ids for e in buf], pad, side="right", device=device)
-        _, cache = H.run_with_cache(model, input_ids=ids, attention_mask=mask, names=list(names), use_cache=False)
+        _, cache = hooks.run_with_cache(model, input_ids=ids, attention_mask=mask, names=list(names), use_cache=False)
         stacked = torch.stack([cache[n] for n in names])  # (names, batch, seq, hidden)
         for i, e in enumerate(buf):
             acc.add(stacked[:, i], e)

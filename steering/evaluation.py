@@ -107,6 +107,94 @@ def metric_name(num_samples: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def grading_options(values: Mapping[str, Any]) -> rewards.GradingOptions:
+    """The ``reward_*`` grading values (``reward_float_rounding`` ...: the training config's fields and the analysis
+    flags share these names) as a ``steering.rewards.GradingOptions``; the one place that builds it from them."""
+    return rewards.GradingOptions(**{f.name: values[f"reward_{f.name}"]
+                                     for f in dataclasses.fields(rewards.GradingOptions)})
+
+
+BACKENDS = ("hf", "static", "vllm")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a model is evaluated: sampling, seeds, batching, grading, generation backend. Its defaults are the
+    analysis commands' (``analysis.settings`` turns them into flags); training validation builds one from its config
+    (``train.config.SteeringGRPOConfig.eval_settings``)."""
+
+    temperature: float = 1.0  # 0 = greedy; 1.0 is the papers' setting
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 4096
+    max_length: int | None = None  # a limit on prompt + completion per problem instead (overrides max_new_tokens)
+    num_samples: int | None = None  # samples per problem; None: each benchmark's own default
+    seeds: tuple[int, ...] = (0,)
+    batch_size: int | None = 256  # completions per generation call; None: all at once
+    timeout_s: float = 2.0  # seconds per answer check
+    grading: rewards.GradingOptions = rewards.DEFAULT_OPTIONS
+    backend: str = "hf"  # steering.generation's backend: hf, static or vllm
+    vllm_kv_cache_gb: float | None = None  # vllm: the engine's KV-cache size (None: its own default)
+    vllm_gpu_memory_utilization: float = 0.9  # vllm on GPU: the share of GPU memory the engine may take
+
+    def check(self) -> None:
+        """Reject bad values (``ValueError`` naming the field) before anything loads."""
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        self.sampling_params()  # SamplingParams' own checks (GenerationError is a ValueError)
+        for name, value, low in (("max_length", self.max_length, 2), ("batch_size", self.batch_size, 1)):
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not self.seeds:
+            raise ValueError("seeds is empty")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds has duplicates: {list(self.seeds)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.vllm_kv_cache_gb is not None and not self.vllm_kv_cache_gb > 0:
+            raise ValueError(f"vllm_kv_cache_gb must be > 0, got {self.vllm_kv_cache_gb}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def sampling_params(self, *, greedy: bool = False) -> generation.SamplingParams:
+        """The sampling settings as ``steering.generation.SamplingParams``; ``greedy``: T = 0."""
+        temperature = 0.0 if greedy else self.temperature
+        return generation.SamplingParams(max_new_tokens=self.max_new_tokens, temperature=temperature,
+                                         top_p=self.top_p, top_k=self.top_k, do_sample=temperature > 0)
+
+    def seeds_for(self, greedy: bool = False) -> list[int]:
+        """The evaluation seeds: the first alone when greedy (every seed would give the same completions)."""
+        return list(self.seeds[:1]) if greedy or self.greedy else list(self.seeds)
+
+    def samples_for(self, default_samples: int, greedy: bool = False) -> int:
+        """Samples per problem of a benchmark whose own default is ``default_samples``: 1 when greedy, else
+        ``num_samples`` or that default."""
+        if greedy or self.greedy:
+            return 1
+        return self.num_samples if self.num_samples is not None else default_samples
+
+    def vllm_options(self) -> dict[str, Any]:
+        """The vLLM settings as ``steering.vllm_engine.VLLMModel`` keyword arguments."""
+        return {"kv_cache_gb": self.vllm_kv_cache_gb, "gpu_memory_utilization": self.vllm_gpu_memory_utilization,
+                "max_model_len": self.max_length}
+
+    def record(self) -> dict[str, Any]:
+        """The sampling settings as a command's result.json records them."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens, "seeds": list(self.seeds), "num_samples": self.num_samples,
+                "backend": self.backend}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Results
 
 

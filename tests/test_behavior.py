@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from analysis.__main__ import main as analysis_main
 from steering import annotate

@@ -77,16 +77,14 @@ def test_analysis_engine_mirrors_every_vector_state(head32):
     """The analysis commands change the steering through ``use_vectors`` / ``steering_scale`` (none, all layers, one
     layer, scaled); with ``--backend vllm`` one engine mirrors each state, and greedy completions equal the HF
     model's in every one."""
-    import argparse
-
     from analysis import _common
+    from steering.evaluation import EvalSettings
     from steering.generation import SamplingParams, generate
 
     base, checkpoint = head32
     model = sv.load_steered_model(checkpoint, dtype="float32")
     tokenizer = sv.load_tokenizer(base)
-    args = argparse.Namespace(backend="vllm", vllm_kv_cache_gb=0.25, vllm_gpu_memory_utilization=0.9,
-                              max_length=128)
+    settings = EvalSettings(backend="vllm", vllm_kv_cache_gb=0.25, vllm_gpu_memory_utilization=0.9, max_length=128)
     params = SamplingParams(max_new_tokens=16, temperature=0)
     prompts = ["hello world", "12+30=", "abc"]
     vectors = sv.get_vectors(model)
@@ -95,7 +93,7 @@ def test_analysis_engine_mirrors_every_vector_state(head32):
     for state in states:
         with sv.use_vectors(model, state):
             want = generate(model, tokenizer, prompts, params).completion_ids
-            got = generate(_common.generation_model(model, args), tokenizer, prompts, params, backend="vllm")
+            got = generate(_common.generation_model(model, settings), tokenizer, prompts, params, backend="vllm")
         assert got.completion_ids == want, state.keys()
         seen.append(want)
     assert len({str(s) for s in seen}) > 1, "the states must differ for the mirror to be tested"

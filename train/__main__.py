@@ -262,12 +262,11 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     if c.rollout_backend == "static" or (stops.strings and not c.use_vllm):
         # TRL's own generate call passes no tokenizer, which transformers' stop strings need: ours does.
         rollout_func = Rollouts(c.rollout_backend, stops.strings, compile=c.rollout_compile)
+    evals = c.eval_settings()
     reward = MathReward(answer_format=inputs.template.answer_format, reward_style=c.reward_style,
-                        timeout_s=c.reward_timeout, options=c.grading_options(),
+                        timeout_s=evals.timeout_s, options=evals.grading,
                         ends=EndCounter(stops.token_ids, stops.strings, tokenizer))
-    validator = Validator(inputs.val_rows, inputs.template, tokenizer, max_new_tokens=c.max_completion_length,
-                          temperature=c.val_temperature, batch_size=c.val_batch_size, seed=c.seed,
-                          timeout_s=c.reward_timeout, options=reward.options, stops=stops)
+    validator = Validator(inputs.val_rows, inputs.template, tokenizer, evals, stops=stops)
     trainer = SteeringGRPOTrainer(
         model=model, reward_funcs=[reward], args=c, train_dataset=train_ds, processing_class=tokenizer,
         validator=validator, rollout_func=rollout_func)

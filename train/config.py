@@ -327,11 +327,18 @@ class SteeringGRPOConfig(GRPOConfig):
 
     def grading_options(self):
         """The reward's math-verify grading options (``reward_float_rounding`` ...) as a GradingOptions."""
-        from steering.rewards import GradingOptions
+        from steering.evaluation import grading_options
 
-        return GradingOptions(float_rounding=self.reward_float_rounding,
-                              numeric_precision=self.reward_numeric_precision, strict=self.reward_strict,
-                              allow_set_relation_comp=self.reward_allow_set_relation_comp)
+        return grading_options(vars(self))
+
+    def eval_settings(self):
+        """How validation evaluates (``steering.evaluation.EvalSettings``): ``val_temperature``, completions up to
+        ``max_completion_length``, ``val_batch_size`` prompts per call, ``seed``, and the reward's grading."""
+        from steering.evaluation import EvalSettings
+
+        return EvalSettings(temperature=self.val_temperature, max_new_tokens=self.max_completion_length,
+                            seeds=(self.seed,), batch_size=self.val_batch_size, timeout_s=self.reward_timeout,
+                            grading=self.grading_options())
 
     def to_jsonable(self) -> dict[str, Any]:
         """A flat JSON-safe dict of the whole configuration, saved into every checkpoint."""

@@ -9,23 +9,23 @@ from typing import Any
 
 import torch
 
-from steering.evaluation import as_problems, sample_and_score
-from steering.generation import SamplingParams
+from steering.evaluation import EvalSettings, as_problems, sample_and_score
 
 
 class Validator:
-    def __init__(self, rows: list[dict[str, str]], template: Any, tokenizer: Any, *, max_new_tokens: int,
-                 temperature: float = 0.0, batch_size: int = 64, seed: int = 0, timeout_s: float = 2.0,
-                 options: Any = None, stops: Any = None):
+    """The accuracy of one completion per held-out problem, evaluated with ``settings`` (its first seed; the
+    training config's ``eval_settings()``)."""
+
+    def __init__(self, rows: list[dict[str, str]], template: Any, tokenizer: Any, settings: EvalSettings, *,
+                 stops: Any = None):
         self.rows = rows
         self.template = template
         self.tokenizer = tokenizer
-        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                     do_sample=temperature > 0)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.timeout_s = timeout_s
-        self.options = options  # steering.rewards.GradingOptions; None: math-verify's defaults
+        self.params = settings.sampling_params()
+        self.batch_size = settings.batch_size
+        self.seed = settings.seeds[0]
+        self.timeout_s = settings.timeout_s
+        self.options = settings.grading
         self.stops = stops if stops is not None else template.stops(tokenizer)  # where completions end
         self.problems = as_problems(rows)
         self.prompts = [template.render(p["question"], tokenizer) for p in self.problems]
