@@ -215,17 +215,17 @@ class Patcher:
         """Inside the block, every forward pass of the model (teacher-forced or generating) runs variant ``v``."""
         state: dict[str, Any] = {}
         shadow: dict[str, Any] = {}
-        hooks = _only_when(self._hooks(v, state, shadow), lambda: not self._in_shadow)
+        patches = _only_when(self._hooks(v, state, shadow), lambda: not self._in_shadow)
         handle = None
         if v.z_mode:
             other = Variant("full") if v.z_mode == "inject" else Variant("skip-attn", skip_attn=True)
             capture = (f"blocks.{self.target}.attn.hook_z", lambda t, n: shadow.__setitem__("z", t))
-            hooks += _only_when(self._hooks(other, {}, {}) + [capture], lambda: self._in_shadow)
+            patches += _only_when(self._hooks(other, {}, {}) + [capture], lambda: self._in_shadow)
         self._shadow_cache = self._live_cache = None
         try:
             if v.z_mode:
                 handle = self.decoder.register_forward_pre_hook(self._run_shadow, with_kwargs=True)
-            with hooks.hooks(self.model, hooks):
+            with hooks.hooks(self.model, patches):
                 yield
         finally:
             if handle is not None:
@@ -245,10 +245,10 @@ def check_layer(layer: int, num_layers: int) -> None:
                          f"(the model has {num_layers} layers), got {layer}")
 
 
-def _only_when(hooks: list[tuple[str, hooks.HookFn]], active) -> list[tuple[str, hooks.HookFn]]:
+def _only_when(patches: list[tuple[str, hooks.HookFn]], active) -> list[tuple[str, hooks.HookFn]]:
     """The same hooks, acting only while ``active()`` is true (the main run's hooks stay out of the shadow run's way,
     and the other way round)."""
-    return [(name, (lambda t, n, _fn=fn: _fn(t, n) if active() else None)) for name, fn in hooks]
+    return [(name, (lambda t, n, _fn=fn: _fn(t, n) if active() else None)) for name, fn in patches]
 
 
 # --------------------------------------------------------------------------------------------------------------------
