@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from analysis import cli, output, settings
 from analysis._common import sample_texts
 from analysis.cli import UsageError
@@ -68,7 +70,44 @@ def plot_norms(result: Mapping[str, Any], path: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    # ---- every check that needs no weights
+    spec, steered_cfg, act_id, layers = check_models(args)
+    traces = annotator = None
+    if args.traces:
+        traces = read_labelled_traces(args.traces, args.label)
+    else:
+        cli.check_generation_args(args, args.generate)
+    out = output.prepare_out(args.out)
+    model = tokenizer = None
+    if traces is None:
+        traces, annotator, (model, tokenizer) = generate_traces(args, out, keep_model=act_id == args.model)
+    if model is None:
+        model, tokenizer = cli.load_plain(act_id, args)
+    acc, labels = collect_means(model, tokenizer, traces, layers=layers, spec=spec, labels=args.label,
+                                weighting=args.weighting, batch_size=args.batch_size, max_length=args.max_length)
+    neg_norms = write_means(acc, out / "means.safetensors")
+    result: dict[str, Any] = {
+        "model": args.model, "activations_model": act_id, "hook": dm.DEFAULT_HOOK, "layers": layers,
+        "positions": spec.describe(), "weighting": args.weighting, "rescaled": not args.no_rescale,
+        "traces": str(args.traces or out / "traces.jsonl"), "summary": acc.summary(),
+        "mean_activation_norms": [float(x) for x in neg_norms], "labels": {},
+    }
+    if args.generate and getattr(annotator, "stats", None):
+        result["annotator"] = {"name": args.annotator, "stats": dict(annotator.stats)}
+    run_meta = {"model": args.model, "activations_model": act_id, "hook": dm.DEFAULT_HOOK,
+                "positions": spec.describe(), "weighting": args.weighting, "rescaled": not args.no_rescale}
+    for label in labels:
+        result["labels"][label] = write_label_vectors(acc, label, layers, neg_norms, out / label, steered_cfg,
+                                                      run_meta)
+    result["plot"] = str(plot_norms(result, out / "diffmean.png"))
+    for label, info in result["labels"].items():
+        print(f"{label}: {info['spans']} spans, {info['positions']} positions -> {info['checkpoint']}",
+              file=sys.stderr)
+    return output.finish(out, result)
+
+
+def check_models(args: argparse.Namespace) -> tuple[dm.PositionSpec, Any, str, list[int]]:
+    """``(positions, config of --model, activations model id, layers)``, checked without loading weights: the two
+    models have the same shape and ``--layers`` exist."""
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     spec = cli.position_spec(args)
@@ -80,83 +119,83 @@ def main(args: argparse.Namespace) -> int:
         layers = sv.validate_layers(args.layers, int(steered_cfg.num_hidden_layers))
     except sv.SteeringError as e:
         raise UsageError(str(e)) from None
-    traces, annotator = None, None
-    if args.traces:
-        traces = cli.read_traces_arg(args.traces)
-        present = dm.trace_labels(traces)
-        missing = [label for label in (args.label or []) if label not in present]
-        if missing:
-            raise UsageError(f"--label {missing}: no span has this label in {args.traces} "
-                             f"(labels present: {sorted(present)})")
-        if not present:
-            raise UsageError(f"--traces {args.traces}: no labelled spans")
-    else:
-        cli.check_generation_args(args, args.generate)
-    out = output.prepare_out(args.out)
+    return spec, steered_cfg, act_id, layers
 
-    # ---- traces from generation, if asked
-    model = tokenizer = None
-    if traces is None:
-        from steering.annotate import annotate_traces
 
-        annotator = cli.make_annotator_arg(args)
-        gen_model, gen_tok = cli.load_plain(args.model, args)
-        rows = cli.heldout_questions(args, args.generate)
-        prompts, texts = sample_texts(gen_model, gen_tok, [r["question"] for r in rows], args.template,
-                                      settings.sampling_params(args), seed=args.seed, batch_size=args.gen_batch_size)
-        if act_id == args.model:
-            model, tokenizer = gen_model, gen_tok
-        del gen_model
-        traces = annotate_traces(annotator, texts, prompts,
-                                 [{"question": r["question"], "answer": r["answer"]} for r in rows])
-        dm.write_traces(out / "traces.jsonl", traces)
-        if not dm.trace_labels(traces):
-            raise UsageError(f"the {args.annotator} annotator labelled no span in the {len(traces)} generated traces "
-                             f"(see {out / 'traces.jsonl'})")
+def read_labelled_traces(path: str, labels: list[str] | None) -> list[dict[str, Any]]:
+    """The traces of ``--traces``, checked to hold labelled spans, and a span of every asked label."""
+    traces = cli.read_traces_arg(path)
+    present = dm.trace_labels(traces)
+    missing = [label for label in (labels or []) if label not in present]
+    if missing:
+        raise UsageError(f"--label {missing}: no span has this label in {path} "
+                         f"(labels present: {sorted(present)})")
+    if not present:
+        raise UsageError(f"--traces {path}: no labelled spans")
+    return traces
 
-    # ---- one streaming pass
-    if model is None:
-        model, tokenizer = cli.load_plain(act_id, args)
-    acc = dm.collect(model, tokenizer, traces, layers=layers, spec=spec, labels=args.label, weighting=args.weighting,
-                     batch_size=args.batch_size, max_length=args.max_length)
-    labels = args.label or acc.labels
+
+def generate_traces(args: argparse.Namespace, out: Path, *, keep_model: bool
+                    ) -> tuple[list[dict[str, Any]], Any, tuple[Any, Any]]:
+    """``(traces, annotator, (model, tokenizer))``: ``--generate`` traces sampled with ``--model`` on held-out
+    problems, labelled by the annotator and written to ``OUT/traces.jsonl``. The generating model comes back when
+    ``keep_model`` (it also gives the activations), else ``(None, None)``."""
+    from steering.annotate import annotate_traces
+
+    annotator = cli.make_annotator_arg(args)
+    gen_model, gen_tok = cli.load_plain(args.model, args)
+    rows = cli.heldout_questions(args, args.generate)
+    prompts, texts = sample_texts(gen_model, gen_tok, [r["question"] for r in rows], args.template,
+                                  settings.sampling_params(args), seed=args.seed, batch_size=args.gen_batch_size)
+    kept = (gen_model, gen_tok) if keep_model else (None, None)
+    del gen_model  # free the generator before the annotator runs, unless it also gives the activations
+    traces = annotate_traces(annotator, texts, prompts,
+                             [{"question": r["question"], "answer": r["answer"]} for r in rows])
+    dm.write_traces(out / "traces.jsonl", traces)
+    if not dm.trace_labels(traces):
+        raise UsageError(f"the {args.annotator} annotator labelled no span in the {len(traces)} generated traces "
+                         f"(see {out / 'traces.jsonl'})")
+    return traces, annotator, kept
+
+
+def collect_means(model: Any, tokenizer: Any, traces: list[dict[str, Any]], *, layers: list[int],
+                  spec: dm.PositionSpec, labels: list[str] | None, weighting: str, batch_size: int,
+                  max_length: int | None) -> tuple[dm.DiffMeanAccumulator, list[str]]:
+    """One streaming pass over the traces: ``(accumulator, labels)``, every label with at least one position."""
+    acc = dm.collect(model, tokenizer, traces, layers=layers, spec=spec, labels=labels, weighting=weighting,
+                     batch_size=batch_size, max_length=max_length)
+    labels = labels or acc.labels
     empty = [label for label in labels if not acc.pos_count.get(label)]
     if empty:
         raise UsageError(f"labels {empty}: every span lost its positions (clipped at the trace start or truncated)")
+    return acc, labels
 
+
+def write_means(acc: dm.DiffMeanAccumulator, path: Path) -> torch.Tensor:
+    """Writes the positive and negative means to ``path``; returns the norm of the mean activation per layer."""
     from safetensors.torch import save_file
 
-    save_file(acc.state_dict(), str(out / "means.safetensors"), metadata={"names": ",".join(acc.names)})
-    neg = acc.neg_mean()
-    mean_norms = [float(x) for x in neg.norm(dim=-1)]
-    result: dict[str, Any] = {
-        "model": args.model, "activations_model": act_id, "hook": dm.DEFAULT_HOOK, "layers": layers,
-        "positions": spec.describe(), "weighting": args.weighting, "rescaled": not args.no_rescale,
-        "traces": str(args.traces or out / "traces.jsonl"), "summary": acc.summary(),
-        "mean_activation_norms": mean_norms, "labels": {},
+    save_file(acc.state_dict(), str(path), metadata={"names": ",".join(acc.names)})
+    return acc.neg_mean().norm(dim=-1)
+
+
+def write_label_vectors(acc: dm.DiffMeanAccumulator, label: str, layers: list[int], neg_norms: torch.Tensor,
+                        ckpt_dir: Path, steered_cfg: Any, run_meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes ``label``'s vectors as a steering checkpoint in ``ckpt_dir``; returns its entry of result.json."""
+    rescale = run_meta["rescaled"]
+    raw = acc.raw_vectors(label)
+    u = acc.vectors(label, rescale=rescale)
+    meta = {"label": label, **run_meta,
+            "spans": acc.n_spans[label], "positions_count": acc.n_positions[label],
+            "trace_tokens": acc.neg_count, "traces": acc.n_traces,
+            "mean_activation_norms": {str(layer): float(n) for layer, n in zip(layers, neg_norms)},
+            "raw_norms": {str(layer): float(x) for layer, x in zip(layers, raw.norm(dim=-1))}}
+    ckpt = dm.save_vectors_checkpoint(dm.vectors_by_layer(u, layers), ckpt_dir, steered_cfg,
+                                      base_model=run_meta["model"], extra={"diffmean": meta})
+    return {
+        "checkpoint": str(ckpt), "spans": acc.n_spans[label], "positions": acc.n_positions[label],
+        "raw_norms": [float(x) for x in raw.norm(dim=-1)],
+        "raw_norm_over_mean_norm": [float(r / m) if m else float("nan")
+                                    for r, m in zip(raw.norm(dim=-1), neg_norms)],
+        "vector_norms": [float(x) for x in u.norm(dim=-1)],
     }
-    if args.generate and getattr(annotator, "stats", None):
-        result["annotator"] = {"name": args.annotator, "stats": dict(annotator.stats)}
-    for label in labels:
-        raw = acc.raw_vectors(label)
-        u = acc.vectors(label, rescale=not args.no_rescale)
-        meta = {"label": label, "model": args.model, "activations_model": act_id, "hook": dm.DEFAULT_HOOK,
-                "positions": spec.describe(), "weighting": args.weighting, "rescaled": not args.no_rescale,
-                "spans": acc.n_spans[label], "positions_count": acc.n_positions[label],
-                "trace_tokens": acc.neg_count, "traces": acc.n_traces,
-                "mean_activation_norms": {str(layer): n for layer, n in zip(layers, mean_norms)},
-                "raw_norms": {str(layer): float(x) for layer, x in zip(layers, raw.norm(dim=-1))}}
-        ckpt = dm.save_vectors_checkpoint(dm.vectors_by_layer(u, layers), out / label, steered_cfg,
-                                          base_model=args.model, extra={"diffmean": meta})
-        result["labels"][label] = {
-            "checkpoint": str(ckpt), "spans": acc.n_spans[label], "positions": acc.n_positions[label],
-            "raw_norms": [float(x) for x in raw.norm(dim=-1)],
-            "raw_norm_over_mean_norm": [float(r / m) if m else float("nan")
-                                        for r, m in zip(raw.norm(dim=-1), neg.norm(dim=-1))],
-            "vector_norms": [float(x) for x in u.norm(dim=-1)],
-        }
-    result["plot"] = str(plot_norms(result, out / "diffmean.png"))
-    for label, info in result["labels"].items():
-        print(f"{label}: {info['spans']} spans, {info['positions']} positions -> {info['checkpoint']}",
-              file=sys.stderr)
-    return output.finish(out, result)

@@ -31,6 +31,8 @@ Plots: ``highlight.png`` (the first examples, each token coloured by ρ, segment
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +95,40 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_gated_checkpoint_args(args)
+    base_id = cli.base_model_id(args.model, args.checkpoint)
+    benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
+    out = output.prepare_out(args.out)
+    model, tokenizer = load_gated_model(args.checkpoint, base_id, args)
+    vectors = sv.get_vectors(model)
+    gates = ts.gates(model)
+    layers = sorted(gates)
+    norms = {layer: float(vectors[layer].norm()) for layer in layers}
+    tmpl = cli.template(args)
+    problems = _common.problems_of(benches)
+    seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+                                    progress=not args.no_progress)
+    alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), quiet=args.no_progress)
+    tokens = gather_tokens(tokenizer, seqs, problems, alphas, layers=layers, norms=norms, n_examples=args.examples)
+    segments = segment_means(tokens, layers)
+    alpha_stats = alpha_statistics(tokens.layer_alpha, layers)
+    conc = top_decile_share(torch.cat(tokens.rhos))
+    top = sorted(tokens.tokens, key=lambda x: -x["relative_magnitude"])[: args.k]
+    present = [s for s in SEGMENTS if segments[s]["num_tokens"]]
+    files = draw_plots(out, tokens.examples, segments, present, layers)
+    result = {"command": "token-scaling", "checkpoint": str(args.checkpoint), "base_model": base_id,
+              "layers": layers, "formula": ts.FORMULA, "vector_norms": {str(k): v for k, v in norms.items()},
+              "gate": {"weight_norms": {str(layer): float(g.weight.detach().norm()) for layer, g in gates.items()},
+                       "biases": {str(layer): float(g.bias.detach()) for layer, g in gates.items()}},
+              "alpha_stats": alpha_stats, "segments": segments, "concentration": {"top_10pct_share": conc},
+              "top_tokens": top, "examples": tokens.examples, "num_sequences": len(seqs),
+              "num_tokens": len(tokens.tokens), "settings": settings.record(args), "plots": files}
+    return output.finish(out, result, f"token-scaling: {len(tokens.tokens)} tokens; "
+                         + ", ".join(f"{s} ρ={segments[s]['mean_relative_magnitude']:.3f}" for s in present))
+
+
+def check_gated_checkpoint_args(args: argparse.Namespace) -> None:
+    """The common checks, the HF backend (the gate is a forward hook), and a checkpoint that has gates."""
     cli.check_args(args)
     if args.backend == "vllm":
         raise UsageError("token-scaling gates the vectors per token with forward hooks, which vLLM does not run; use "
@@ -100,31 +136,41 @@ def run(args: argparse.Namespace) -> int:
     if not ts.checkpoint_has_gates(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no {ts.GATE_FILE}; it was not trained with "
                          "token_scaling: true")
-    base_id = cli.base_model_id(args.model, args.checkpoint)
-    benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
-    out = output.prepare_out(args.out)
+
+
+def load_gated_model(checkpoint: str, base_id: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the base with the checkpoint's vectors and gates, in eval mode on the base's device."""
     base, tokenizer = cli.load_plain(base_id, args)
     try:
-        model = ts.load_token_scaled_model(args.checkpoint, base=base)
+        model = ts.load_token_scaled_model(checkpoint, base=base)
     except sv.SteeringError as e:
         raise UsageError(str(e)) from None
     device = next(base.parameters()).device
     model.to(device).eval()
-    vectors = sv.get_vectors(model)
-    gates = ts.gates(model)
-    layers = sorted(gates)
-    norms = {layer: float(vectors[layer].norm()) for layer in layers}
-    total_norm = sum(norms.values()) or 1.0
-    tmpl = cli.template(args)
-    problems = _common.problems_of(benches)
-    seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
-                              progress=not args.no_progress)
-    alphas = record(model, seqs, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer), quiet=args.no_progress)
+    return model, tokenizer
 
-    seg_rho: dict[str, list[float]] = {s: [] for s in SEGMENTS}
-    seg_alpha: dict[str, dict[int, list[float]]] = {s: {layer: [] for layer in layers} for s in SEGMENTS}
-    all_alpha: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    tokens_all, examples, rhos_all = [], [], []
+
+@dataclass
+class TokenMagnitudes:
+    """Every token's ``ρ`` and ``α_l``, gathered over all sequences by segment and by layer."""
+
+    seg_rho: dict[str, list[float]]
+    seg_alpha: dict[str, dict[int, list[float]]]
+    layer_alpha: dict[int, list[torch.Tensor]]  # one (len,) tensor per sequence
+    rhos: list[torch.Tensor]  # one (len,) tensor per sequence
+    tokens: list[dict[str, Any]]  # {"token", "relative_magnitude", "segment", "sequence", "position"}
+    examples: list[dict[str, Any]]  # the first sequences, drawn over the text
+
+
+def gather_tokens(tokenizer: Any, seqs: _common.Sequences, problems: list[dict[str, Any]],
+                  alphas: list[dict[int, torch.Tensor]], *, layers: list[int], norms: dict[int, float],
+                  n_examples: int) -> TokenMagnitudes:
+    """Each token's segment, ``α_l(t)`` and ``ρ(t) = Σ_l α_l(t) ‖s_l‖ / Σ_l ‖s_l‖``, keeping ``n_examples``
+    sequences whole."""
+    total_norm = sum(norms.values()) or 1.0
+    got = TokenMagnitudes(seg_rho={s: [] for s in SEGMENTS},
+                          seg_alpha={s: {layer: [] for layer in layers} for s in SEGMENTS},
+                          layer_alpha={layer: [] for layer in layers}, rhos=[], tokens=[], examples=[])
     for row in range(len(seqs)):
         n_p = len(seqs.prompt_ids[row])
         q = problems[seqs.problem[row]]["question"]
@@ -134,37 +180,53 @@ def run(args: argparse.Namespace) -> int:
         rho = (stack * torch.tensor([norms[layer] for layer in layers])[:, None]).sum(0) / total_norm
         texts = _common.decode_tokens(tokenizer, ids)
         for t, (seg, r) in enumerate(zip(segs, rho.tolist())):
-            seg_rho[seg].append(r)
+            got.seg_rho[seg].append(r)
             for k, layer in enumerate(layers):
-                seg_alpha[seg][layer].append(float(stack[k, t]))
-            tokens_all.append({"token": texts[t], "relative_magnitude": r, "segment": seg, "sequence": row,
+                got.seg_alpha[seg][layer].append(float(stack[k, t]))
+            got.tokens.append({"token": texts[t], "relative_magnitude": r, "segment": seg, "sequence": row,
                                "position": t})
-        rhos_all.append(rho)
+        got.rhos.append(rho)
         for k, layer in enumerate(layers):
-            all_alpha[layer].append(stack[k])
-        if len(examples) < args.examples:
-            examples.append({"tokens": texts, "segments": segs, "relative_magnitude": rho.tolist(),
-                             "alpha": {str(layer): stack[k].tolist() for k, layer in enumerate(layers)}})
+            got.layer_alpha[layer].append(stack[k])
+        if len(got.examples) < n_examples:
+            got.examples.append({"tokens": texts, "segments": segs, "relative_magnitude": rho.tolist(),
+                                 "alpha": {str(layer): stack[k].tolist() for k, layer in enumerate(layers)}})
+    return got
 
-    def mean(xs: list[float]) -> float | None:
-        return sum(xs) / len(xs) if xs else None
 
-    segments = {s: {"num_tokens": len(seg_rho[s]), "mean_relative_magnitude": mean(seg_rho[s]),
-                    "mean_alpha": {str(layer): mean(seg_alpha[s][layer]) for layer in layers}} for s in SEGMENTS}
-    alpha_stats = {}
+def mean_or_none(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def segment_means(tokens: TokenMagnitudes, layers: list[int]) -> dict[str, dict[str, Any]]:
+    """Per segment: its token count, mean ``ρ`` and mean ``α_l`` of every layer (``None`` for an empty segment)."""
+    return {s: {"num_tokens": len(tokens.seg_rho[s]), "mean_relative_magnitude": mean_or_none(tokens.seg_rho[s]),
+                "mean_alpha": {str(layer): mean_or_none(tokens.seg_alpha[s][layer]) for layer in layers}}
+            for s in SEGMENTS}
+
+
+def alpha_statistics(layer_alpha: dict[int, list[torch.Tensor]], layers: list[int]) -> dict[str, dict[str, float]]:
+    """Mean, std, min and max of ``α_l`` over every token, per layer."""
+    stats = {}
     for layer in layers:
-        a = torch.cat(all_alpha[layer])
-        alpha_stats[str(layer)] = {"mean": float(a.mean()), "std": float(a.std()) if a.numel() > 1 else 0.0,
-                                   "min": float(a.min()), "max": float(a.max())}
-    rho_cat = torch.cat(rhos_all)
-    top_n = max(1, int(round(0.1 * rho_cat.numel())))
-    conc = float(rho_cat.sort(descending=True).values[:top_n].sum() / rho_cat.sum()) if rho_cat.sum() > 0 else None
-    top = sorted(tokens_all, key=lambda x: -x["relative_magnitude"])[: args.k]
+        a = torch.cat(layer_alpha[layer])
+        stats[str(layer)] = {"mean": float(a.mean()), "std": float(a.std()) if a.numel() > 1 else 0.0,
+                             "min": float(a.min()), "max": float(a.max())}
+    return stats
 
+
+def top_decile_share(rho: torch.Tensor) -> float | None:
+    """The share of ``Σρ`` held by the 10% largest tokens (at least one); ``None`` when ``Σρ`` is not positive."""
+    top_n = max(1, int(round(0.1 * rho.numel())))
+    return float(rho.sort(descending=True).values[:top_n].sum() / rho.sum()) if rho.sum() > 0 else None
+
+
+def draw_plots(out: Path, examples: list[dict[str, Any]], segments: dict[str, dict[str, Any]], present: list[str],
+               layers: list[int]) -> list[str]:
+    """highlight.png, segments.png and (with an example) alpha_example.png; returns their file names."""
     files = [plots.token_highlight(out / "highlight.png", [], [], value_label="relative magnitude ρ(t)", cmap="Reds",
                                    blocks=[(f"sequence {i}", e["tokens"], e["relative_magnitude"], e["segments"])
                                            for i, e in enumerate(examples)]).name]
-    present = [s for s in SEGMENTS if segments[s]["num_tokens"]]
     files.append(plots.heatmap(out / "segments.png",
                                [[segments[s]["mean_alpha"][str(layer)] for s in present] for layer in layers],
                                layers, present, title="mean α_l(t) per layer and prompt segment", xlabel="segment",
@@ -174,12 +236,4 @@ def run(args: argparse.Namespace) -> int:
         files.append(plots.heatmap(out / "alpha_example.png", [ex["alpha"][str(layer)] for layer in layers], layers,
                                    [plots.show_token(t, 6) for t in ex["tokens"]], title="α_l(t), first sequence",
                                    xlabel="token", ylabel="layer", cmap="viridis", annotate=False).name)
-    result = {"command": "token-scaling", "checkpoint": str(args.checkpoint), "base_model": base_id,
-              "layers": layers, "formula": ts.FORMULA, "vector_norms": {str(k): v for k, v in norms.items()},
-              "gate": {"weight_norms": {str(layer): float(g.weight.detach().norm()) for layer, g in gates.items()},
-                       "biases": {str(layer): float(g.bias.detach()) for layer, g in gates.items()}},
-              "alpha_stats": alpha_stats, "segments": segments, "concentration": {"top_10pct_share": conc},
-              "top_tokens": top, "examples": examples, "num_sequences": len(seqs), "num_tokens": len(tokens_all),
-              "settings": settings.record(args), "plots": files}
-    return output.finish(out, result, f"token-scaling: {len(tokens_all)} tokens; "
-                      + ", ".join(f"{s} ρ={segments[s]['mean_relative_magnitude']:.3f}" for s in present))
+    return files

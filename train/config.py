@@ -215,7 +215,25 @@ class SteeringGRPOConfig(GRPOConfig):
         metadata={"help": "If model_name_or_path does not exist, build the offline demo base there (train.demo_base)."})
 
     def __post_init__(self) -> None:
-        # Our own fields, one by one.
+        # Our own fields, group by group, before TRL's checks see them.
+        self._check_choices_and_required()
+        self._parse_layer_settings()
+        self._check_adapter_options()
+        self._check_run_options()
+        self._check_probes()
+
+        # TRL's and transformers' own checks (one line of their message).
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+        # Ours and theirs together.
+        self._check_optimisation()
+        self._check_generation_path()
+
+    def _check_choices_and_required(self) -> None:
+        """The fields with a fixed set of values, the preset name, and the two fields every run needs."""
         for key, value, allowed in (("adapter", self.adapter, ADAPTERS),
                                     ("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS),
                                     ("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS),
@@ -230,6 +248,9 @@ class SteeringGRPOConfig(GRPOConfig):
             raise ConfigError("model_name_or_path: missing; set it to a Hub id or a local model directory")
         if self.dataset is None:
             raise ConfigError("dataset: missing; e.g. deepscaler, gsm8k, math, a .jsonl file, or procedural:arithmetic")
+
+    def _parse_layer_settings(self) -> None:
+        """``layer_lr`` and ``init_scale`` from their string forms, then their layers against ``layers``."""
         self.layer_lr = _parse_mapping(self.layer_lr, "layer_lr")
         if isinstance(self.init_scale, str):
             try:
@@ -247,11 +268,17 @@ class SteeringGRPOConfig(GRPOConfig):
                                   f"layers {self.layers}; add them to layers or drop them from layer_lr")
         if self.layers is not None and any(layer < 0 for layer in self.layers):
             raise ConfigError(f"layers: {self.layers} has a negative index; layers are 0-based")
+
+    def _check_adapter_options(self) -> None:
+        """The options that only a steering adapter reads."""
         if self.adapter != "steering" and (self.layers is not None or self.layer_lr or self.init_from):
             raise ConfigError("layers / layer_lr / init_from apply to adapter=steering only; remove them or set "
                               "adapter: steering")
         if self.token_scaling and self.adapter != "steering":
             raise ConfigError("token_scaling: needs adapter: steering")
+
+    def _check_run_options(self) -> None:
+        """Grading, validation, the output directory and ``init_from``."""
         if self.reward_timeout <= 0:
             raise ConfigError(f"reward_timeout: {self.reward_timeout} must be > 0 seconds")
         try:
@@ -270,15 +297,9 @@ class SteeringGRPOConfig(GRPOConfig):
                 raise ConfigError(f"init_from: {self.init_from!r} is neither a directory nor a .gguf file; give a "
                                   "steering checkpoint directory or a llama.cpp control-vector .gguf file")
 
-        self._check_probes()
-
-        # TRL's and transformers' own checks (one line of their message).
-        try:
-            super().__post_init__()
-        except ValueError as e:
-            raise ConfigError(str(e).strip().splitlines()[0]) from None
-
-        # Ours and theirs together.
+    def _check_optimisation(self) -> None:
+        """The learning rate, RLOO's needs (and the reward weights it sets), and checkpoint retention; these read
+        fields that TRL's ``__post_init__`` fills in."""
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate: {self.learning_rate} must be > 0")
         if self.advantage_estimator == "rloo":
@@ -297,6 +318,9 @@ class SteeringGRPOConfig(GRPOConfig):
         if self.save_total_limit is not None and self.save_total_limit < 2:
             raise ConfigError(f"save_total_limit: {self.save_total_limit} would let transformers delete the checkpoint "
                               "`latest` names while the next one is written; use 2 or more, or leave it unset")
+
+    def _check_generation_path(self) -> None:
+        """The rollout backend against vLLM, and what vLLM cannot run."""
         if self.rollout_backend == "static" and self.use_vllm:
             raise ConfigError("rollout_backend: static and use_vllm: true are exclusive; pick one generation path")
         if self.vllm_max_logprob_gap is not None and not self.vllm_max_logprob_gap > 0:
