@@ -58,8 +58,8 @@ import argparse
 import math
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +69,16 @@ from torch import nn
 from analysis import _common
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
+from analysis.sae_activations import (SPLITS, ChunkWriter, FeatureStats, batch_stream, clear_activations, collect,
+                                      feature_pass, read_chunk)
+from analysis.sae_features import describe_top, feature_cards, ranked_table
 import steering.sae
 from steering import separation
-from steering.readout import cosine
 from steering import vectors as sv
 
 INPUTS = ("diff", "steered")
 CORRECTIONS = ("maxt", "holm", "bh")
 PERMUTATIONS = ("within-problem", "global")
-CHUNK_GLOB = "{split}-*.safetensors"
-SPLITS = ("train", "heldout")
 # Top-activating tokens kept per feature, per example shown: k samples of one problem are often the same text, so the
 # cards skip repeated contexts and need more candidates than they show.
 EXAMPLE_POOL = 4
@@ -158,6 +158,11 @@ class Plan:
     steer_layers: list[int]
     dict_size: int
 
+    @property
+    def hook_name(self) -> str:
+        """SAELens's name of the recorded point, the output of block ``layer``."""
+        return f"blocks.{self.layer}.hook_resid_post"
+
 
 def _finite(args: argparse.Namespace, name: str, *, low: float, low_ok: bool, high: float | None = None,
             high_ok: bool = False) -> None:
@@ -225,283 +230,6 @@ def check(args: argparse.Namespace) -> Plan:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Activations on disk
-
-
-class ChunkWriter:
-    """Token vectors streamed to ``DIR/{split}-NNNNN.safetensors``, ``chunk_size`` tokens per file; each file holds
-    ``x`` (T, d) fp32 (the SAE's input), ``row`` (the completion), ``pos`` (position in the completion; < 0 in the
-    prompt) and ``token`` (its id), and with ``--input steered`` also ``delta`` (ΔF, for its variance shares)."""
-
-    def __init__(self, directory: Path, split: str, chunk_size: int):
-        self.directory, self.split, self.chunk_size = directory, split, chunk_size
-        self.parts: list[dict[str, torch.Tensor]] = []
-        self.pending = 0
-        self.files: list[Path] = []
-        self.tokens = 0
-
-    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        n = int(next(iter(tensors.values())).shape[0])
-        start = 0
-        while start < n:
-            take = min(n - start, self.chunk_size - self.pending)
-            self.parts.append({k: v[start:start + take] for k, v in tensors.items()})
-            self.pending += take
-            start += take
-            if self.pending == self.chunk_size:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        from safetensors.torch import save_file
-
-        from steering.files import write_file_atomic
-
-        data = {k: torch.cat([p[k] for p in self.parts]).contiguous() for k in self.parts[0]}
-        path = self.directory / f"{self.split}-{len(self.files):05d}.safetensors"
-        write_file_atomic(path, lambda tmp: save_file(data, str(tmp)))
-        self.files.append(path)
-        self.tokens += self.pending
-        self.parts, self.pending = [], 0
-
-
-def read_chunk(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def clear_activations(directory: Path) -> None:
-    """Remove a previous run's chunks (they would be mixed into this run's data), nothing else."""
-    for split in SPLITS:
-        for f in directory.glob(CHUNK_GLOB.format(split=split)):
-            f.unlink()
-    (directory / "index.json").unlink(missing_ok=True)
-
-
-@torch.no_grad()
-def collect(model: nn.Module, seqs: _common.Sequences, vectors: Mapping[int, torch.Tensor], layer: int, *,
-            input_kind: str, positions: str, writers: Mapping[str, ChunkWriter], split_of_row: Sequence[str],
-            batch_size: int, pad: int, quiet: bool = False) -> None:
-    """Record the SAE's input vectors of every sequence at ``layer`` into the writers (ΔF with ``input_kind``
-    "diff": :func:`analysis._common.resid_shift` of the steered and the unsteered residual, exactly ``persistence``'s
-    shift)."""
-    device = next(model.parameters()).device
-    bar = output.progress(desc="ΔF", total=-(-len(seqs) // batch_size), quiet=quiet, unit="batch")
-    for batch in seqs.batches(batch_size, device, pad):
-        mask = batch.positions(positions)
-        base = _common.resid_post(model, batch, {}, [layer])[layer]
-        steered = _common.resid_post(model, batch, vectors, [layer])[layer]
-        delta = _common.resid_shift(steered, base, mask).float()
-        local = torch.arange(mask.shape[0], device=device)[:, None].expand_as(mask)[mask].cpu()  # batch row per token
-        rows = torch.tensor(batch.rows)[local]
-        pos = (torch.arange(mask.shape[1], device=device)[None, :] - batch.prompt_len[:, None])[mask].cpu()
-        tensors = {"x": (delta if input_kind == "diff" else steered[mask].float()).cpu(), "row": rows,
-                   "pos": pos.to(torch.int64), "token": batch.input_ids[mask].cpu()}
-        if input_kind == "steered":
-            tensors["delta"] = delta.cpu()
-        for split, writer in writers.items():
-            keep = torch.tensor([split_of_row[r] == split for r in batch.rows], dtype=torch.bool)[local]
-            if keep.any():
-                writer.add({k: v[keep] for k, v in tensors.items()})
-        bar.update(1)
-    bar.close()
-    for writer in writers.values():
-        writer.flush()
-
-
-def batch_stream(files: Sequence[Path], batch_size: int, generator: torch.Generator
-                 ) -> Callable[[], Iterator[torch.Tensor]]:
-    """One epoch per call: the chunks in a random order, each chunk's vectors shuffled, ``batch_size`` at a time (a
-    batch may span two chunks; the last partial batch of the epoch is dropped)."""
-
-    def epoch() -> Iterator[torch.Tensor]:
-        carry = None
-        for i in torch.randperm(len(files), generator=generator).tolist():
-            x = read_chunk(files[i])["x"]
-            x = x[torch.randperm(x.shape[0], generator=generator)]
-            if carry is not None:
-                x = torch.cat([carry, x])
-            n = (x.shape[0] // batch_size) * batch_size
-            for start in range(0, n, batch_size):
-                yield x[start:start + batch_size]
-            carry = x[n:] if n < x.shape[0] else None
-
-    return epoch
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Feature statistics: one pass over every chunk
-
-
-@dataclass
-class FeatureStats:
-    """Per-completion activation sums and token counts, firing counts, top activations, ΔF projections."""
-
-    d_in: int
-    d_sae: int
-    num_rows: int
-    top_m: int
-    device: torch.device = torch.device("cpu")
-    row_sum: torch.Tensor = field(init=False)  # (rows, d_sae) Σ over completion tokens of the activation
-    row_tokens: torch.Tensor = field(init=False)  # (rows,) completion tokens
-    fires: torch.Tensor = field(init=False)  # (d_sae,) tokens on which the feature is active
-    top_val: torch.Tensor = field(init=False)  # (d_sae, m) largest activations (completion tokens)
-    top_row: torch.Tensor = field(init=False)
-    top_pos: torch.Tensor = field(init=False)
-    # ΔF sums over the SAE's tokens: Σ proj, Σ proj², Σ a, Σ a², Σ a·proj (proj = ΔF · d_f), Σ ΔF, Σ ‖ΔF‖², count
-    s_proj: torch.Tensor = field(init=False)
-    s_proj2: torch.Tensor = field(init=False)
-    s_a: torch.Tensor = field(init=False)
-    s_a2: torch.Tensor = field(init=False)
-    s_aproj: torch.Tensor = field(init=False)
-    s_delta: torch.Tensor = field(init=False)
-    s_delta2: float = 0.0
-    count: int = 0
-    recon: dict[str, steering.sae.ReconstructionStats] = field(init=False)
-
-    def __post_init__(self) -> None:
-        f64, dev = torch.float64, self.device
-        self.row_sum = torch.zeros(self.num_rows, self.d_sae, device=dev)
-        self.row_tokens = torch.zeros(self.num_rows, dtype=torch.long, device=dev)
-        self.fires = torch.zeros(self.d_sae, dtype=torch.long, device=dev)
-        self.top_val = torch.full((self.d_sae, self.top_m), -1.0, device=dev)
-        self.top_row = torch.full((self.d_sae, self.top_m), -1, dtype=torch.long, device=dev)
-        self.top_pos = torch.full((self.d_sae, self.top_m), -1, dtype=torch.long, device=dev)
-        for name in ("s_proj", "s_proj2", "s_a", "s_a2", "s_aproj"):
-            setattr(self, name, torch.zeros(self.d_sae, dtype=f64, device=dev))
-        self.s_delta = torch.zeros(self.d_in, dtype=f64, device=dev)
-        self.recon = {split: steering.sae.ReconstructionStats(self.d_in, self.d_sae) for split in SPLITS}
-
-    @property
-    def alive(self) -> torch.Tensor:
-        return self.fires > 0
-
-    def row_means(self) -> torch.Tensor:
-        return self.row_sum / self.row_tokens.clamp_min(1)[:, None].float()
-
-    def delta_shares(self, contribution: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(along, explained)`` per feature: the share of ΔF's variance (about its mean) along the decoder
-        direction, and (``contribution``) the share the feature's own centred term ``(a_f − ā_f) d_f`` removes."""
-        n = max(self.count, 1)
-        total = self.s_delta2 - float(self.s_delta @ self.s_delta) / n
-        if not total > 0:
-            return torch.full((self.d_sae,), float("nan")), None
-        along = (self.s_proj2 - self.s_proj ** 2 / n) / total
-        if not contribution:
-            return along, None
-        cov = self.s_aproj - self.s_a * self.s_proj / n
-        var_a = self.s_a2 - self.s_a ** 2 / n
-        return along, (2 * cov - var_a) / total
-
-    def to_cpu(self) -> "FeatureStats":
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.cpu())
-        self.device = torch.device("cpu")
-        return self
-
-
-@torch.no_grad()
-def feature_pass(sae: steering.sae.SparseAutoencoder, files: Mapping[str, Sequence[Path]], num_rows: int, *, top_m: int,
-                 input_kind: str, sub_batch: int = 4096, quiet: bool = False) -> FeatureStats:
-    """Encode every stored vector once and gather :class:`FeatureStats` (reconstruction metrics per split)."""
-    device = sae.W_dec.device
-    st = FeatureStats(sae.cfg.d_in, sae.cfg.d_sae, num_rows, top_m, device)
-    w_dec = sae.W_dec.detach().double()
-    every = [(split, f) for split in SPLITS for f in files.get(split, [])]
-    for split, path in output.progress(every, desc="features", quiet=quiet, unit="chunk"):
-        chunk = read_chunk(path)
-        for start in range(0, chunk["x"].shape[0], sub_batch):
-            part = {k: v[start:start + sub_batch].to(device) for k, v in chunk.items()}
-            x = part["x"]
-            x_hat, a = sae(x)
-            st.recon[split].add(x, x_hat, a)
-            delta = (part["delta"] if input_kind == "steered" else x).double()
-            ad = a.double()
-            proj = delta @ w_dec.T
-            st.s_proj += proj.sum(0)
-            st.s_proj2 += (proj ** 2).sum(0)
-            st.s_a += ad.sum(0)
-            st.s_a2 += (ad ** 2).sum(0)
-            st.s_aproj += (ad * proj).sum(0)
-            st.s_delta += delta.sum(0)
-            st.s_delta2 += float((delta ** 2).sum())
-            st.count += int(x.shape[0])
-            st.fires += (a > 0).sum(0)
-            comp = part["pos"] >= 0
-            if comp.any():
-                rows = part["row"][comp]
-                ac = a[comp]
-                st.row_sum.index_add_(0, rows, ac)
-                st.row_tokens.index_add_(0, rows, torch.ones_like(rows))
-                m = min(top_m, int(ac.shape[0]))
-                val, idx = torch.topk(ac.T, m, dim=1)
-                cat_val = torch.cat([st.top_val, val], 1)
-                cat_row = torch.cat([st.top_row, rows[idx]], 1)
-                cat_pos = torch.cat([st.top_pos, part["pos"][comp][idx]], 1)
-                best = torch.topk(cat_val, top_m, dim=1).indices
-                st.top_val = cat_val.gather(1, best)
-                st.top_row = cat_row.gather(1, best)
-                st.top_pos = cat_pos.gather(1, best)
-    return st.to_cpu()
-
-
-def ranked_table(sep: Mapping[str, Any], tested: torch.Tensor, means: torch.Tensor, correct: torch.Tensor,
-                 firing_rate: torch.Tensor) -> list[dict[str, Any]]:
-    """One row per tested feature (``tested``: the feature ids of :func:`separation`'s columns), ranked by effect
-    ``|AUROC − ½|`` (ties: smaller p first). ``means`` (completions, all features) and ``correct`` give each feature's
-    mean activation among correct and incorrect completions; ``firing_rate`` (all features) its share of tokens."""
-    m_pos = means[correct][:, tested].mean(0)
-    m_neg = means[~correct][:, tested].mean(0)
-    order = sorted(range(tested.numel()), key=lambda i: (-float(sep["effect"][i]), float(sep["p_value"][i])))
-    rows = []
-    for rank, i in enumerate(order, 1):
-        f, a = int(tested[i]), float(sep["auroc"][i])
-        rows.append({"rank": rank, "feature": f, "auroc": a, "effect": float(sep["effect"][i]),
-                     "direction": "correct" if a > 0.5 else "incorrect" if a < 0.5 else "none",
-                     "p_value": float(sep["p_value"][i]), "p_maxt": float(sep["p_maxt"][i]),
-                     "p_holm": float(sep["p_holm"][i]), "q_bh": float(sep["q_bh"][i]),
-                     "significant": bool(sep["significant"][i]), "mean_correct": float(m_pos[i]),
-                     "mean_incorrect": float(m_neg[i]), "firing_rate": float(firing_rate[f])})
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# What a top feature is
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    return _num(cosine(a, b))  # None where a direction is zero
-
-
-@torch.no_grad()
-def context_activations(sae: steering.sae.SparseAutoencoder, files: Mapping[str, Sequence[Path]], rows: set[int],
-                        features: Sequence[int]) -> dict[int, dict[int, torch.Tensor]]:
-    """``{row: {pos: activations of `features`}}`` for the stored tokens of ``rows`` (second pass, few rows)."""
-    out: dict[int, dict[int, torch.Tensor]] = {}
-    feats = torch.tensor(list(features), dtype=torch.long)
-    wanted = torch.tensor(sorted(rows), dtype=torch.long)
-    for split in SPLITS:
-        for path in files.get(split, []):
-            chunk = read_chunk(path)
-            keep = torch.isin(chunk["row"], wanted)
-            if not keep.any():
-                continue
-            a = sae.encode(chunk["x"][keep].to(sae.W_dec.device))[:, feats.to(sae.W_dec.device)].cpu()
-            for r, pos, act in zip(chunk["row"][keep].tolist(), chunk["pos"][keep].tolist(), a):
-                out.setdefault(r, {})[pos] = act
-    return out
-
-
-def token_texts(tokenizer: Any, seqs: _common.Sequences, row: int) -> tuple[list[str], int]:
-    """The decoded tokens of row ``row`` (prompt + completion) and its prompt length."""
-    ids = list(seqs.prompt_ids[row]) + list(seqs.completion_ids[row])
-    return _common.decode_tokens(tokenizer, ids), len(seqs.prompt_ids[row])
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -527,11 +255,47 @@ def settings_of(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from steering.generation import pad_id_of
-    from steering.rewards import score_batch
-
     plan = check(args)
     base_id = cli.base_model_id(args.model, args.checkpoint)
+    problems = load_problems(args)
+    run_settings = settings_of(args, plan)
+    out = output.prepare_out(args.out)
+    model, tokenizer = cli.load_steerable(base_id, args)
+    vectors = cli.checkpoint_vectors(args.checkpoint, model)
+    seqs, correct = sample_and_grade(model, tokenizer, vectors, problems, args)
+    heldout = split_problems(len(problems), args.heldout_fraction, args.sae_seed)
+    writers = record_activations(model, tokenizer, seqs, {layer: vectors[layer] for layer in plan.steer_layers},
+                                 heldout, plan, out / "activations", args)
+    files = {split: list(w.files) for split, w in writers.items()}
+    gen = torch.Generator().manual_seed(args.sae_seed)
+    sae, info, curve = train_sae(files["train"], writers["train"].tokens, plan, gen, args,
+                                 device=next(model.parameters()).device)
+    sae_dir = steering.sae.save_saelens(sae, out / "sae", hook_name=plan.hook_name, model_name=base_id,
+                                        extra={"input": args.input, "steer_layers": plan.steer_layers,
+                                               "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
+    st = feature_pass(sae, files, len(seqs), top_m=args.examples * EXAMPLE_POOL, input_kind=args.input,
+                      quiet=args.no_progress)
+    save_completion_features(out / "completion_features.safetensors", st.row_means(), correct, seqs, st.row_tokens)
+    sep = separate(st, correct, seqs, gen, args)
+    top = describe_top(sep.rows[:args.top_features], sae, model, tokenizer, vectors, seqs, correct, st, files,
+                       lens_kind=args.lens, lens_k=args.lens_k, examples=args.examples, context=args.context,
+                       contribution=args.input == "diff")
+    plot_files = draw(out, curve, sep, top, plan, args)
+    if args.delete_activations:
+        shutil.rmtree(out / "activations")
+    result = {
+        "command": "diffsae", "checkpoint": str(args.checkpoint), "base_model": base_id, "layer": plan.layer,
+        "hook_name": plan.hook_name, "input": args.input, "steer_layers": plan.steer_layers, "settings": run_settings,
+        "data": data_json(seqs, correct, problems, heldout, writers, st, args),
+        "sae": sae_json(sae_dir, sae.cfg, info, st), "separation": separation_json(sep, args),
+        "separation_skipped": sep.skipped, "features": sep.rows, "top_features": top, "plots": plot_files,
+        "files": [sae_dir.name, "completion_features.safetensors"]
+        + ([] if args.delete_activations else ["activations"])}
+    return output.finish(out, result, summary(result))
+
+
+def load_problems(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The problems of ``--benchmarks``: at least one, and two when some are held out."""
     benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
     problems = _common.problems_of(benches)
     if not problems:
@@ -539,49 +303,63 @@ def run(args: argparse.Namespace) -> int:
     if args.heldout_fraction > 0 and len(problems) < 2:
         raise UsageError(f"--heldout-fraction {args.heldout_fraction} needs at least 2 problems (a held-out one and "
                          f"a training one); there is {len(problems)}; use --heldout-fraction 0")
-    tmpl = cli.template(args)
-    run_settings = settings_of(args, plan)
-    out = output.prepare_out(args.out)
-    model, tokenizer = cli.load_steerable(base_id, args)
-    vectors = cli.checkpoint_vectors(args.checkpoint, model)
-    steer = {layer: vectors[layer] for layer in plan.steer_layers}
-    pad = pad_id_of(tokenizer)
+    return problems
 
-    # 1. completions of the steered model, their verdicts, and the vectors at layer L on their tokens
+
+def sample_and_grade(model: nn.Module, tokenizer: Any, vectors: Mapping[int, torch.Tensor],
+                     problems: Sequence[dict[str, Any]], args: argparse.Namespace
+                     ) -> tuple[_common.Sequences, torch.Tensor]:
+    """``--samples-per-problem`` completions per problem from the steered model (every vector of the checkpoint on),
+    and whether the reward counts each correct."""
+    from steering.rewards import score_batch
+
+    tmpl = cli.template(args)
+    eval_settings = settings.from_args(args)
     with _common.use_vectors(model, vectors):
-        seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, settings.from_args(args),
+        seqs = _common.sample_sequences(model, tokenizer, problems, tmpl, eval_settings,
                                         progress=not args.no_progress, num_samples=args.samples_per_problem)
     verdicts = score_batch(seqs.completions, [problems[i]["answer"] for i in seqs.problem],
                            answer_format=tmpl.answer_format, timeout_s=args.reward_timeout,
-                           options=settings.from_args(args).grading)
-    correct = torch.tensor([bool(v.correct) for v in verdicts])
-    heldout = split_problems(len(problems), args.heldout_fraction, args.sae_seed)
+                           options=eval_settings.grading)
+    return seqs, torch.tensor([bool(v.correct) for v in verdicts])
+
+
+def record_activations(model: nn.Module, tokenizer: Any, seqs: _common.Sequences, steer: Mapping[int, torch.Tensor],
+                       heldout: set[int], plan: Plan, act_dir: Path, args: argparse.Namespace
+                       ) -> dict[str, ChunkWriter]:
+    """The SAE's input at ``plan.layer`` on every sequence, in chunks under ``act_dir`` (a previous run's removed)
+    with its ``index.json``; one writer per split, whose ``files`` and ``tokens`` say what was written."""
+    from steering.generation import pad_id_of
+
     split_of_row = ["heldout" if seqs.problem[r] in heldout else "train" for r in range(len(seqs))]
-    act_dir = out / "activations"
     act_dir.mkdir(exist_ok=True)
     clear_activations(act_dir)
     writers = {split: ChunkWriter(act_dir, split, args.chunk_size) for split in SPLITS}
     collect(model, seqs, steer, plan.layer, input_kind=args.input, positions=args.positions, writers=writers,
-            split_of_row=split_of_row, batch_size=args.forward_batch_size, pad=pad, quiet=args.no_progress)
-    files = {split: list(w.files) for split, w in writers.items()}
-    hook_name = f"blocks.{plan.layer}.hook_resid_post"
-    if not files["train"]:
+            split_of_row=split_of_row, batch_size=args.forward_batch_size, pad=pad_id_of(tokenizer),
+            quiet=args.no_progress)
+    if not writers["train"].files:
         raise UsageError("no training tokens were recorded (every problem is held out?)")
     output.write_json(act_dir / "index.json", {
-        "layer": plan.layer, "hook_name": hook_name, "input": args.input,
+        "layer": plan.layer, "hook_name": plan.hook_name, "input": args.input,
         "steer_layers": plan.steer_layers, "positions": args.positions, "d": plan.hidden,
-        "chunks": {s: [f.name for f in fs] for s, fs in files.items()},
+        "chunks": {s: [f.name for f in w.files] for s, w in writers.items()},
         "tokens": {s: w.tokens for s, w in writers.items()}})
+    return writers
 
-    # 2. the SAE
-    gen = torch.Generator().manual_seed(args.sae_seed)
+
+def train_sae(train_files: Sequence[Path], train_tokens: int, plan: Plan, gen: torch.Generator,
+              args: argparse.Namespace, *, device: torch.device
+              ) -> tuple[steering.sae.SparseAutoencoder, dict[str, Any], dict[str, list[float]]]:
+    """The SAE trained on the training chunks (batches drawn with ``gen``), its training summary, and the loss and
+    explained-variance curve of about 200 of its steps, while a progress bar shows them."""
     cfg = steering.sae.SAEConfig(plan.hidden, plan.dict_size, args.sparsity, k=args.topk, l1_coeff=args.l1_coeff)
     tc = steering.sae.TrainConfig(steps=args.steps, batch_size=args.sae_batch_size, lr=args.lr, seed=args.sae_seed,
                                   aux_coeff=args.aux_coeff, dead_window=args.dead_window)
-    if writers["train"].tokens < args.sae_batch_size:
-        raise UsageError(f"--sae-batch-size {args.sae_batch_size} is more than the {writers['train'].tokens} "
+    if train_tokens < args.sae_batch_size:
+        raise UsageError(f"--sae-batch-size {args.sae_batch_size} is more than the {train_tokens} "
                          "training vectors recorded; lower it or sample more")
-    init = read_chunk(files["train"][0])["x"][:65536]
+    init = read_chunk(train_files[0])["x"][:65536]
     curve: dict[str, list[float]] = {"step": [], "loss": [], "explained_variance": []}
     bar = output.progress(desc="SAE", total=args.steps, quiet=args.no_progress, unit="step")
     log_every = max(1, args.steps // 200)
@@ -595,27 +373,35 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{s.loss:.4f}", L0=f"{s.l0:.1f}", EV=f"{1 - s.fvu:.3f}", dead=s.dead)
 
     try:
-        sae, info = steering.sae.train(cfg, tc, batch_stream(files["train"], args.sae_batch_size, gen),
-                                       init_sample=init, device=next(model.parameters()).device, on_step=on_step)
+        sae, info = steering.sae.train(cfg, tc, batch_stream(train_files, args.sae_batch_size, gen),
+                                       init_sample=init, device=device, on_step=on_step)
     except steering.sae.SAEError as e:
         raise UsageError(f"SAE training: {e}") from None
     finally:
         bar.close()
-    sae_dir = steering.sae.save_saelens(sae, out / "sae", hook_name=hook_name, model_name=base_id,
-                                        extra={"input": args.input, "steer_layers": plan.steer_layers,
-                                               "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
+    return sae, info, curve
 
-    # 3. feature statistics and separation
-    st = feature_pass(sae, files, len(seqs), top_m=args.examples * EXAMPLE_POOL, input_kind=args.input,
-                      quiet=args.no_progress)
+
+@dataclass
+class Separation:
+    """The separation test of every live feature, or why there was none."""
+
+    rows: list[dict[str, Any]]  # every tested feature, ranked (:func:`ranked_table`); [] when skipped
+    threshold: float | None  # the effect |AUROC − ½| a feature needs to be significant
+    num_tested: int
+    skipped: str | None  # why there is no test; None when there is one
+
+
+def separate(st: FeatureStats, correct: torch.Tensor, seqs: _common.Sequences, gen: torch.Generator,
+             args: argparse.Namespace) -> Separation:
+    """AUROC and permutation test of every live feature's mean activation per completion against ``correct`` (only
+    completions with completion tokens count); skipped, with the reason on stderr, when one class or every feature
+    is missing."""
     means = st.row_means()
     has_tokens = st.row_tokens > 0
-    alive = st.alive
-    tested = torch.nonzero(alive).reshape(-1)
-    save_completion_features(out / "completion_features.safetensors", means, correct, seqs, st.row_tokens)
+    tested = torch.nonzero(st.alive).reshape(-1)
     n_pos, n_neg = int(correct[has_tokens].sum()), int((~correct[has_tokens]).sum())
-    sep = None
-    skipped = None
+    sep, skipped = None, None
     if n_pos == 0 or n_neg == 0:
         skipped = (f"all {n_pos + n_neg} completions are {'correct' if n_neg == 0 else 'incorrect'}: AUROC needs both "
                    "(sample more, or a harder benchmark)")
@@ -628,23 +414,22 @@ def run(args: argparse.Namespace) -> int:
                                     generator=gen)
     if skipped:
         print(f"diffsae: no separation test: {skipped}", file=sys.stderr)
-
-    along, explained = st.delta_shares(args.input == "diff")
     rows = [] if sep is None else ranked_table(sep, tested, means[has_tokens], correct[has_tokens],
                                                st.fires.double() / max(st.count, 1))
+    return Separation(rows, None if sep is None else sep["threshold"], int(tested.numel()), skipped)
 
-    # 4. the top features
-    top = describe_top(rows[:args.top_features], sae, model, tokenizer, vectors, seqs, correct, st, files, along,
-                       explained, args)
 
-    # 5. plots and result
+def draw(out: Path, curve: Mapping[str, list[float]], sep: Separation, top: Sequence[dict[str, Any]], plan: Plan,
+         args: argparse.Namespace) -> list[str]:
+    """The command's figures (names relative to ``out``): the SAE's training curve, the AUROC histogram (when there
+    was a test), the top features' cosines with each layer's vector and one card per top feature."""
     plot_files = [plots.line_plot(out / "sae_training.png", curve["step"],
                                   {"loss": curve["loss"], "explained variance": curve["explained_variance"]},
-                                  title=f"SAE training at {hook_name} (batch statistics)", xlabel="step",
+                                  title=f"SAE training at {plan.hook_name} (batch statistics)", xlabel="step",
                                   ylabel="").name]
-    if sep is not None:
-        plot_files.append(auroc_histogram(out / "auroc_hist.png", [r["auroc"] for r in rows], sep["threshold"],
-                                          args, sum(r["significant"] for r in rows)).name)
+    if sep.skipped is None:
+        plot_files.append(auroc_histogram(out / "auroc_hist.png", [r["auroc"] for r in sep.rows], sep.threshold,
+                                          args, sum(r["significant"] for r in sep.rows)).name)
     if top:
         plot_files.append(plots.heatmap(out / "top_features_cos.png",
                                         [[t["cos_to_vectors"].get(str(layer)) for layer in range(plan.num_layers)]
@@ -652,42 +437,56 @@ def run(args: argparse.Namespace) -> int:
                                         [f"#{t['rank']} f{t['feature']}" for t in top], list(range(plan.num_layers)),
                                         title="cos(decoder direction, s_l)", xlabel="layer l", ylabel="feature",
                                         cmap="RdBu_r", vmin=-1, vmax=1).name)
-        plot_files += feature_cards(out / "cards", top, tokenizer, seqs, correct, args)
-    if args.delete_activations:
-        shutil.rmtree(act_dir)
-    recon = {split: st.recon[split].metrics() for split in SPLITS}
-    dead = int((~alive).sum())
+        plot_files += feature_cards(out / "cards", top, args.correction)
+    return plot_files
+
+
+def data_json(seqs: _common.Sequences, correct: torch.Tensor, problems: Sequence[dict[str, Any]], heldout: set[int],
+              writers: Mapping[str, ChunkWriter], st: FeatureStats, args: argparse.Namespace) -> dict[str, Any]:
+    """result.json's ``data``: the completions, the split, the chunks and ΔF's mean norm and total variance."""
     delta_n = max(st.count, 1)
-    result = {
-        "command": "diffsae", "checkpoint": str(args.checkpoint), "base_model": base_id, "layer": plan.layer,
-        "hook_name": hook_name, "input": args.input, "steer_layers": plan.steer_layers, "settings": run_settings,
-        "data": {"num_completions": len(seqs), "num_correct": int(correct.sum()),
-                 "accuracy": float(correct.double().mean()), "num_problems": len(problems),
-                 "heldout_problems": sorted(heldout), "train_tokens": writers["train"].tokens,
-                 "heldout_tokens": writers["heldout"].tokens,
-                 "chunks": {s: len(fs) for s, fs in files.items()},
-                 "activations_dir": None if args.delete_activations else "activations",
-                 "delta_mean_norm": float((st.s_delta / delta_n).norm()),
-                 "delta_total_variance": (st.s_delta2 - float(st.s_delta @ st.s_delta) / delta_n) / delta_n},
-        "sae": {"dir": sae_dir.name, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "sparsity": cfg.sparsity,
-                "k": cfg.k if cfg.sparsity == "topk" else None,
-                "l1_coeff": cfg.l1_coeff if cfg.sparsity == "l1" else None, "input_scale": info["input_scale"],
-                "training": {**(info["last_step"] or {}), "vectors_seen": info["vectors_seen"],
-                             "epochs_completed": info["epochs_completed"]},
-                "train": recon["train"], "heldout": recon["heldout"], "dead_features": dead,
-                "dead_fraction": dead / cfg.d_sae},
-        "separation": None if sep is None else {
-            "correction": args.correction, "alpha": args.alpha, "permutations": args.permutations,
-            "permutation": args.permutation, "num_tested": int(tested.numel()),
-            "num_significant": sum(r["significant"] for r in rows),
-            "threshold": threshold_json(sep["threshold"])},
-        "separation_skipped": skipped, "features": rows, "top_features": top, "plots": plot_files,
-        "files": [sae_dir.name, "completion_features.safetensors"]
-        + ([] if args.delete_activations else ["activations"])}
-    ev = recon["heldout"]["explained_variance"] if recon["heldout"]["num_vectors"] else recon["train"][
-        "explained_variance"]
+    return {"num_completions": len(seqs), "num_correct": int(correct.sum()),
+            "accuracy": float(correct.double().mean()), "num_problems": len(problems),
+            "heldout_problems": sorted(heldout), "train_tokens": writers["train"].tokens,
+            "heldout_tokens": writers["heldout"].tokens,
+            "chunks": {s: len(w.files) for s, w in writers.items()},
+            "activations_dir": None if args.delete_activations else "activations",
+            "delta_mean_norm": float((st.s_delta / delta_n).norm()),
+            "delta_total_variance": (st.s_delta2 - float(st.s_delta @ st.s_delta) / delta_n) / delta_n}
+
+
+def sae_json(sae_dir: Path, cfg: steering.sae.SAEConfig, info: Mapping[str, Any], st: FeatureStats
+             ) -> dict[str, Any]:
+    """result.json's ``sae``: its shape, training summary, reconstruction per split and dead features."""
+    recon = {split: st.recon[split].metrics() for split in SPLITS}
+    dead = int((~st.alive).sum())
+    return {"dir": sae_dir.name, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "sparsity": cfg.sparsity,
+            "k": cfg.k if cfg.sparsity == "topk" else None,
+            "l1_coeff": cfg.l1_coeff if cfg.sparsity == "l1" else None, "input_scale": info["input_scale"],
+            "training": {**(info["last_step"] or {}), "vectors_seen": info["vectors_seen"],
+                         "epochs_completed": info["epochs_completed"]},
+            "train": recon["train"], "heldout": recon["heldout"], "dead_features": dead,
+            "dead_fraction": dead / cfg.d_sae}
+
+
+def separation_json(sep: Separation, args: argparse.Namespace) -> dict[str, Any] | None:
+    """result.json's ``separation``: the test's settings and outcome; None when it was skipped."""
+    if sep.skipped is not None:
+        return None
+    return {"correction": args.correction, "alpha": args.alpha, "permutations": args.permutations,
+            "permutation": args.permutation, "num_tested": sep.num_tested,
+            "num_significant": sum(r["significant"] for r in sep.rows),
+            "threshold": threshold_json(sep.threshold)}
+
+
+def summary(result: Mapping[str, Any]) -> str:
+    """The line printed at the end: completions, the SAE's explained variance (held out when there is a held-out
+    split), dead features and the top feature."""
+    sae, rows = result["sae"], result["features"]
+    ev = sae["heldout"]["explained_variance"] if sae["heldout"]["num_vectors"] else sae["train"]["explained_variance"]
     best = f", top feature {rows[0]['feature']} AUROC {rows[0]['auroc']:.3f}" if rows else ""
-    return output.finish(out, result, f"diffsae: {len(seqs)} completions, SAE EV {ev:.3f}, {dead} dead{best}")
+    completions, dead = result["data"]["num_completions"], sae["dead_features"]
+    return f"diffsae: {completions} completions, SAE EV {ev:.3f}, {dead} dead{best}"
 
 
 def threshold_json(effect: float | None) -> dict[str, Any] | None:
@@ -705,60 +504,6 @@ def save_completion_features(path: Path, means: torch.Tensor, correct: torch.Ten
     data = {"mean_activation": means.contiguous(), "correct": correct.to(torch.uint8),
             "problem": torch.tensor(seqs.problem, dtype=torch.long), "completion_tokens": tokens}
     write_file_atomic(path, lambda tmp: save_file(data, str(tmp)))
-
-
-def describe_top(rows: Sequence[dict[str, Any]], sae: steering.sae.SparseAutoencoder, model: nn.Module, tokenizer: Any,
-                 vectors: Mapping[int, torch.Tensor], seqs: _common.Sequences, correct: torch.Tensor, st: FeatureStats,
-                 files: Mapping[str, Sequence[Path]], along: torch.Tensor, explained: torch.Tensor | None,
-                 args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The ranked rows of the top features, each with its cosines, lens, ΔF shares and top-activating tokens."""
-    from analysis.logit_lens import Vocab, lens, readout
-    from steering import hooks
-
-    if not rows:
-        return []
-    feats = [r["feature"] for r in rows]
-    vocab = Vocab(tokenizer, hooks.causal_lm(model).lm_head.weight.shape[0])
-    device = next(model.parameters()).device
-    mean_delta = st.s_delta / max(st.count, 1)
-    need = {int(r) for f in feats for r in st.top_row[f].tolist() if r >= 0}
-    acts = context_activations(sae, files, need, feats)
-    out = []
-    for j, row in enumerate(rows):
-        f = row["feature"]
-        d = sae.W_dec[f].detach().cpu()
-        with torch.no_grad():
-            scores = lens(model, d.to(device), args.lens)
-        examples, seen = [], set()
-        for val, r, pos in zip(st.top_val[f].tolist(), st.top_row[f].tolist(), st.top_pos[f].tolist()):
-            if r < 0 or val <= 0 or len(examples) == args.examples:
-                continue
-            texts, p_len = token_texts(tokenizer, seqs, r)
-            at = p_len + pos
-            lo, hi = max(0, at - args.context), min(len(texts), at + 5)
-            key = (tuple(texts[lo:hi]), at - lo)
-            if key in seen:  # the same text around the same token (another sample of the same problem)
-                continue
-            seen.add(key)
-            row_acts = acts.get(r, {})
-            ctx = [{"token": texts[t], "activation": _act(row_acts.get(t - p_len), j)} for t in range(lo, hi)]
-            examples.append({"row": r, "problem": seqs.problem[r], "correct": bool(correct[r]), "position": pos,
-                             "token": texts[at], "activation": val, "context_start": lo - p_len, "context": ctx})
-        out.append({**row, "cos_to_vectors": {str(layer): _cos(d, v) for layer, v in sorted(vectors.items())},
-                    "cos_to_mean_delta": _cos(d, mean_delta),
-                    "delta_variance_along": _num(along[f]),
-                    "delta_variance_explained": None if explained is None else _num(explained[f]),
-                    "lens": readout(scores, vocab, args.lens_k), "examples": examples})
-    return out
-
-
-def _act(values: torch.Tensor | None, j: int) -> float | None:
-    return None if values is None else float(values[j])
-
-
-def _num(x: float | torch.Tensor) -> float | None:
-    v = float(x)
-    return v if math.isfinite(v) else None
 
 
 def auroc_histogram(path: Path, aurocs: Sequence[float], threshold: float | None, args: argparse.Namespace,
@@ -779,33 +524,3 @@ def auroc_histogram(path: Path, aurocs: Sequence[float], threshold: float | None
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return plots.save(fig, path)
-
-
-def feature_cards(directory: Path, top: Sequence[dict[str, Any]], tokenizer: Any, seqs: _common.Sequences,
-                  correct: torch.Tensor, args: argparse.Namespace) -> list[str]:
-    """One PNG per top feature: a header block (AUROC, p, cosines, ΔF shares, lens tokens) and its top-activating
-    tokens in context, each token coloured by the feature's activation (blank: not recorded, e.g. prompt tokens)."""
-    directory.mkdir(exist_ok=True)
-    names = []
-    for t in top:
-        cos_l = t["cos_to_vectors"]
-        best_layer = max(cos_l, key=lambda k: abs(cos_l[k] or 0.0)) if cos_l else None
-        lens_top = " ".join(plots.show_token(x["token"], 10) for x in t["lens"]["top"][:6])
-        lens_bottom = " ".join(plots.show_token(x["token"], 10) for x in t["lens"]["bottom"][:6])
-        along = t["delta_variance_along"]
-        adjusted = t["q_bh"] if args.correction == "bh" else t[f"p_{args.correction}"]
-        header = (f"feature {t['feature']} (rank {t['rank']}): AUROC {t['auroc']:.3f} -> {t['direction']}, "
-                  f"p {t['p_value']:.3g}, {args.correction} {adjusted:.3g}{' *' if t['significant'] else ''}; "
-                  f"cos with s_{best_layer} {cos_l[best_layer] or 0:.2f}; ΔF variance along it "
-                  + ("n/a" if along is None else f"{along:.3f}"))
-        blocks = [(header, [f"lens top: {lens_top}\nlens bottom: {lens_bottom}"], [None], None)]
-        for ex in t["examples"]:
-            title = (f"completion {ex['row']} ({'correct' if ex['correct'] else 'incorrect'}), token "
-                     f"{ex['position']} {plots.show_token(ex['token'])!r}: {ex['activation']:.3g}")
-            blocks.append((title, [c["token"] for c in ex["context"]], [c["activation"] for c in ex["context"]],
-                           None))
-        vmax = max((c["activation"] or 0.0 for ex in t["examples"] for c in ex["context"]), default=1.0) or 1.0
-        path = plots.token_highlight(directory / f"feature_{t['rank']:02d}_{t['feature']}.png", [], [], blocks=blocks,
-                                     cmap="Reds", vmin=0.0, vmax=vmax, value_label="feature activation")
-        names.append(f"{directory.name}/{path.name}")
-    return names

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analysis import _common
-from analysis import diffsae
+from analysis import sae_activations, sae_features
 from analysis.__main__ import main
 import steering.sae
 from steering import separation
@@ -122,7 +122,7 @@ def planted(tmp_path, *, shuffle_labels: bool):
     n = problems * k
     problem = torch.arange(n) // k
     correct = torch.rand(n, generator=g) < 0.5
-    writers = {s: diffsae.ChunkWriter(tmp_path, s, 500) for s in diffsae.SPLITS}
+    writers = {s: sae_activations.ChunkWriter(tmp_path, s, 500) for s in sae_activations.SPLITS}
     for r in range(n):
         z = (torch.rand(tokens, n_dirs, generator=g) < 0.2).float() * (1 + torch.rand(tokens, n_dirs, generator=g))
         if not correct[r]:
@@ -137,14 +137,14 @@ def planted(tmp_path, *, shuffle_labels: bool):
     gen = torch.Generator().manual_seed(0)
     cfg = steering.sae.SAEConfig(d, 48, "topk", k=3)
     sae, _ = steering.sae.train(cfg, steering.sae.TrainConfig(steps=400, batch_size=128, lr=3e-3),
-                                diffsae.batch_stream(files["train"], 128, gen),
-                                init_sample=diffsae.read_chunk(files["train"][0])["x"])
-    st = diffsae.feature_pass(sae, files, n, top_m=3, input_kind="diff")
+                                sae_activations.batch_stream(files["train"], 128, gen),
+                                init_sample=sae_activations.read_chunk(files["train"][0])["x"])
+    st = sae_activations.feature_pass(sae, files, n, top_m=3, input_kind="diff")
     labels = correct[torch.randperm(n, generator=gen)] if shuffle_labels else correct
     tested = torch.nonzero(st.alive).reshape(-1)
     sep = separation.separation(st.row_means()[:, tested], labels, problem, permutations=199, correction="maxt",
                              alpha=0.05, generator=gen)
-    rows = diffsae.ranked_table(sep, tested, st.row_means(), labels, st.fires.double() / st.count)
+    rows = sae_features.ranked_table(sep, tested, st.row_means(), labels, st.fires.double() / st.count)
     return sae, st, rows, dirs, sep
 
 
@@ -183,10 +183,10 @@ def _seqs():
 
 
 def _collected(tmp_path, model, vectors, layer):
-    w = diffsae.ChunkWriter(tmp_path, "train", 4)
-    diffsae.collect(model, _seqs(), vectors, layer, input_kind="diff", positions="completion", writers={"train": w},
-                    split_of_row=["train"] * 3, batch_size=2, pad=0)
-    return {k: torch.cat([diffsae.read_chunk(f)[k] for f in w.files]) for k in ("x", "row", "pos")}
+    w = sae_activations.ChunkWriter(tmp_path, "train", 4)
+    sae_activations.collect(model, _seqs(), vectors, layer, input_kind="diff", positions="completion",
+                            writers={"train": w}, split_of_row=["train"] * 3, batch_size=2, pad=0)
+    return {k: torch.cat([sae_activations.read_chunk(f)[k] for f in w.files]) for k in ("x", "row", "pos")}
 
 
 def test_delta_is_zero_without_vectors_and_equals_persistence_shift(tiny_checkpoint, tmp_path):
@@ -225,7 +225,7 @@ def test_command_delta_is_the_persistence_commands_shift(tiny_checkpoint, tmp_pa
     p = json.loads((tmp_path / "p" / "result.json").read_text())
     out = tmp_path / "d"
     chunks = sorted((out / "activations").glob("train-*.safetensors"))
-    x = torch.cat([diffsae.read_chunk(f)["x"] for f in chunks]).double()
+    x = torch.cat([sae_activations.read_chunk(f)["x"] for f in chunks]).double()
     assert x.shape[0] == p["num_tokens"] > 0
     assert float(x.norm(dim=-1).mean()) == pytest.approx(p["delta_norm"][0][2], rel=1e-6)
     vec2 = sv.load_vectors(tiny_checkpoint)[2].double().reshape(-1)
@@ -248,7 +248,8 @@ def test_command_steered_input_l1_global_permutations_all_positions(tiny_checkpo
 
     def chunks(name):
         files = sorted((tmp_path / name / "activations").glob("*.safetensors"))
-        return {k: torch.cat([diffsae.read_chunk(f)[k] for f in files]) for k in diffsae.read_chunk(files[0])}
+        return {k: torch.cat([sae_activations.read_chunk(f)[k] for f in files])
+                for k in sae_activations.read_chunk(files[0])}
 
     diff, st = chunks("diff"), chunks("st")
     assert set(st) == {"x", "delta", "row", "pos", "token"} and set(diff) == {"x", "row", "pos", "token"}
@@ -307,7 +308,7 @@ def test_command_on_demo_checkpoint(tmp_path):
     sums = torch.zeros(48, 48)
     for split in ("train", "heldout"):
         for name in index["chunks"][split]:
-            chunk = diffsae.read_chunk(out / "activations" / name)
+            chunk = sae_activations.read_chunk(out / "activations" / name)
             with torch.no_grad():
                 sums.index_add_(0, chunk["row"], sae.encode(chunk["x"]))
     torch.testing.assert_close(cf["mean_activation"], sums / cf["completion_tokens"][:, None].float(), rtol=1e-5,
