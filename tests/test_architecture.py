@@ -24,3 +24,12 @@ def test_the_map_names_every_train_module():
     named = set(re.findall(r"`([a-z_]+)`", paragraph))
     modules = {p.stem for p in (ROOT / "train").glob("*.py") if p.stem != "__init__"}
     assert modules - named == set()
+
+
+def test_the_map_names_every_analysis_module_that_is_not_a_command():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    paragraph = text[text.index("`analysis/` is one file per command"):]
+    named = set(re.findall(r"`([a-z_]+)`", paragraph))
+    not_commands = {p.stem for p in (ROOT / "analysis").glob("*.py")
+                    if p.stem not in ("__init__", "__main__") and "def register(" not in p.read_text()}
+    assert not_commands - named == set()
