@@ -104,63 +104,113 @@ def _yaml_scalar_value(text: str) -> Any:
 
 
 def run_make(args: argparse.Namespace) -> int:
+    base_cfg = _read_recipe(args.config) if args.config else {}
+    model = _recipe_model(base_cfg, args.model, args.config)
+    base_cfg = _single_layer_recipe(base_cfg, model, args.dataset, args.set)
+    num_layers, model_type = (args.num_layers, None) if args.num_layers else _model_shape(model)
+    anchors, sched_name = _anchors(model_type, args.constant_lr, args.lr_anchors, args.schedule)
+    lrs = _override_rates(schedule(num_layers, anchors), args.lr, num_layers)
+    layers = cli.parse_layers(args.layers, num_layers) if args.layers else list(range(num_layers))
+
+    out = output.prepare_out(args.out)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else Path(base_cfg.get("output_dir", "runs/layer-ablation"))
+    run_name = base_cfg.get("run_name") or Path(str(model)).name
+    runs = _write_configs(out, base_cfg, layers, lrs, num_layers, runs_dir, run_name, sched_name)
+    launch_prefix = ["accelerate", "launch"] + (["--config_file", args.accelerate_config]
+                                                 if args.accelerate_config else [])
+    _write_launch_script(out / "launch.sh", runs, launch_prefix)
+    _write_sweep(out / "sweep.yaml", runs, run_name, launch_prefix)
+    manifest = {"model": model, "dataset": base_cfg.get("dataset"), "num_layers": num_layers,
+                "schedule": sched_name, "anchors": anchors, "runs": runs}
+    output.write_json(out / "runs.json", manifest)
+    files = [plots.line_plot(out / "lr_schedule.png", list(range(num_layers)), {"learning rate": lrs},
+                             title=f"per-layer learning rate ({sched_name})", xlabel="layer",
+                             ylabel="learning rate").name]
+    validated = _validate(runs) if args.validate else None
+    return output.finish(out, {"command": "layer-ablation make", **manifest, "launch": "launch.sh",
+                            "sweep": "sweep.yaml", "validated": validated, "plots": files},
+                      f"layer-ablation make: {len(runs)} configs in {out / 'configs'}; run them with bash "
+                      f"{out / 'launch.sh'} or wandb sweep {out / 'sweep.yaml'}")
+
+
+def _read_recipe(config: str) -> dict[str, Any]:
+    """The ``--config`` training recipe, a YAML mapping."""
     import yaml
 
-    base_cfg: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UsageError(f"--config {args.config}: no such file")
-        try:
-            base_cfg = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"--config {args.config}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(base_cfg, dict):
-            raise UsageError(f"--config {args.config}: must be a YAML mapping")
-    model = args.model or base_cfg.get("model_name_or_path")
+    path = Path(config)
+    if not path.is_file():
+        raise UsageError(f"--config {config}: no such file")
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {config}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--config {config}: must be a YAML mapping")
+    return recipe
+
+
+def _recipe_model(recipe: dict[str, Any], model: str | None, config: str | None) -> str:
+    """The base model (``--model``, else the recipe's), checked to be trained with a steering adapter."""
+    model = model or recipe.get("model_name_or_path")
     if not model:
         raise UsageError("no model: pass --model BASE or a --config with model_name_or_path")
-    if base_cfg.get("adapter", "steering") != "steering":
-        raise UsageError(f"--config {args.config}: adapter is {base_cfg.get('adapter')!r}; single-layer runs need "
+    if recipe.get("adapter", "steering") != "steering":
+        raise UsageError(f"--config {config}: adapter is {recipe.get('adapter')!r}; single-layer runs need "
                          "adapter: steering")
-    if not base_cfg:
-        if not args.dataset:
+    return model
+
+
+def _single_layer_recipe(recipe: dict[str, Any], model: str, dataset: str | None,
+                         set_items: list[str]) -> dict[str, Any]:
+    """The recipe every layer's config copies: the ``--config`` one (or a minimal paper-preset one, which needs
+    ``--dataset``) with the model, the dataset and the ``--set key=value`` pairs, without per-layer rates or a
+    starting vector."""
+    if not recipe:
+        if not dataset:
             raise UsageError("without --config, pass --dataset (e.g. deepscaler, or procedural:mixed)")
-        base_cfg = {"preset": "paper", "adapter": "steering", "template": "qwen_math"}
-    base_cfg["model_name_or_path"] = model
-    if args.dataset:
-        base_cfg["dataset"] = args.dataset
-    for item in args.set:
+        recipe = {"preset": "paper", "adapter": "steering", "template": "qwen_math"}
+    recipe["model_name_or_path"] = model
+    if dataset:
+        recipe["dataset"] = dataset
+    for item in set_items:
         if "=" not in item:
             raise UsageError(f"--set {item}: write key=value")
         k, v = item.split("=", 1)
-        base_cfg[k.strip()] = _yaml_scalar_value(v)
+        recipe[k.strip()] = _yaml_scalar_value(v)
     for k in ("layer_lr", "init_from"):
-        base_cfg.pop(k, None)
+        recipe.pop(k, None)
+    return recipe
 
-    if args.num_layers:
-        num_layers = args.num_layers
-        model_type = None
-    else:
-        from transformers import AutoConfig
 
-        try:
-            cfg = AutoConfig.from_pretrained(model)
-        except Exception as e:  # offline Hub id: one clear line
-            raise UsageError(f"cannot read the config of {model!r} ({type(e).__name__}); pass --num-layers N") from None
-        num_layers, model_type = int(cfg.num_hidden_layers), getattr(cfg, "model_type", None)
-    if args.constant_lr is not None:
-        anchors, sched_name = [(0.0, args.constant_lr), (1.0, args.constant_lr)], "constant"
-    elif args.lr_anchors:
-        anchors, sched_name = parse_anchors(args.lr_anchors), "anchors"
-    else:
-        sched_name = args.schedule or FAMILY_SCHEDULE.get(model_type or "", None)
-        if sched_name is None:
-            raise UsageError(f"no default schedule for model type {model_type!r}; pass --schedule qwen|llama, "
-                             "--lr-anchors or --constant-lr")
-        anchors = SCHEDULES[sched_name]
-    lrs = schedule(num_layers, anchors)
-    for item in args.lr:
+def _model_shape(model: str) -> tuple[int, str | None]:
+    """``(layer count, model type)`` from the model's config."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model)
+    except Exception as e:  # offline Hub id: one clear line
+        raise UsageError(f"cannot read the config of {model!r} ({type(e).__name__}); pass --num-layers N") from None
+    return int(cfg.num_hidden_layers), getattr(cfg, "model_type", None)
+
+
+def _anchors(model_type: str | None, constant_lr: float | None, lr_anchors: str | None,
+             schedule_name: str | None) -> tuple[list[tuple[float, float]], str]:
+    """``(anchors, schedule name)``: ``--constant-lr``, else ``--lr-anchors``, else ``--schedule`` or the model
+    family's."""
+    if constant_lr is not None:
+        return [(0.0, constant_lr), (1.0, constant_lr)], "constant"
+    if lr_anchors:
+        return parse_anchors(lr_anchors), "anchors"
+    sched_name = schedule_name or FAMILY_SCHEDULE.get(model_type or "", None)
+    if sched_name is None:
+        raise UsageError(f"no default schedule for model type {model_type!r}; pass --schedule qwen|llama, "
+                         "--lr-anchors or --constant-lr")
+    return SCHEDULES[sched_name], sched_name
+
+
+def _override_rates(lrs: list[float], overrides: list[str], num_layers: int) -> list[float]:
+    """``lrs`` with the ``--lr LAYER=RATE`` overrides applied (in place)."""
+    for item in overrides:
         m = re.match(r"^(-?\d+)=(.+)$", item)
         if not m:
             raise UsageError(f"--lr {item}: write LAYER=RATE")
@@ -168,16 +218,20 @@ def run_make(args: argparse.Namespace) -> int:
         if not 0 <= layer < num_layers or rate <= 0:
             raise UsageError(f"--lr {item}: layer must be in 0..{num_layers - 1} and the rate > 0")
         lrs[layer] = rate
-    layers = cli.parse_layers(args.layers, num_layers) if args.layers else list(range(num_layers))
+    return lrs
 
-    out = output.prepare_out(args.out)
+
+def _write_configs(out: Path, recipe: dict[str, Any], layers: list[int], lrs: list[float], num_layers: int,
+                   runs_dir: Path, run_name: str, sched_name: str) -> list[dict[str, Any]]:
+    """``OUT/configs/layer_XX.yaml``, one per layer; the manifest's runs (layer, learning rate, config,
+    output_dir)."""
+    import yaml
+
     (out / "configs").mkdir(exist_ok=True)
-    runs_dir = Path(args.runs_dir) if args.runs_dir else Path(base_cfg.get("output_dir", "runs/layer-ablation"))
-    run_name = base_cfg.get("run_name") or Path(str(model)).name
     width = max(2, len(str(num_layers - 1)))
     runs = []
     for layer in layers:
-        cfg = dict(base_cfg)
+        cfg = dict(recipe)
         tag = f"layer_{layer:0{width}d}"
         cfg.update({"layers": [layer], "learning_rate": lrs[layer], "output_dir": str(runs_dir / tag),
                     "run_name": f"{run_name}-layer{layer:0{width}d}"})
@@ -186,9 +240,11 @@ def run_make(args: argparse.Namespace) -> int:
                   f"rate.\n# Written by `python -m analysis layer-ablation make` ({sched_name} schedule).\n")
         path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
         runs.append({"layer": layer, "learning_rate": lrs[layer], "config": str(path), "output_dir": cfg["output_dir"]})
+    return runs
 
-    launch_prefix = ["accelerate", "launch"] + (["--config_file", args.accelerate_config]
-                                                 if args.accelerate_config else [])
+
+def _write_launch_script(path: Path, runs: list[dict[str, Any]], launch_prefix: list[str]) -> None:
+    """``launch.sh``: the runs one after the other (``bash launch.sh 3 7``: only layers 3 and 7), executable."""
     lines = ["#!/usr/bin/env bash",
              "# One single-layer steering run per layer, one after the other (layer-ablation make).",
              "# Usage: bash launch.sh            # every layer",
@@ -203,27 +259,22 @@ def run_make(args: argparse.Namespace) -> int:
               "  echo \"=== layer $l: $cfg\"",
               f"  {' '.join(shlex.quote(x) for x in launch_prefix)} -m train --config \"$cfg\"",
               "done", ""]
-    (out / "launch.sh").write_text("\n".join(lines))
-    os.chmod(out / "launch.sh", 0o755)
+    path.write_text("\n".join(lines))
+    os.chmod(path, 0o755)
+
+
+def _write_sweep(path: Path, runs: list[dict[str, Any]], run_name: str, launch_prefix: list[str]) -> None:
+    """``sweep.yaml``: a W&B grid sweep over the config files, launching each like ``launch.sh`` does."""
+    import yaml
+
     sweep = {"program": "train", "method": "grid", "name": f"{run_name}-layer-ablation",
              "metric": {"name": "eval_accuracy", "goal": "maximize"},
              "parameters": {"config": {"values": [r["config"] for r in runs]}},
              "command": launch_prefix + ["-m", "train", "${args}"]}
-    (out / "sweep.yaml").write_text(
+    path.write_text(
         "# W&B sweep over the single-layer configs: wandb sweep sweep.yaml, then wandb agent <id>.\n"
         "# ${args} expands to --config=<file>, which python -m train reads like --config <file>.\n"
         + yaml.safe_dump(sweep, sort_keys=False))
-    manifest = {"model": model, "dataset": base_cfg.get("dataset"), "num_layers": num_layers,
-                "schedule": sched_name, "anchors": anchors, "runs": runs}
-    output.write_json(out / "runs.json", manifest)
-    files = [plots.line_plot(out / "lr_schedule.png", list(range(num_layers)), {"learning rate": lrs},
-                             title=f"per-layer learning rate ({sched_name})", xlabel="layer",
-                             ylabel="learning rate").name]
-    validated = _validate(runs) if args.validate else None
-    return output.finish(out, {"command": "layer-ablation make", **manifest, "launch": "launch.sh",
-                            "sweep": "sweep.yaml", "validated": validated, "plots": files},
-                      f"layer-ablation make: {len(runs)} configs in {out / 'configs'}; run them with bash "
-                      f"{out / 'launch.sh'} or wandb sweep {out / 'sweep.yaml'}")
 
 
 def _validate(runs: list[dict[str, Any]]) -> bool:

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,135 +123,181 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.evaluate import evaluate_rows
-    from steering.problems import expand_specs, split_label
-
     settings.check(args)
     run_dir = Path(args.run)
-    if not run_dir.is_dir():
-        raise UsageError(f"--run {args.run}: no such directory")
-    if args.benchmarks and args.test_results:
-        raise UsageError("give --benchmarks or --test-results, not both")
-    ckpts = find_checkpoints(run_dir)
-    if not ckpts:
-        raise UsageError(f"--run {args.run}: no complete checkpoint-<step>/ directories")
-    names = [d.name for _, d in ckpts]
-    paths = {d.name: d for _, d in ckpts}
-    steps = {d.name: s for s, d in ckpts}
+    checkpoints = _run_checkpoints(run_dir, args.run, args.benchmarks, args.test_results)
+    paths = {d.name: d for _, d in checkpoints}
+    steps = {d.name: s for s, d in checkpoints}
 
     # ---- check everything before any model loads
-    val_benches = test_benches = None
-    test_results = None
-    if args.val:
-        try:
-            val_specs = {split_label(s)[1] for s in expand_specs(args.val)}
-            test_specs = {split_label(s)[1] for s in expand_specs(args.benchmarks)} if args.benchmarks else set()
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        overlap = val_specs & test_specs
-        if overlap:
-            raise UsageError(f"--val and --benchmarks share {sorted(overlap)}: validation must be held out from the "
-                             "test benchmarks")
-        val_benches = cli.load_benchmarks(args.val, args)
-    if args.benchmarks:
-        test_benches = cli.load_benchmarks(args.benchmarks, args)
-    if args.test_results:
-        try:
-            test_results = json.loads(Path(args.test_results).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"--test-results {args.test_results}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise UsageError(f"--test-results {args.test_results}: not a readable results.json ({e})") from None
-        if not isinstance(test_results, dict) or not isinstance(test_results.get("rows"), list):
-            raise UsageError(f"--test-results {args.test_results}: not an evaluate results.json (no 'rows')")
-
-    val_scores: dict[str, float] = {}
-    val_source: dict[str, Any]
+    val_benches = _validation_benchmarks(args) if args.val else None
+    test_benches = cli.load_benchmarks(args.benchmarks, args) if args.benchmarks else None
+    test_results = _read_test_results(args.test_results) if args.test_results else None
     if val_benches is None:
-        metrics = _metrics_file(run_dir, args.metrics)
-        if not metrics.is_file():
-            raise UsageError(f"{metrics}: no such file; evaluate the checkpoints on a validation set with --val SPEC")
-        try:
-            by_step, bad = read_val_metrics(metrics, args.val_key)
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{metrics}: cannot read ({e})") from None
-        val_scores = {n: by_step[steps[n]] for n in names if steps[n] in by_step}
-        if not val_scores:
-            raise UsageError(f"{metrics}: no {args.val_key!r} logged at any checkpoint step {sorted(steps.values())} "
-                             f"(logged at steps {sorted(by_step)[:20]}); evaluate them with --val SPEC")
-        val_source = {"kind": "metrics", "path": str(metrics.resolve()), "key": args.val_key,
-                      "skipped_lines": bad}
-        candidates = [n for n in names if n in val_scores]
-        skipped = [n for n in names if n not in val_scores]
-        if skipped:
-            print(f"select: no validation accuracy logged for {skipped}; they are not candidates", file=sys.stderr)
+        val_scores, val_source = _logged_val_scores(_metrics_file(run_dir, args.metrics), args.val_key, steps)
+        candidates = [n for n in paths if n in val_scores]
     else:
-        candidates = list(names)
-
-    rows: list[table.RowSpec] = []
-    template = None
+        candidates = list(paths)
+    rows, template = [], None
     if val_benches is not None or test_benches is not None:
-        rows = table.build_rows([f"{n}={paths[n]}" for n in candidates], [], args.model, False, False)
-        for r, n in zip(rows, candidates):
-            r.role = "other"
-            r.label = n
-        template = cli.resolve_template(args.template, [str(paths[n]) for n in candidates])
-        table.check_loadable(rows)
+        rows, template = _candidate_rows(candidates, paths, args.model, args.template)
     out = output.prepare_out(args.out or run_dir)
 
     # ---- evaluate what needs evaluating
     if val_benches is not None:
-        res = evaluate_rows(rows, val_benches, args, template, output.prepare_out(out / "select-val"))
-        val_scores = {r["label"]: r["avg"]["mean"] for r in res["rows"]}
-        val_source = {"kind": "evaluated", "benchmarks": [b["name"] for b in res["benchmarks"]],
-                      "results": str((out / "select-val" / "results.json").resolve())}
+        val_scores, val_source = _evaluated_scores(rows, val_benches, args, template, out / "select-val")
     test_scores: dict[str, float] = {}
     test_source: dict[str, Any] | None = None
     if test_benches is not None:
-        res = evaluate_rows(rows, test_benches, args, template, output.prepare_out(out / "select-test"))
-        test_scores = {r["label"]: r["avg"]["mean"] for r in res["rows"]}
-        test_source = {"kind": "evaluated", "benchmarks": [b["name"] for b in res["benchmarks"]],
-                       "results": str((out / "select-test" / "results.json").resolve())}
+        test_scores, test_source = _evaluated_scores(rows, test_benches, args, template, out / "select-test")
     elif test_results is not None:
-        test_scores = _match_results(test_results, {n: paths[n] for n in candidates})
-        test_source = {"kind": "results", "path": str(Path(args.test_results).resolve()),
-                       "benchmarks": [b.get("name") for b in test_results.get("benchmarks", [])]}
-        if not test_scores:
-            print(f"select: {args.test_results} has no row for any candidate checkpoint", file=sys.stderr)
+        test_scores, test_source = _read_test_scores(test_results, args.test_results,
+                                                     {n: paths[n] for n in candidates})
 
-    # ---- choose
+    # ---- choose, write
     selected = pick_best(val_scores, candidates)
     test_best = pick_best(test_scores, candidates) if test_scores else None
-
-    def entry(n: str | None) -> dict[str, Any] | None:
-        if n is None:
-            return None
-        return {"checkpoint": n, "path": str(paths[n].resolve()), "step": steps[n],
-                "val_accuracy": val_scores.get(n), "test_accuracy": test_scores.get(n)}
-
-    gap = None
-    if test_best is not None and selected in test_scores:
-        gap = test_scores[test_best] - test_scores[selected]
-    report = {
+    scores = _Scores(paths, steps, val_scores, test_scores)
+    output.write_json(out / "select.json", {
         "run": str(run_dir.resolve()),
         "criterion": "highest validation accuracy; ties -> earliest step",
         "val_source": val_source,
         "test_source": test_source,
-        "validation_selected": entry(selected),
-        "test_best": entry(test_best),
-        "test_best_minus_selected": gap,
-        "candidates": [entry(n) for n in candidates],
+        "validation_selected": scores.entry(selected),
+        "test_best": scores.entry(test_best),
+        "test_best_minus_selected": scores.test_gap(test_best, selected),
+        "candidates": [scores.entry(n) for n in candidates],
         "note": "Report validation_selected. test_best is chosen on the test benchmarks themselves (what the reference "
                 "code does) and is optimistic.",
-    }
-    output.write_json(out / "select.json", report)
-    line = f"validation-selected: {selected} (val {_pct(val_scores.get(selected))}"
-    if test_source is not None:
-        line += f", test {_pct(test_scores.get(selected))})"
-        line += (f"; test-best (as the reference code picks, optimistic): {test_best} "
-                 f"(test {_pct(test_scores.get(test_best))})") if test_best else "; test-best: n/a"
-    else:
-        line += ")"
-    print(line)
+    })
+    print(_summary_line(selected, test_best, val_scores, test_scores if test_source is not None else None))
     print(f"wrote {out / 'select.json'}")
     return 0
+
+
+def _run_checkpoints(run_dir: Path, run_arg: str, benchmarks: list[str] | None,
+                     test_results: str | None) -> list[tuple[int, Path]]:
+    """The run's complete checkpoints, by step (a usage error if there are none, or if both test sources are given)."""
+    if not run_dir.is_dir():
+        raise UsageError(f"--run {run_arg}: no such directory")
+    if benchmarks and test_results:
+        raise UsageError("give --benchmarks or --test-results, not both")
+    checkpoints = find_checkpoints(run_dir)
+    if not checkpoints:
+        raise UsageError(f"--run {run_arg}: no complete checkpoint-<step>/ directories")
+    return checkpoints
+
+
+def _validation_benchmarks(args: argparse.Namespace) -> list[Any]:
+    """The ``--val`` benchmarks, checked to be held out from the ``--benchmarks`` test sets."""
+    from steering.problems import expand_specs, split_label
+
+    try:
+        val_specs = {split_label(s)[1] for s in expand_specs(args.val)}
+        test_specs = {split_label(s)[1] for s in expand_specs(args.benchmarks)} if args.benchmarks else set()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    overlap = val_specs & test_specs
+    if overlap:
+        raise UsageError(f"--val and --benchmarks share {sorted(overlap)}: validation must be held out from the "
+                         "test benchmarks")
+    return cli.load_benchmarks(args.val, args)
+
+
+def _read_test_results(path: str) -> dict[str, Any]:
+    """An evaluate results.json (``--test-results``); a usage error if it is missing or not one."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--test-results {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"--test-results {path}: not a readable results.json ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise UsageError(f"--test-results {path}: not an evaluate results.json (no 'rows')")
+    return results
+
+
+def _logged_val_scores(metrics: Path, key: str, steps: dict[str, int]) -> tuple[dict[str, float], dict[str, Any]]:
+    """``({checkpoint: val accuracy}, val_source)`` from the metrics file; checkpoints without a logged value are
+    named on stderr (they are no candidates)."""
+    if not metrics.is_file():
+        raise UsageError(f"{metrics}: no such file; evaluate the checkpoints on a validation set with --val SPEC")
+    try:
+        by_step, bad = read_val_metrics(metrics, key)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{metrics}: cannot read ({e})") from None
+    val_scores = {n: by_step[s] for n, s in steps.items() if s in by_step}
+    if not val_scores:
+        raise UsageError(f"{metrics}: no {key!r} logged at any checkpoint step {sorted(steps.values())} "
+                         f"(logged at steps {sorted(by_step)[:20]}); evaluate them with --val SPEC")
+    skipped = [n for n in steps if n not in val_scores]
+    if skipped:
+        print(f"select: no validation accuracy logged for {skipped}; they are not candidates", file=sys.stderr)
+    return val_scores, {"kind": "metrics", "path": str(metrics.resolve()), "key": key, "skipped_lines": bad}
+
+
+def _candidate_rows(candidates: list[str], paths: dict[str, Path], model: str | None,
+                    template_name: str | None) -> tuple[list[table.RowSpec], Any]:
+    """One evaluate row per candidate checkpoint (labelled by its name) and the prompt template; checked loadable."""
+    rows = table.build_rows([f"{n}={paths[n]}" for n in candidates], [], model, False, False)
+    for r, n in zip(rows, candidates):
+        r.role = "other"
+        r.label = n
+    template = cli.resolve_template(template_name, [str(paths[n]) for n in candidates])
+    table.check_loadable(rows)
+    return rows, template
+
+
+def _evaluated_scores(rows: list[table.RowSpec], benches: list[Any], args: argparse.Namespace, template: Any,
+                      out: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """``({checkpoint: Avg accuracy}, source)``: every candidate evaluated on ``benches``, results under ``out``."""
+    from analysis.evaluate import evaluate_rows
+
+    res = evaluate_rows(rows, benches, args, template, output.prepare_out(out))
+    return ({r["label"]: r["avg"]["mean"] for r in res["rows"]},
+            {"kind": "evaluated", "benchmarks": [b["name"] for b in res["benchmarks"]],
+             "results": str((out / "results.json").resolve())})
+
+
+def _read_test_scores(results: dict[str, Any], path: str,
+                      candidates: dict[str, Path]) -> tuple[dict[str, float], dict[str, Any]]:
+    """``({checkpoint: test Avg}, source)`` from an evaluate results.json (no matching row: said on stderr)."""
+    scores = _match_results(results, candidates)
+    source = {"kind": "results", "path": str(Path(path).resolve()),
+              "benchmarks": [b.get("name") for b in results.get("benchmarks", [])]}
+    if not scores:
+        print(f"select: {path} has no row for any candidate checkpoint", file=sys.stderr)
+    return scores, source
+
+
+@dataclass
+class _Scores:
+    """Every checkpoint's path, step and scores, as select.json reports them."""
+
+    paths: dict[str, Path]
+    steps: dict[str, int]
+    val: dict[str, float]
+    test: dict[str, float]
+
+    def entry(self, name: str | None) -> dict[str, Any] | None:
+        if name is None:
+            return None
+        return {"checkpoint": name, "path": str(self.paths[name].resolve()), "step": self.steps[name],
+                "val_accuracy": self.val.get(name), "test_accuracy": self.test.get(name)}
+
+    def test_gap(self, test_best: str | None, selected: str | None) -> float | None:
+        """How much the test-best checkpoint's test score exceeds the validation-selected one's."""
+        if test_best is None or selected not in self.test:
+            return None
+        return self.test[test_best] - self.test[selected]
+
+
+def _summary_line(selected: str | None, test_best: str | None, val_scores: dict[str, float],
+                  test_scores: dict[str, float] | None) -> str:
+    """The line select prints; ``test_scores`` None: no test source was given."""
+    line = f"validation-selected: {selected} (val {_pct(val_scores.get(selected))}"
+    if test_scores is None:
+        return line + ")"
+    line += f", test {_pct(test_scores.get(selected))})"
+    return line + ((f"; test-best (as the reference code picks, optimistic): {test_best} "
+                    f"(test {_pct(test_scores.get(test_best))})") if test_best else "; test-best: n/a")

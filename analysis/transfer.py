@@ -51,7 +51,9 @@ def _label(path_or_id: str) -> str:
 
 
 def fits(meta: dict[str, Any], num_layers: int, hidden: int) -> str | None:
-    """None if a checkpoint's vectors fit a model of this shape, else the reason."""
+    """None if a checkpoint's vectors fit a model of this shape, else the reason. Unlike
+    ``steering.vectors.check_fits`` (which raises on loaded vectors) it reads only steering.json and returns the
+    reason, because ``--skip-incompatible`` records it in result.json's ``incompatible`` and goes on."""
     if int(meta["hidden_size"]) != hidden:
         return f"hidden size {meta['hidden_size']} != {hidden}"
     if max(meta["layers"]) >= num_layers:
@@ -76,19 +78,69 @@ def run(args: argparse.Namespace) -> int:
     donors = ([args.checkpoint] if args.checkpoint else []) + list(args.donors)
     if not donors:
         raise UsageError("no donors: give --checkpoint DIR and/or --donors DIR ...")
+    # ---- check everything before any model loads
+    donor_meta = _read_donors(donors)
+    cli.check_args(args, donors)
+    recipients = _recipients(args.recipients or ([args.model] if args.model else None), donor_meta)
+    self_trained = _self_trained(args.self_trained, recipients, donors, donor_meta)
+    shapes = {r: _shape(cli.model_config(r, "--recipients")) for r in recipients}
+    incompatible = _check_shapes(donors, donor_meta, recipients, self_trained, shapes, args.skip_incompatible)
+    bad = {(x["donor"], x["recipient"]) for x in incompatible}
+    benches = cli.load_benchmarks(cli.benchmark_specs(args, donors), args)
+    out = output.prepare_out(args.out)
+
+    # ---- evaluate every donor on every recipient
+    acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
+    score_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
+    rec_rows, detail = [], {}
+    bar = output.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", quiet=args.no_progress)
+    for c, r in enumerate(recipients):
+        skip = {d for d in donors if (d, r) in bad}
+        base, donor_acc, own_acc, r_detail = _evaluate_recipient(r, donors, skip, self_trained.get(r), benches, args,
+                                                                 bar)
+        gc.collect()  # the recipient's model is gone; free it before the next one loads
+        detail.update(r_detail)
+        for d_i in range(len(donors)):
+            acc_m[d_i][c] = donor_acc[d_i]
+            score_m[d_i][c] = relative_improvement(acc_m[d_i][c], base, own_acc, scale=1.0)
+        rec_rows.append({"label": _label(r), "model": r, "num_hidden_layers": shapes[r][0], "hidden_size": shapes[r][1],
+                         "base_accuracy": base, "self_trained": self_trained.get(r), "self_trained_accuracy": own_acc})
+    bar.close()
+
+    # ---- plot, write
+    result = {"command": "transfer",
+              "donors": [{"label": _label(d), "path": d, "base_model": m.get("base_model"), "layers": m["layers"],
+                          "hidden_size": m["hidden_size"]} for d, m in zip(donors, donor_meta)],
+              "recipients": rec_rows, "accuracy": acc_m, "score": score_m, "incompatible": incompatible,
+              "detail": detail, "settings": settings.record(args),
+              "plots": _plot(out, acc_m, score_m, [_label(d) for d in donors], rec_rows)}
+    return output.finish(out, result, f"transfer: {len(donors)} donors x {len(recipients)} recipients")
+
+
+def _read_donors(donors: list[str]) -> list[dict[str, Any]]:
+    """Each donor checkpoint's steering.json, checked to be a checkpoint directory first."""
     donor_meta = []
     for d in donors:
         cli.check_checkpoint_arg(d)
         donor_meta.append(sv.read_meta(d))
-    cli.check_args(args, donors)
-    if args.model and not args.recipients:
-        args.recipients = [args.model]
-    recipients = list(args.recipients) if args.recipients else list(dict.fromkeys(
+    return donor_meta
+
+
+def _recipients(given: list[str] | None, donor_meta: list[dict[str, Any]]) -> list[str]:
+    """``--recipients`` (or ``--model``), else the donors' base models, in order."""
+    recipients = list(given) if given else list(dict.fromkeys(
         m.get("base_model") for m in donor_meta if m.get("base_model")))
     if not recipients:
         raise UsageError("no recipients: pass --recipients BASE ... (the donors record no base model)")
+    return recipients
+
+
+def _self_trained(items: list[str], recipients: list[str], donors: list[str],
+                  donor_meta: list[dict[str, Any]]) -> dict[str, str]:
+    """``{recipient: its own checkpoint}``: the ``--self-trained BASE=DIR`` pairs, else the first donor trained on
+    that recipient."""
     self_trained: dict[str, str] = {}
-    for item in args.self_trained:
+    for item in items:
         m = re.match(r"^(.+?)=(.+)$", item)
         if not m:
             raise UsageError(f"--self-trained {item}: write BASE=DIR")
@@ -101,8 +153,18 @@ def run(args: argparse.Namespace) -> int:
             own = [d for d, meta in zip(donors, donor_meta) if meta.get("base_model") == r]
             if own:
                 self_trained[r] = own[0]
-    configs = {r: cli.model_config(r, "--recipients") for r in recipients}
-    shapes = {r: (int(c.num_hidden_layers), int(c.hidden_size)) for r, c in configs.items()}
+    return self_trained
+
+
+def _shape(config: Any) -> tuple[int, int]:
+    """``(layer count, hidden size)`` of a model config."""
+    return int(config.num_hidden_layers), int(config.hidden_size)
+
+
+def _check_shapes(donors: list[str], donor_meta: list[dict[str, Any]], recipients: list[str],
+                  self_trained: dict[str, str], shapes: dict[str, tuple[int, int]], skip_incompatible: bool) -> list[dict[str, str]]:
+    """The donor/recipient pairs whose shapes differ (``{"donor", "recipient", "reason"}``). A self-trained checkpoint
+    that does not fit its recipient is a usage error, and so is any such pair without ``--skip-incompatible``."""
     incompatible = []
     for d, meta in zip(donors, donor_meta):
         for r in recipients:
@@ -113,67 +175,63 @@ def run(args: argparse.Namespace) -> int:
         why = fits(sv.read_meta(ck), *shapes[r])
         if why:
             raise UsageError(f"--self-trained {r}={ck}: does not fit {r}: {why}")
-    if incompatible and not args.skip_incompatible:
+    if incompatible and not skip_incompatible:
         first = incompatible[0]
         raise UsageError(f"donor {first['donor']} does not fit recipient {first['recipient']} "
                          f"({shapes[first['recipient']][0]} layers x hidden size {shapes[first['recipient']][1]}): "
                          f"{first['reason']}; transfer needs the same shape (or pass --skip-incompatible)")
-    bad = {(x["donor"], x["recipient"]) for x in incompatible}
-    benches = cli.load_benchmarks(cli.benchmark_specs(args, donors), args)
-    out = output.prepare_out(args.out)
+    return incompatible
 
-    acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
-    score_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]
-    rec_rows, detail = [], {}
-    bar = output.progress(total=len(recipients) * (len(donors) + 2), desc="transfer", quiet=args.no_progress)
-    for c, r in enumerate(recipients):
-        bar.set_postfix_str(f"loading {_label(r)}")
-        model, tokenizer = cli.load_steerable(r, args)
-        tmpl = cli.template(args, donors)
-        with _common.use_vectors(model, {}):
-            base = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
+
+def _evaluate_recipient(recipient: str, donors: list[str], skip: set[str], own: str | None, benches: list[Any],
+                        args: argparse.Namespace, bar: Any) -> tuple[float, list[float | None], float | None,
+                                                                     dict[str, Any]]:
+    """Load one recipient base and evaluate it bare, with each donor's vectors (None for those in ``skip``) and with
+    its own (``own``, reused when it is a donor). ``(base accuracy, [accuracy per donor], own accuracy, detail)``;
+    ``detail`` holds the per-benchmark accuracies under ``"base|R"`` and ``"CHECKPOINT|R"``."""
+    bar.set_postfix_str(f"loading {_label(recipient)}")
+    model, tokenizer = cli.load_steerable(recipient, args)
+    tmpl = cli.template(args, donors)
+    evals = settings.from_args(args)
+
+    def accuracy(vectors) -> _common.Accuracy:
+        with _common.use_vectors(model, vectors):
+            return _common.accuracy(model, tokenizer, benches, evals, tmpl)
+
+    base = accuracy({})
+    bar.update(1)
+    detail = {f"base|{recipient}": base.per_benchmark}
+    cache: dict[str, _common.Accuracy] = {}
+    donor_acc: list[float | None] = []
+    for d in donors:
+        if d in skip:
+            donor_acc.append(None)
+        else:
+            cache[d] = accuracy(cli.checkpoint_vectors(d, model))
+            detail[f"{d}|{recipient}"] = cache[d].per_benchmark
+            donor_acc.append(cache[d].accuracy)
         bar.update(1)
-        detail[f"base|{r}"] = base.per_benchmark
-        cache: dict[str, _common.Accuracy] = {}
-        for d_i, d in enumerate(donors):
-            if (d, r) in bad:
-                bar.update(1)
-                continue
-            with _common.use_vectors(model, cli.checkpoint_vectors(d, model)):
-                cache[d] = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
-            detail[f"{d}|{r}"] = cache[d].per_benchmark
-            acc_m[d_i][c] = cache[d].accuracy
-            bar.update(1)
-        own = self_trained.get(r)
-        own_acc = None
-        if own is not None:
-            if own not in cache:
-                with _common.use_vectors(model, cli.checkpoint_vectors(own, model)):
-                    cache[own] = _common.accuracy(model, tokenizer, benches, settings.from_args(args), tmpl)
-                detail[f"{own}|{r}"] = cache[own].per_benchmark
-            own_acc = cache[own].accuracy
-        bar.update(1)
-        for d_i, d in enumerate(donors):
-            score_m[d_i][c] = relative_improvement(acc_m[d_i][c], base.accuracy, own_acc, scale=1.0)
-        rec_rows.append({"label": _label(r), "model": r, "num_hidden_layers": shapes[r][0], "hidden_size": shapes[r][1],
-                         "base_accuracy": base.accuracy, "self_trained": own, "self_trained_accuracy": own_acc})
-        del model, tokenizer
-        gc.collect()
-    bar.close()
-    d_labels = [_label(d) for d in donors]
+    own_acc = None
+    if own is not None:
+        if own not in cache:
+            cache[own] = accuracy(cli.checkpoint_vectors(own, model))
+            detail[f"{own}|{recipient}"] = cache[own].per_benchmark
+        own_acc = cache[own].accuracy
+    bar.update(1)
+    return base.accuracy, donor_acc, own_acc, detail
+
+
+def _plot(out: Path, acc_m: list[list[float | None]], score_m: list[list[float | None]], d_labels: list[str],
+          rec_rows: list[dict[str, Any]]) -> list[str]:
+    """``score.png`` and ``accuracy.png`` (donors x recipients, the latter with the recipient base and self-trained
+    rows); their file names."""
     r_labels = [row["label"] for row in rec_rows]
-    files = [plots.heatmap(out / "score.png", score_m, d_labels, r_labels, cmap="RdBu_r", center=0.0,
-                           title="(x − recipient base) / (recipient self-trained − recipient base)",
-                           xlabel="recipient", ylabel="donor").name,
-             plots.heatmap(out / "accuracy.png",
-                           acc_m + [[row["base_accuracy"] for row in rec_rows],
-                                    [row["self_trained_accuracy"] for row in rec_rows]],
-                           d_labels + ["(recipient base)", "(self-trained)"], r_labels, cmap="viridis",
-                           title="accuracy of donor vectors on each recipient", xlabel="recipient",
-                           ylabel="donor").name]
-    result = {"command": "transfer",
-              "donors": [{"label": _label(d), "path": d, "base_model": m.get("base_model"), "layers": m["layers"],
-                          "hidden_size": m["hidden_size"]} for d, m in zip(donors, donor_meta)],
-              "recipients": rec_rows, "accuracy": acc_m, "score": score_m, "incompatible": incompatible,
-              "detail": detail, "settings": settings.record(args), "plots": files}
-    return output.finish(out, result, f"transfer: {len(donors)} donors x {len(recipients)} recipients")
+    return [plots.heatmap(out / "score.png", score_m, d_labels, r_labels, cmap="RdBu_r", center=0.0,
+                          title="(x − recipient base) / (recipient self-trained − recipient base)",
+                          xlabel="recipient", ylabel="donor").name,
+            plots.heatmap(out / "accuracy.png",
+                          acc_m + [[row["base_accuracy"] for row in rec_rows],
+                                   [row["self_trained_accuracy"] for row in rec_rows]],
+                          d_labels + ["(recipient base)", "(self-trained)"], r_labels, cmap="viridis",
+                          title="accuracy of donor vectors on each recipient", xlabel="recipient",
+                          ylabel="donor").name]
