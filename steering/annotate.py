@@ -456,13 +456,13 @@ class ChatAnnotator:
 ANNOTATORS = ("heuristic", "chat")
 
 
-def make_annotator(name: str, **kwargs: Any) -> Annotator:
-    """``"heuristic"`` or ``"chat"`` (kwargs go to :class:`ChatAnnotator`: model, base_url, api_key_env, ...)."""
+def make_annotator(name: str, **options: Any) -> Annotator:
+    """``"heuristic"`` or ``"chat"`` (options go to :class:`ChatAnnotator`: model, base_url, api_key_env, ...)."""
     if name == "heuristic":
-        labels = kwargs.get("labels")
+        labels = options.get("labels")
         return HeuristicAnnotator(labels=labels) if labels else HeuristicAnnotator()
     if name == "chat":
-        return ChatAnnotator(**{k: v for k, v in kwargs.items() if v is not None})
+        return ChatAnnotator(**{k: v for k, v in options.items() if v is not None})
     raise AnnotationError(f"unknown annotator {name!r}; choose one of {list(ANNOTATORS)}")
 
 

@@ -85,18 +85,18 @@ class SamplingParams:
             pad = getattr(model.generation_config, "pad_token_id", None)
         if pad is None and eos:
             pad = eos[0]
-        kwargs: dict[str, Any] = dict(
+        config_values: dict[str, Any] = dict(
             max_new_tokens=int(self.max_new_tokens),
             eos_token_id=eos or None,
             pad_token_id=pad,
             repetition_penalty=float(self.repetition_penalty),
         )
         if self.greedy:
-            kwargs.update(do_sample=False)
+            config_values.update(do_sample=False)
         else:
-            kwargs.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
-                          top_k=int(self.top_k), min_p=self.min_p)
-        return GenerationConfig(**kwargs)
+            config_values.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
+                                 top_k=int(self.top_k), min_p=self.min_p)
+        return GenerationConfig(**config_values)
 
 
 @dataclass

@@ -486,14 +486,14 @@ class MathReward:
         self._lock = threading.Lock()
         self._counts = {"num": 0, "unparsed": 0, "timeouts": 0, "errors": 0}
 
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        if self.answer_column not in kwargs:
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        if self.answer_column not in columns:
             raise ValueError(f"MathReward: no ground-truth column {self.answer_column!r} among the dataset columns "
-                             f"{sorted(k for k in kwargs if k not in ('trainer_state', 'log_metric', 'log_extra'))}; "
+                             f"{sorted(k for k in columns if k not in ('trainer_state', 'log_metric', 'log_extra'))}; "
                              f"pass answer_column=... to MathReward")
-        truths = list(kwargs[self.answer_column])
-        if self.ends is not None and kwargs.get("completion_ids") is not None:
-            self.ends.record(kwargs["completion_ids"])
+        truths = list(columns[self.answer_column])
+        if self.ends is not None and columns.get("completion_ids") is not None:
+            self.ends.record(columns["completion_ids"])
         texts = [_completion_text(c) for c in completions]
         results = score_batch(texts, truths, self.answer_format, self.reward_style, self.timeout_s, self.options)
         unparsed = sum(not r.parsed for r in results)

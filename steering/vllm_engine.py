@@ -178,17 +178,17 @@ class VLLMModel:
     def _sampling_params(params: Any, n: int, seed: int | None, eos_ids: Sequence[int], stop_strings: Sequence[str]):
         from vllm import SamplingParams
 
-        kwargs: dict[str, Any] = dict(n=n, max_tokens=int(params.max_new_tokens), seed=seed,
-                                      repetition_penalty=float(params.repetition_penalty),
-                                      stop_token_ids=list(eos_ids))
+        sampling: dict[str, Any] = dict(n=n, max_tokens=int(params.max_new_tokens), seed=seed,
+                                        repetition_penalty=float(params.repetition_penalty),
+                                        stop_token_ids=list(eos_ids))
         if stop_strings:
-            kwargs.update(stop=list(stop_strings), include_stop_str_in_output=True)
+            sampling.update(stop=list(stop_strings), include_stop_str_in_output=True)
         if params.greedy:
-            kwargs.update(temperature=0.0)
+            sampling.update(temperature=0.0)
         else:
-            kwargs.update(temperature=float(params.temperature), top_p=float(params.top_p),
-                          top_k=int(params.top_k) if params.top_k else -1, min_p=float(params.min_p or 0.0))
-        return SamplingParams(**kwargs)
+            sampling.update(temperature=float(params.temperature), top_p=float(params.top_p),
+                            top_k=int(params.top_k) if params.top_k else -1, min_p=float(params.min_p or 0.0))
+        return SamplingParams(**sampling)
 
 
 def _generation_config(base: str, config: Any, revision: str | None):

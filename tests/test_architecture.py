@@ -33,3 +33,11 @@ def test_the_map_names_every_analysis_module_that_is_not_a_command():
     not_commands = {p.stem for p in (ROOT / "analysis").glob("*.py")
                     if p.stem not in ("__init__", "__main__") and "def register(" not in p.read_text()}
     assert not_commands - named == set()
+
+
+def test_the_core_package_never_sees_a_command_line():
+    """``steering/`` is a library: no argparse, no Namespace, no ``args.`` (the commands turn flags into values)."""
+    offenders = [f"{p.name}:{i}" for p in sorted((ROOT / "steering").glob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"argparse|args\.", line)]
+    assert offenders == []
