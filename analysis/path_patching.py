@@ -238,11 +238,12 @@ class Patcher:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def check_layer(layer: int, num_layers: int) -> None:
-    """The patched layer needs a block after it: ``0 <= layer <= num_layers - 2``."""
+def check_layer(layer: int, num_layers: int, given: int | None = None) -> None:
+    """The patched layer needs a block after it: ``0 <= layer <= num_layers - 2`` (``given``: the ``--layer`` the
+    user typed, which may count from the end)."""
     if not 0 <= layer <= num_layers - 2:
-        raise UsageError(f"path patching needs a block after the vector: --layer must be in 0..{num_layers - 2} "
-                         f"(the model has {num_layers} layers), got {layer}")
+        raise UsageError(f"--layer {layer if given is None else given}: must name a layer with a block after it, "
+                         f"0..{num_layers - 2}")
 
 
 def _only_when(patches: list[tuple[str, hooks.HookFn]], active) -> list[tuple[str, hooks.HookFn]]:
@@ -342,7 +343,7 @@ def _checked_layer(args: argparse.Namespace) -> int:
     cli.check_positive(args, "samples_per_problem")
     num_layers = int(cli.model_config(cli.base_model_id(args.model, args.checkpoint)).num_hidden_layers)
     layer = num_layers - 2 if args.layer is None else (args.layer + num_layers if args.layer < 0 else args.layer)
-    check_layer(layer, num_layers)
+    check_layer(layer, num_layers, given=args.layer)
     return layer
 
 
