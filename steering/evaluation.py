@@ -152,8 +152,10 @@ class EvalSettings:
             raise ValueError("seeds is empty")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds has duplicates: {list(self.seeds)}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        try:
+            rewards.check_timeout(self.timeout_s)
+        except ValueError as e:
+            raise ValueError(f"timeout_s {e}") from None
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.vllm_kv_cache_gb is not None and not self.vllm_kv_cache_gb > 0:

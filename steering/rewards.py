@@ -80,6 +80,19 @@ MAX_ANSWER_CHARS = 500
 MAX_NESTING = 20
 
 NUM_WORKERS = 2
+MAX_TIMEOUT_S = 3600.0  # an hour per answer check; far larger values overflow the workers' timers (every check fails)
+
+
+def check_timeout(timeout_s: float) -> None:
+    """Reject a per-answer time limit outside (0, MAX_TIMEOUT_S] seconds, NaN and infinity included (``ValueError``
+    whose message the caller prefixes with the setting's name)."""
+    if not timeout_s > 0:
+        raise ValueError(f"must be > 0, got {timeout_s}")
+    if not timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"must be at most {MAX_TIMEOUT_S:g} seconds (larger limits overflow the grading workers' "
+                         f"timers, and every answer would score as a failure), got {timeout_s}")
+
+
 STARTUP_TIMEOUT_S = 60.0  # a fresh worker imports sympy + math-verify; on a loaded machine that can take a while
 
 

@@ -85,6 +85,26 @@ def test_precedence_defaults_preset_yaml_cli(tmp_path):
     ("model_name_or_path: m\ndataset: d\nreward_numeric_precision: 0\n", "reward_numeric_precision"),
     ("dataset: d\n", "model_name_or_path"),
     ("model_name_or_path: m\ndataset: d\nnum_generations: 3\nper_device_train_batch_size: 8\n", "divisible"),
+    # hostile numbers (issue 25): each was accepted, or failed later with a traceback or a misleading exit code
+    ("model_name_or_path: m\ndataset: d\nreward_timeout: .inf\n", "reward_timeout: inf is not a finite number"),
+    ("model_name_or_path: m\ndataset: d\nreward_timeout: 1.0e+7\n", "reward_timeout: must be at most 3600"),
+    ("model_name_or_path: m\ndataset: d\nreward_timeout: .nan\n", "reward_timeout"),
+    ("model_name_or_path: m\ndataset: d\nreward_timeout: 0\n", "reward_timeout: must be > 0"),
+    ("model_name_or_path: m\ndataset: d\nlearning_rate: .inf\n", "learning_rate: inf is not a finite number"),
+    ("model_name_or_path: m\ndataset: d\nlearning_rate: .nan\n", "learning_rate: nan is not a finite number"),
+    ("model_name_or_path: m\ndataset: d\ninit_scale: .nan\n", "init_scale"),
+    ("model_name_or_path: m\ndataset: d\ninit_scale: {1: .inf}\n", "init_scale"),
+    ("model_name_or_path: m\ndataset: d\nlayer_lr: {1: .inf}\n", "layer_lr"),
+    ("model_name_or_path: m\ndataset: d\nmax_grad_norm: .inf\n", "max_grad_norm"),
+    ("model_name_or_path: m\ndataset: d\nmax_steps: -5\n", "max_steps: -5"),
+    ("model_name_or_path: m\ndataset: d\nmax_steps: 0\n", "max_steps: 0"),
+    ("model_name_or_path: m\ndataset: d\nper_device_train_batch_size: 0\n", "per_device_train_batch_size: 0"),
+    ("model_name_or_path: m\ndataset: d\nper_device_train_batch_size: -4\n", "per_device_train_batch_size: -4"),
+    ("model_name_or_path: m\ndataset: d\ngradient_accumulation_steps: 0\n", "gradient_accumulation_steps: 0"),
+    ("model_name_or_path: m\ndataset: d\nmax_completion_length: 0\n", "max_completion_length: 0"),
+    ("model_name_or_path: m\ndataset: d\nnum_generations: 0\n", "num_generations: 0"),
+    ("model_name_or_path: m\ndataset: d\nlearning_rate: 0.1\nlearning_rate: 0.2\n", "'learning_rate' is given twice"),
+    ("model_name_or_path: m\ndataset: d\n[1, 2]: 3\n", "is not a name"),
 ])
 def test_bad_configs_raise_one_line_errors(tmp_path, yaml_text, needle):
     cfg = tmp_path / "c.yaml"
@@ -92,6 +112,14 @@ def test_bad_configs_raise_one_line_errors(tmp_path, yaml_text, needle):
     with pytest.raises(ConfigError) as err:
         parse_config(["--config", str(cfg)])
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    (tmp_path / "taken").write_text("a file")
+    cfg.write_text(f"model_name_or_path: m\ndataset: d\noutput_dir: {tmp_path / 'taken'}\nuse_cpu: true\nbf16: false\n")
+    with pytest.raises(ConfigError, match="output_dir: .* is a file; give a directory"):
+        parse_config(["--config", str(cfg)])
 
 
 def test_reward_grading_options(tmp_path):

@@ -11,8 +11,10 @@ from) is checked next, still before any weights load (``train/__main__.py``, ``p
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from collections.abc import Hashable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import yaml
 from trl import GRPOConfig
 
 from steering import compat
-from steering.rewards import REWARD_STYLES
+from steering.rewards import REWARD_STYLES, check_timeout
 
 # The recipe of Sinii et al. (docs/recipe.md). GRPOTrainer's "dapo" loss divides the summed token losses by the number
 # of completion tokens in the whole global batch; with scale_rewards="none" its advantage is r_i - mean_j r_j, which
@@ -116,7 +118,7 @@ class SteeringGRPOConfig(GRPOConfig):
         metadata={"help": "'grpo': TRL's group-mean baseline (scaled per scale_rewards). 'rloo': leave-one-out "
                           "baseline r_i - mean_{j≠i} r_j (needs scale_rewards=none)."})
     reward_style: str = field(default="pm1", metadata={"help": "'pm1': +1 correct / -1 otherwise; 'binary': 1 / 0."})
-    reward_timeout: float = field(default=2.0, metadata={"help": "Seconds allowed per answer check."})
+    reward_timeout: float = field(default=2.0, metadata={"help": "Seconds allowed per answer check (at most 3600)."})
     # math-verify's grading options (steering.rewards.GradingOptions), under its names and with its defaults.
     reward_float_rounding: int = field(
         default=6, metadata={"help": "math-verify float_rounding: decimal places floats are rounded to before they are "
@@ -216,6 +218,7 @@ class SteeringGRPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         # Our own fields, group by group, before TRL's checks see them.
+        self._check_numbers()
         self._check_choices_and_required()
         self._parse_layer_settings()
         self._check_adapter_options()
@@ -231,6 +234,25 @@ class SteeringGRPOConfig(GRPOConfig):
         # Ours and theirs together.
         self._check_optimisation()
         self._check_generation_path()
+
+    def _check_numbers(self) -> None:
+        """Every number is finite (NaN or infinity anywhere: a run that diverges, or that trains for ever), and the
+        counts that size a step are positive: before TRL's own checks, some of which divide by them."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}: {value} is not a finite number")
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length",
+                    "num_generations"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: {value} must be >= 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps: {self.max_steps}; use a positive number of steps, or -1 to train "
+                              "num_train_epochs epochs")
+        output_dir = Path(self.output_dir) if self.output_dir is not None else None
+        if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
+            raise ConfigError(f"output_dir: {self.output_dir} is a file; give a directory")
 
     def _check_choices_and_required(self) -> None:
         """The fields with a fixed set of values, the preset name, and the two fields every run needs."""
@@ -259,8 +281,13 @@ class SteeringGRPOConfig(GRPOConfig):
                 self.init_scale = _parse_mapping(self.init_scale, "init_scale")
         elif isinstance(self.init_scale, dict):
             self.init_scale = _parse_mapping(self.init_scale, "init_scale")
+        scales = self.init_scale.values() if isinstance(self.init_scale, dict) else [self.init_scale]
+        if not all(math.isfinite(scale) for scale in scales if scale is not None):
+            raise ConfigError(f"init_scale: {self.init_scale} is not finite")
         if self.layer_lr:
             for layer, lr in self.layer_lr.items():
+                if not math.isfinite(lr):
+                    raise ConfigError(f"layer_lr: the learning rate of layer {layer} is {lr}; it must be finite")
                 if not lr > 0:
                     raise ConfigError(f"layer_lr: the learning rate of layer {layer} is {lr}; it must be > 0")
             if self.layers is not None and set(self.layer_lr) - set(self.layers):
@@ -279,8 +306,10 @@ class SteeringGRPOConfig(GRPOConfig):
 
     def _check_run_options(self) -> None:
         """Grading, validation, the output directory and ``init_from``."""
-        if self.reward_timeout <= 0:
-            raise ConfigError(f"reward_timeout: {self.reward_timeout} must be > 0 seconds")
+        try:
+            check_timeout(self.reward_timeout)
+        except ValueError as e:
+            raise ConfigError(f"reward_timeout: {e}") from None
         try:
             self.grading_options()
         except ValueError as e:
@@ -480,12 +509,28 @@ def _read_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: no such file")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: must be a YAML mapping of key: value")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is not a name", key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _cli_value(argv: list[str], key: str) -> str | None:
