@@ -108,6 +108,11 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
         raise ConfigError(f"output_dir: {c.output_dir} already holds a run's checkpoints; continue it with "
                           "--resume_from_checkpoint latest, start over with --overwrite_output_dir true (deletes "
                           "them), or choose another output_dir")
+    if resume is None and not c.overwrite_output_dir and ckpt_io.final_dir(c.output_dir).is_dir():
+        # A run saved without checkpoints (save_strategy: no) leaves only final/ and its metrics: a second run would
+        # replace the one and append to the other.
+        raise ConfigError(f"output_dir: {c.output_dir} already holds a finished run ({ckpt_io.FINAL}/); start over "
+                          "with --overwrite_output_dir true (deletes it and its metrics), or choose another output_dir")
     return RunInputs(template, train_rows, val_rows, skipped, init_vectors, resume, probe_vectors)
 
 

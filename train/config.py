@@ -238,6 +238,8 @@ class SteeringGRPOConfig(GRPOConfig):
     def _check_numbers(self) -> None:
         """Every number is finite (NaN or infinity anywhere: a run that diverges, or that trains for ever), and the
         counts that size a step are positive: before TRL's own checks, some of which divide by them."""
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"learning_rate: {self.learning_rate} must be a finite number > 0")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -327,10 +329,8 @@ class SteeringGRPOConfig(GRPOConfig):
                                   "steering checkpoint directory or a llama.cpp control-vector .gguf file")
 
     def _check_optimisation(self) -> None:
-        """The learning rate, RLOO's needs (and the reward weights it sets), and checkpoint retention; these read
-        fields that TRL's ``__post_init__`` fills in."""
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate: {self.learning_rate} must be > 0")
+        """RLOO's needs (and the reward weights it sets), and checkpoint retention; these read fields that TRL's
+        ``__post_init__`` fills in."""
         if self.advantage_estimator == "rloo":
             if self.scale_rewards != "none":
                 raise ConfigError(f"advantage_estimator: rloo needs scale_rewards: none (got {self.scale_rewards!r}); "
