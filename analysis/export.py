@@ -121,6 +121,9 @@ def check_gguf(args: argparse.Namespace, meta: dict[str, Any], vectors: dict[int
         raise UsageError(f"--out {args.out}: a control-vector file name must end in .gguf")
     if out.is_dir():
         raise UsageError(f"--out {args.out}: is a directory; give a .gguf file name")
+    if out.exists():
+        raise UsageError(f"--out {args.out}: exists; remove it or choose another file name (export never replaces "
+                         "a file)")
     model_type = meta.get("model_type")
     if args.model:
         model_type = _base_config(args.model, args.checkpoint, vectors).model_type

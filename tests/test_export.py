@@ -338,6 +338,8 @@ BAD = {
     "gguf name": (lambda t, c: ["--checkpoint", c, "--to", "gguf", "--out", t / "v.bin"], "must end in .gguf"),
     "gguf is a dir": (lambda t, c: (t / "d.gguf").mkdir() or ["--checkpoint", c, "--to", "gguf", "--out",
                                                              t / "d.gguf"], "is a directory"),
+    "gguf file exists": (lambda t, c: (t / "old.gguf").write_bytes(b"an earlier export") and
+                         ["--checkpoint", c, "--to", "gguf", "--out", t / "old.gguf"], "exists; remove it"),
     "nan scale": (lambda t, c: ["--checkpoint", c, "--to", "gguf", "--out", t / "v.gguf", "--scale", "nan"],
                   "not a finite number"),
     "overflowing scale": (lambda t, c: ["--checkpoint", c, "--to", "merged", "--out", t / "m", "--scale", "1e39"],
@@ -390,7 +392,10 @@ def test_bad_input_is_one_line_exit_2_before_any_model_loads(case, llama_ckpt, t
     assert rc == 2, (stdout, err)
     assert err.startswith("python -m analysis export: error: ") and err.count("\n") == 1, err
     assert needle in err, (needle, err)
-    assert not list(tmp_path.glob("*.gguf")) or case == "gguf is a dir"
+    if case == "gguf file exists":  # refused, and the earlier file is left as it was
+        assert (tmp_path / "old.gguf").read_bytes() == b"an earlier export"
+    else:
+        assert not list(tmp_path.glob("*.gguf")) or case == "gguf is a dir"
 
 
 # --------------------------------------------------------------------------------------------------------------------
