@@ -456,20 +456,27 @@ def check_vllm_rows(rows: Sequence[RowSpec], device: str | None) -> None:
 
 def check_loadable(rows: Sequence[RowSpec]) -> None:
     """Read the config of every model a row needs (cheap: no weights), so a wrong Hub id or an unreachable Hub fails
-    with one line before anything big loads."""
+    with one line before anything big loads; and read every steering row's vectors (a few kB) against its base's
+    config: a truncated, tampered or non-finite checkpoint, or one made for another shape, is refused here too."""
     from transformers import AutoConfig
 
-    seen: set[str] = set()
+    configs: dict[str, Any] = {}
     for row in rows:
         name = row.path if row.kind == "full" else row.base_model
-        if not name or name in seen:
+        if not name:
             continue
-        seen.add(name)
-        try:
-            AutoConfig.from_pretrained(name)
-        except Exception as e:  # OSError (missing / offline), ValueError (unknown model type), ...
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"cannot load the model config of {name!r} (row {row.label!r}): {msg[:300]}") from None
+        if name not in configs:
+            try:
+                configs[name] = AutoConfig.from_pretrained(name)
+            except Exception as e:  # OSError (missing / offline), ValueError (unknown model type), ...
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UsageError(f"cannot load the model config of {name!r} (row {row.label!r}): {msg[:300]}") from None
+        if row.kind == "steering":
+            try:
+                _, vectors = sv.read_checkpoint(row.path)
+                sv.check_fits(vectors, configs[name], source=f"--checkpoint {row.path}", target=f"its base {name}")
+            except sv.CheckpointError as e:
+                raise UsageError(str(e)) from None
 
 
 def build_rows(checkpoints: Sequence[str], labels: Sequence[str], model: str | None, include_base: bool,
