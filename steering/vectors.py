@@ -415,10 +415,26 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} must hold a JSON object, not {json.dumps(meta)[:40]}")
     for key in ("layers", "hidden_size", "num_hidden_layers"):
         if key not in meta:
             raise CheckpointError(f"{meta_path} lacks the key {key!r}")
+    _check_meta_shape(meta, meta_path)
     return meta
+
+
+def _check_meta_shape(meta: Mapping[str, Any], meta_path: Path) -> None:
+    """The shape ``steering.json`` declares: positive integer sizes, and layers a list of distinct in-range indices."""
+    for key in ("hidden_size", "num_hidden_layers"):
+        if not (type(meta[key]) is int and meta[key] > 0):
+            raise CheckpointError(f"{meta_path}: {key} is {meta[key]!r}, not a positive integer")
+    layers = meta["layers"]
+    if not (isinstance(layers, list) and layers and all(type(layer) is int for layer in layers)):
+        raise CheckpointError(f"{meta_path}: layers is {layers!r}, not a non-empty list of layer indices")
+    if len(set(layers)) != len(layers) or not all(0 <= layer < meta["num_hidden_layers"] for layer in layers):
+        raise CheckpointError(f"{meta_path}: layers {layers} are not distinct indices in 0..{meta['num_hidden_layers'] - 1} "
+                              f"(num_hidden_layers {meta['num_hidden_layers']})")
 
 
 def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:

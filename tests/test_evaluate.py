@@ -500,7 +500,7 @@ def _corrupt(kind, ckpt, tmp):
     ("truncated", "does not match the checksum"),
     ("nan", "NaN or Inf"),
     ("wrong hidden size", "hidden size [48]"),
-    ("extra layer", "for layers [0, 1, 2, 7]"),
+    ("extra layer", "layers [0, 1, 2, 7]"),
 ])
 def test_a_corrupt_checkpoint_is_refused_before_loading_and_leaves_earlier_results(
         kind, message, tiny_base_dir, tiny_checkpoint, tmp_path, capsys, no_model_loading):

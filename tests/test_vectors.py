@@ -349,3 +349,23 @@ def test_check_fits_is_one_line_naming_both_shapes_and_the_fix():
     model = sv.attach_steering(tiny_model("qwen2"), layers=[0])
     with pytest.raises(sv.CheckpointError, match=r"hidden size \[48\].*3 layers x hidden size 32"):
         sv.set_vectors(model, {0: torch.zeros(48)})
+
+
+@pytest.mark.parametrize("content, message", [
+    ("5", "must hold a JSON object"),
+    ("null", "must hold a JSON object"),
+    ('["layers"]', "must hold a JSON object"),
+    ('{"layers": "0,1", "hidden_size": 32, "num_hidden_layers": 3}', "not a non-empty list"),
+    ('{"layers": [], "hidden_size": 32, "num_hidden_layers": 3}', "not a non-empty list"),
+    ('{"layers": [0, 7], "hidden_size": 32, "num_hidden_layers": 3}', "in 0..2"),
+    ('{"layers": [1, 1], "hidden_size": 32, "num_hidden_layers": 3}', "not distinct"),
+    ('{"layers": [0], "hidden_size": "32", "num_hidden_layers": 3}', "hidden_size is '32'"),
+    ('{"layers": [0], "hidden_size": 32, "num_hidden_layers": 0}', "num_hidden_layers is 0"),
+])
+def test_a_hostile_steering_json_is_one_checkpoint_error(tmp_path, content, message):
+    """Issue 25: steering.json holding 5 or null was a TypeError in every command; a layer list that disagrees with the
+    model (or is a string) was accepted by some commands. The one reader refuses each in one line."""
+    (tmp_path / sv.META_FILE).write_text(content)
+    with pytest.raises(sv.CheckpointError) as err:
+        sv.read_meta(tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
