@@ -301,7 +301,23 @@ TAMPERINGS = {
     "rng truncated": ("rng_state.pth", _truncate, "rng_state.pth"),
     "trainer state truncated": (ckpt_io.TRAINER_STATE, _truncate, ckpt_io.TRAINER_STATE),
     "manifest truncated": (ckpt_io.MANIFEST, _truncate, "not valid JSON"),
+    # issue 25: a manifest that lists nothing passed, and its entries were joined to the checkpoint unchecked
+    "manifest emptied": (ckpt_io.MANIFEST, lambda p: p.write_text('{"files": {}}'), "does not list trainer_state.json"),
+    "manifest without the vectors": (ckpt_io.MANIFEST, lambda p: p.write_text(json.dumps(
+        {"files": {k: v for k, v in json.loads(p.read_text())["files"].items() if "safetensors" not in k}})),
+        "does not list adapter_model.safetensors"),
+    "manifest pointing outside": (ckpt_io.MANIFEST, lambda p: p.write_text(json.dumps({"files": {
+        **json.loads(p.read_text())["files"], "../../etc/passwd": {"bytes": 1, "sha256": "0" * 64}}})),
+        "a path outside the checkpoint"),
 }
+
+
+@pytest.mark.parametrize("content", ['["checkpoint-1"]', "null", '"checkpoint-1"', '{"checkpoint": 3}'])
+def test_a_hostile_latest_marker_is_one_line(content, tmp_path):
+    (tmp_path / ckpt_io.LATEST).write_text(content)
+    with pytest.raises(sv.CheckpointError) as err:
+        ckpt_io.resolve_resume("latest", str(tmp_path))
+    assert str(tmp_path / ckpt_io.LATEST) in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("case", list(TAMPERINGS))

@@ -86,7 +86,7 @@ def verify_checkpoint(ckpt: Path) -> None:
     """Every file the manifest lists is there with its recorded size and sha256, and the trainer state and (for a
     steering checkpoint) the vectors read back; a missing manifest, a missing, truncated or changed file is a
     ``CheckpointError`` naming it. Nothing is unpickled and no model is touched."""
-    from steering.vectors import META_FILE, load_vectors
+    from steering.vectors import ADAPTER_WEIGHTS_FILE, META_FILE, load_vectors
 
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} does not exist")
@@ -99,6 +99,15 @@ def verify_checkpoint(ckpt: Path) -> None:
                                               and isinstance(e.get("sha256"), str) for e in files.values()):
         raise CheckpointError(f"{ckpt / MANIFEST} is not a checksum manifest (tampered with?); resume from an earlier "
                               "checkpoint")
+    outside = [rel for rel in files if Path(rel).is_absolute() or ".." in Path(rel).parts]
+    if outside:
+        raise CheckpointError(f"{ckpt / MANIFEST} lists {outside[0]!r}, a path outside the checkpoint (tampered "
+                              "with?); resume from an earlier checkpoint")
+    required = [TRAINER_STATE] + [name for name in (META_FILE, ADAPTER_WEIGHTS_FILE) if (ckpt / name).is_file()]
+    unlisted = [name for name in required if name not in files]
+    if unlisted:
+        raise CheckpointError(f"{ckpt / MANIFEST} does not list {unlisted[0]} (tampered with?); resume from an "
+                              "earlier checkpoint")
     for rel, entry in files.items():
         path = ckpt / rel
         if not path.is_file():
@@ -141,7 +150,11 @@ def read_latest(run_dir: Path) -> Path | None:
     marker = Path(run_dir) / LATEST
     if not marker.is_file():
         return None
-    name = _read_json(marker).get("checkpoint")
+    data = _read_json(marker)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{marker} must hold a JSON object naming a checkpoint, e.g. "
+                              '{"checkpoint": "checkpoint-3"}; fix or delete it')
+    name = data.get("checkpoint")
     if not isinstance(name, str) or not _CHECKPOINT_RE.match(name):
         raise CheckpointError(f"{marker} names {name!r}, which is not a checkpoint directory name")
     return Path(run_dir) / name
