@@ -429,10 +429,17 @@ def load_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, plain:
     from analysis import output
 
     base_id = base_model_id(args.model, args.checkpoint)
+    # The vectors (a few kB) against the base's config.json first: a corrupt checkpoint or one made for another
+    # shape is refused before --out is made or any weights load.
+    try:
+        _, vectors = sv.read_checkpoint(args.checkpoint)
+    except sv.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    check_vectors_fit(vectors, model_config(base_id), f"checkpoint {str(args.checkpoint)!r}")
     benches = load_benchmarks(benchmark_specs(args), args) if benchmarks else None
     out = output.prepare_out(args.out)
     model, tokenizer = (load_plain if plain else load_steerable)(base_id, args)
-    return LoadedCheckpoint(base_id, benches, out, model, tokenizer, checkpoint_vectors(args.checkpoint, model))
+    return LoadedCheckpoint(base_id, benches, out, model, tokenizer, vectors)
 
 
 # --------------------------------------------------------------------------------------------------------------------

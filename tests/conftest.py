@@ -1,3 +1,4 @@
+import json
 import os
 
 # Tests never touch the network: the Hub is unreachable on CI, and W&B must not try to log in.
@@ -127,3 +128,35 @@ def qwen_checkpoint(qwen_base_dir, tmp_path_factory):
     sv.set_vectors(model, {l: 0.5 * torch.randn(base.config.hidden_size, generator=g) for l in sv.steered_layers(model)})
     return sv.save_checkpoint(model, tmp_path_factory.mktemp("qwen-ck") / "checkpoint-1", base_model=str(qwen_base_dir),
                               step=1)
+
+
+def corrupt_checkpoint(kind, ckpt, tmp):
+    """A copy of ``ckpt`` broken one way (issue 25's corrupt steering checkpoints)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from steering import vectors as sv
+    from steering.files import sha256_file
+
+    bad = tmp / f"bad-{kind}"
+    shutil.copytree(ckpt, bad)
+    weights = bad / sv.ADAPTER_WEIGHTS_FILE
+    meta = json.loads((bad / sv.META_FILE).read_text())
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        tensors = load_file(str(weights))
+        key = sorted(tensors)[0]
+        if kind == "nan":
+            tensors[key] = torch.full_like(tensors[key], float("nan"))
+        elif kind == "wrong hidden size":
+            tensors = {k: torch.zeros(1, 48) for k in tensors}
+        elif kind == "extra layer":
+            tensors[key.replace(".0.", ".7.")] = tensors[key].clone()
+            meta["layers"] = sorted(meta["layers"] + [7])
+        save_file(tensors, str(weights))
+        meta["adapter_sha256"] = sha256_file(weights)  # a consistent file: only its content is wrong
+        (bad / sv.META_FILE).write_text(json.dumps(meta))
+    return bad

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from analysis.__main__ import main
+from conftest import corrupt_checkpoint
 from steering.problems import (BENCHMARKS, SUITES, DataError, expand_specs, load_benchmark, load_benchmarks,
                                parse_answer)
 from steering.rewards import extract_answer
@@ -464,38 +465,6 @@ def test_cli_subprocess_exit_code(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "no such directory" in proc.stderr
 
 
-def _corrupt(kind, ckpt, tmp):
-    """A copy of ``ckpt`` broken one way (issue 25's corrupt steering checkpoints)."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from steering import vectors as sv
-    from steering.files import sha256_file
-
-    bad = tmp / f"bad-{kind}"
-    shutil.copytree(ckpt, bad)
-    weights = bad / sv.ADAPTER_WEIGHTS_FILE
-    meta = json.loads((bad / sv.META_FILE).read_text())
-    if kind == "truncated":
-        weights.write_bytes(weights.read_bytes()[:100])
-    else:
-        tensors = load_file(str(weights))
-        key = sorted(tensors)[0]
-        if kind == "nan":
-            tensors[key] = torch.full_like(tensors[key], float("nan"))
-        elif kind == "wrong hidden size":
-            tensors = {k: torch.zeros(1, 48) for k in tensors}
-        elif kind == "extra layer":
-            tensors[key.replace(".0.", ".7.")] = tensors[key].clone()
-            meta["layers"] = sorted(meta["layers"] + [7])
-        save_file(tensors, str(weights))
-        meta["adapter_sha256"] = sha256_file(weights)  # a consistent file: only its content is wrong
-        (bad / sv.META_FILE).write_text(json.dumps(meta))
-    return bad
-
-
 @pytest.mark.parametrize("kind, message", [
     ("truncated", "does not match the checksum"),
     ("nan", "NaN or Inf"),
@@ -509,7 +478,7 @@ def test_a_corrupt_checkpoint_is_refused_before_loading_and_leaves_earlier_resul
     earlier = {name: f"an earlier evaluation's {name}" for name in ("results.json", "samples.jsonl", "table.md")}
     for name, text in earlier.items():
         (out / name).write_text(text)
-    code = main(["evaluate", "--checkpoint", str(_corrupt(kind, tiny_checkpoint, tmp_path)), "--benchmarks",
+    code = main(["evaluate", "--checkpoint", str(corrupt_checkpoint(kind, tiny_checkpoint, tmp_path)), "--benchmarks",
                  "procedural:arithmetic:2", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
