@@ -200,6 +200,18 @@ def register(subparsers) -> None:
     settings.add_statistics_arguments(p)
 
 
+def _check_pass_k(pass_k: list[int], benches: list[Any], evals: EvalSettings, rows: list[RowSpec]) -> None:
+    """pass@K needs K samples per problem: a K above a benchmark's samples would be dropped from the table."""
+    if not any(not row.greedy for row in rows):
+        return
+    for b in benches:
+        k = evals.samples_for(b.default_samples)
+        too_many = [p for p in pass_k if p > k]
+        if too_many:
+            raise UsageError(f"--pass-k {too_many[0]}: {b.name} draws {k} sample(s) per problem, and pass@K needs "
+                             "K <= samples; raise -k or drop that K")
+
+
 def run(args: argparse.Namespace) -> int:
     settings.check(args)
     settings.check_statistics(args)
@@ -210,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     template = cli.resolve_template(args.template, [r.path for r in rows])
     benches = cli.load_benchmarks(args.benchmarks, args)
+    _check_pass_k(args.pass_k, benches, settings.from_args(args), rows)
     check_loadable(rows)
     if args.backend == "vllm":
         check_vllm_rows(rows, args.device)

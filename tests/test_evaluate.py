@@ -423,6 +423,8 @@ def no_model_loading(monkeypatch):
     (["--template", "no_such_template"], "--template"),
     (["--label", "a"], "--label given 1 times for 0 --checkpoint"),
     (["--reward-float-rounding", "-1"], "--reward-float-rounding must be an integer >= 0"),
+    (["-k", "1", "--pass-k", "5"], "--pass-k 5: procedural:arithmetic:2 draws 1 sample(s) per problem"),
+    (["-k", "4", "--pass-k", "2", "8"], "--pass-k 8: procedural:arithmetic:2 draws 4 sample(s) per problem"),
 ])
 def test_cli_misuse_exits_2(extra, message, tiny_base_dir, tmp_path, capsys, no_model_loading):
     argv = ["evaluate", "--model", str(tiny_base_dir), "--benchmarks", "procedural:arithmetic:2",
