@@ -456,8 +456,9 @@ def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"no steering vectors at {str(file)!r}")
     meta_path = file.parent / META_FILE
-    if meta_path.is_file():
-        expected = read_meta(file.parent).get("adapter_sha256")
+    meta = read_meta(file.parent) if meta_path.is_file() else None
+    if meta is not None:
+        expected = meta.get("adapter_sha256")
         if expected and sha256_file(file) != expected:
             raise CheckpointError(f"{str(file)!r} does not match the checksum in {META_FILE}: the file was tampered "
                                   "with or corrupted (truncated or tampered?)")
@@ -479,18 +480,15 @@ def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
         out[int(m.group(1))] = value.float().reshape(-1)
     if not out:
         raise CheckpointError(f"{str(file)!r} holds no steering vectors")
+    if meta is not None and sorted(out) != sorted(meta["layers"]):
+        raise CheckpointError(f"{str(file.parent)!r}: {META_FILE} lists layers {meta['layers']} but the safetensors "
+                              f"file has {sorted(out)}")
     return dict(sorted(out.items()))
 
 
 def read_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
-    """``(steering.json, vectors)`` of a checkpoint directory, checked to agree on the layers."""
-    meta = read_meta(ckpt_dir)
-    vectors = load_vectors(ckpt_dir)
-    if sorted(vectors) != sorted(meta["layers"]):
-        raise CheckpointError(
-            f"{str(ckpt_dir)!r}: steering.json lists layers {meta['layers']} but the safetensors file has {sorted(vectors)}"
-        )
-    return meta, vectors
+    """``(steering.json, vectors)`` of a checkpoint directory (:func:`load_vectors` checks that they agree)."""
+    return read_meta(ckpt_dir), load_vectors(ckpt_dir)
 
 
 def check_fits(vectors: Mapping[int, torch.Tensor], model: Any, source: str = "checkpoint", *,

@@ -128,6 +128,9 @@ BAD_CONFIGS = {
                                     ["init_from", "hidden size [48]", "this base model"]),
     "init_from wrong layer count": (lambda tmp, base: f"init_from: {_vectors_checkpoint(tmp / 'l5', num_layers=5, hidden=32)}\n",
                                     ["init_from", "[0, 1, 2, 3, 4]", "3 layers"]),
+    "init_from whose steering.json disagrees with its tensors": (lambda tmp, base: f"init_from: "
+                                                                  f"{_disagreeing_checkpoint(tmp / 'dis')}\n",
+                                                                  ["init_from", "lists layers [0, 1]", "[0, 1, 2]"]),
     "init_from not a checkpoint": (lambda tmp, base: f"init_from: {tmp}\n", ["init_from", "no steering vectors"]),
     "missing dataset columns": (lambda tmp, base: (tmp / "d.jsonl").write_text('{"problem": "1+1", "solution": "2"}\n')
                                 and f"dataset: {tmp / 'd.jsonl'}\n", ["question_column", "answer_column"]),
@@ -167,6 +170,13 @@ BAD_CONFIGS = {
                                             ["resume_from_checkpoint", "latest", "no `latest` marker",
                                              "drop --resume_from_checkpoint"]),
 }
+
+
+def _disagreeing_checkpoint(tmp: Path) -> Path:
+    ck = _vectors_checkpoint(tmp, num_layers=3, hidden=32)
+    meta = json.loads((ck / sv.META_FILE).read_text())
+    (ck / sv.META_FILE).write_text(json.dumps({**meta, "layers": [0, 1]}))  # the file still holds layers 0, 1, 2
+    return ck
 
 
 def _tampered_checkpoint(tmp: Path) -> Path:
