@@ -82,6 +82,7 @@ PERMUTATIONS = ("within-problem", "global")
 # Top-activating tokens kept per feature, per example shown: k samples of one problem are often the same text, so the
 # cards skip repeated contexts and need more candidates than they show.
 EXAMPLE_POOL = 4
+DEFAULT_SAE_BATCH = 4096  # vectors per SAE step unless --sae-batch-size says otherwise
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,8 +121,9 @@ def register(subparsers) -> None:
     g.add_argument("--l1-coeff", type=float, default=0.1, help="L1 penalty weight for l1 (default 0.1)")
     g.add_argument("--steps", type=int, default=2000, help="Adam steps (default 2000)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    g.add_argument("--sae-batch-size", type=int, default=4096, metavar="N",
-                   help="vectors per SAE step (default 4096)")
+    g.add_argument("--sae-batch-size", type=int, default=None, metavar="N",
+                   help=f"vectors per SAE step (default {DEFAULT_SAE_BATCH}, or every training vector when fewer were "
+                        "recorded)")
     g.add_argument("--aux-coeff", type=float, default=1 / 32,
                    help="AuxK loss weight reviving dead features, topk only (default 1/32, Gao et al.; 0 = off)")
     g.add_argument("--dead-window", type=int, default=200, metavar="STEPS",
@@ -189,8 +191,10 @@ def check(args: argparse.Namespace) -> Plan:
         raise UsageError(f"diffsae samples once: give one --seeds value, got {args.seeds}")
     if args.pass_k:
         raise UsageError("--pass-k is not used by diffsae (it reports no accuracy metric)")
-    cli.check_positive(args, "samples_per_problem", "chunk_size", "steps", "sae_batch_size", "dead_window",
+    cli.check_positive(args, "samples_per_problem", "chunk_size", "steps", "dead_window",
                        "permutations", "top_features", "examples", "lens_k", "topk")
+    if args.sae_batch_size is not None:
+        cli.check_positive(args, "sae_batch_size")
     if args.context < 0:
         raise UsageError(f"--context must be >= 0, got {args.context}")
     _finite(args, "lr", low=0, low_ok=False)
@@ -268,8 +272,8 @@ def run(args: argparse.Namespace) -> int:
                                  heldout, plan, out / "activations", args)
     files = {split: list(w.files) for split, w in writers.items()}
     gen = torch.Generator().manual_seed(args.sae_seed)
-    sae, info, curve = train_sae(files["train"], writers["train"].tokens, plan, gen, args,
-                                 device=next(model.parameters()).device)
+    run_settings["sae_batch_size"] = batch_size = sae_batch_size(args.sae_batch_size, writers["train"].tokens)
+    sae, info, curve = train_sae(files["train"], batch_size, plan, gen, args, device=next(model.parameters()).device)
     sae_dir = steering.sae.save_saelens(sae, out / "sae", hook_name=plan.hook_name, model_name=base_id,
                                         extra={"input": args.input, "steer_layers": plan.steer_layers,
                                                "checkpoint": str(args.checkpoint), "steering_analysis": "diffsae"})
@@ -348,17 +352,28 @@ def record_activations(model: nn.Module, tokenizer: Any, seqs: _common.Sequences
     return writers
 
 
-def train_sae(train_files: Sequence[Path], train_tokens: int, plan: Plan, gen: torch.Generator,
+def sae_batch_size(given: int | None, train_tokens: int) -> int:
+    """``--sae-batch-size``, or by default DEFAULT_SAE_BATCH vectors, or all of them when fewer were recorded (said on
+    stderr); a batch larger than the recorded vectors that the user asked for is refused."""
+    if given is None:
+        if train_tokens < DEFAULT_SAE_BATCH:
+            print(f"diffsae: {train_tokens} training vectors recorded, fewer than the default --sae-batch-size "
+                  f"{DEFAULT_SAE_BATCH}: each SAE step uses all of them", file=sys.stderr)
+        return min(DEFAULT_SAE_BATCH, train_tokens)
+    if train_tokens < given:
+        raise UsageError(f"--sae-batch-size {given} is more than the {train_tokens} training vectors recorded; lower "
+                         "it or sample more")
+    return given
+
+
+def train_sae(train_files: Sequence[Path], batch_size: int, plan: Plan, gen: torch.Generator,
               args: argparse.Namespace, *, device: torch.device
               ) -> tuple[steering.sae.SparseAutoencoder, dict[str, Any], dict[str, list[float]]]:
     """The SAE trained on the training chunks (batches drawn with ``gen``), its training summary, and the loss and
     explained-variance curve of about 200 of its steps, while a progress bar shows them."""
     cfg = steering.sae.SAEConfig(plan.hidden, plan.dict_size, args.sparsity, k=args.topk, l1_coeff=args.l1_coeff)
-    tc = steering.sae.TrainConfig(steps=args.steps, batch_size=args.sae_batch_size, lr=args.lr, seed=args.sae_seed,
+    tc = steering.sae.TrainConfig(steps=args.steps, batch_size=batch_size, lr=args.lr, seed=args.sae_seed,
                                   aux_coeff=args.aux_coeff, dead_window=args.dead_window)
-    if train_tokens < args.sae_batch_size:
-        raise UsageError(f"--sae-batch-size {args.sae_batch_size} is more than the {train_tokens} "
-                         "training vectors recorded; lower it or sample more")
     init = read_chunk(train_files[0])["x"][:65536]
     curve: dict[str, list[float]] = {"step": [], "loss": [], "explained_variance": []}
     bar = output.progress(desc="SAE", total=args.steps, quiet=args.no_progress, unit="step")
@@ -373,7 +388,7 @@ def train_sae(train_files: Sequence[Path], train_tokens: int, plan: Plan, gen: t
             bar.set_postfix(loss=f"{s.loss:.4f}", L0=f"{s.l0:.1f}", EV=f"{1 - s.fvu:.3f}", dead=s.dead)
 
     try:
-        sae, info = steering.sae.train(cfg, tc, batch_stream(train_files, args.sae_batch_size, gen),
+        sae, info = steering.sae.train(cfg, tc, batch_stream(train_files, batch_size, gen),
                                        init_sample=init, device=device, on_step=on_step)
     except steering.sae.SAEError as e:
         raise UsageError(f"SAE training: {e}") from None

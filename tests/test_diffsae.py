@@ -337,6 +337,20 @@ def test_command_on_demo_checkpoint(tmp_path):
     assert ex["activation"] > 0 and any(c["activation"] == pytest.approx(ex["activation"]) for c in ex["context"])
 
 
+def test_the_default_sae_batch_adapts_to_small_data_and_says_so(tiny_checkpoint, tmp_path, capsys):
+    """Issue 25: with the default --sae-batch-size (4096) a small benchmark sampled, recorded, then refused; now every
+    recorded vector makes the batch, with a note. An explicit batch larger than the data is still refused."""
+    common = ["--checkpoint", str(tiny_checkpoint), "--benchmarks", "procedural:arithmetic:3", "--max-new-tokens", "6",
+              "--samples-per-problem", "2", "--heldout-fraction", "0", "--dict-size", "16", "--topk", "2", "--steps",
+              "3", "--permutations", "19", "--no-progress", "--layer", "2"]
+    assert main(["diffsae", *common, "--out", str(tmp_path / "d")]) == 0
+    result = json.loads((tmp_path / "d" / "result.json").read_text())
+    assert 0 < result["settings"]["sae_batch_size"] == result["data"]["train_tokens"] < 4096
+    assert "fewer than the default --sae-batch-size 4096" in capsys.readouterr().err
+    assert main(["diffsae", *common, "--out", str(tmp_path / "e"), "--sae-batch-size", "4096"]) == 2
+    assert "--sae-batch-size 4096 is more than the" in capsys.readouterr().err
+
+
 def test_help_explains(capsys):
     with pytest.raises(SystemExit) as e:
         main(["diffsae", "--help"])
