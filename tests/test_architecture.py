@@ -6,33 +6,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+MAP = (ROOT / "docs" / "architecture.md").read_text()
+STEERING, TRAIN, ANALYSIS = "## The tree at a glance", "`train/` is the run", "`analysis/` is one file per command"
+
+
+def named_between(start: str, end: str | None) -> set[str]:
+    """The `names` the map writes between two of its landmarks (to the end when ``end`` is None)."""
+    section = MAP[MAP.index(start):]
+    return set(re.findall(r"`([a-z_]+)`", section[:section.index(end)] if end else section))
+
+
+def modules_of(package: str) -> set[str]:
+    return {p.stem for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
+
+
 def test_the_map_names_every_steering_module_and_no_missing_one():
-    text = (ROOT / "docs" / "architecture.md").read_text()
-    section = text[text.index("## The tree at a glance"):]
-    table = section[:section.index("`train/` is the run")]
-    named = set(re.findall(r"`([a-z_]+)`", table))
-    modules = {p.stem for p in (ROOT / "steering").glob("*.py") if p.stem != "__init__"}
+    named, modules = named_between(STEERING, TRAIN), modules_of("steering")
     assert modules - named == set(), "modules missing from the map"
     assert named - modules == set(), "the map names modules that do not exist"
-    assert f"`steering/` holds {len(modules)} modules" in text
+    assert f"`steering/` holds {len(modules)} modules" in MAP
 
 
 def test_the_map_names_every_train_module():
-    text = (ROOT / "docs" / "architecture.md").read_text()
-    section = text[text.index("`train/` is the run"):]
-    paragraph = section[:section.index("`analysis/` is one file per command")]
-    named = set(re.findall(r"`([a-z_]+)`", paragraph))
-    modules = {p.stem for p in (ROOT / "train").glob("*.py") if p.stem != "__init__"}
-    assert modules - named == set()
+    assert modules_of("train") - named_between(TRAIN, ANALYSIS) == set()
 
 
 def test_the_map_names_every_analysis_module_that_is_not_a_command():
-    text = (ROOT / "docs" / "architecture.md").read_text()
-    paragraph = text[text.index("`analysis/` is one file per command"):]
-    named = set(re.findall(r"`([a-z_]+)`", paragraph))
-    not_commands = {p.stem for p in (ROOT / "analysis").glob("*.py")
-                    if p.stem not in ("__init__", "__main__") and "def register(" not in p.read_text()}
-    assert not_commands - named == set()
+    not_commands = {m for m in modules_of("analysis") - {"__main__"}
+                    if "def register(" not in (ROOT / "analysis" / f"{m}.py").read_text()}
+    assert not_commands - named_between(ANALYSIS, None) == set()
 
 
 def test_the_core_package_never_sees_a_command_line():
