@@ -212,13 +212,14 @@ def parse_layers(text: str | None, num_layers: int, flag: str = "--layers") -> l
     return sorted(out)
 
 
-def checkpoint_layers(text: str | None, vectors: Mapping[int, Any], num_layers: int) -> list[int]:
+def checkpoint_layers(text: str | None, vectors: Mapping[int, Any], num_layers: int, flag: str = "--layers"
+                      ) -> list[int]:
     """The layers ``--layers`` names (default: every layer the checkpoint steers), each of which must have a
     vector."""
-    layers = parse_layers(text, num_layers) or sorted(vectors)
+    layers = parse_layers(text, num_layers, flag) or sorted(vectors)
     missing = [layer for layer in layers if layer not in vectors]
     if missing:
-        raise UsageError(f"--layers {text}: the checkpoint has no vector at layers {missing} "
+        raise UsageError(f"{flag} {text}: the checkpoint has no vector at layers {missing} "
                          f"(it has {sorted(vectors)})")
     return layers
 
@@ -396,9 +397,39 @@ def template(args: argparse.Namespace, checkpoints: Sequence[str | None] = ()):
 
 
 @dataclass
+class CheckedCheckpoint:
+    """What :func:`check_checkpoint` derives before anything loads: the base id and its config.json, the checkpoint's
+    vectors (a few kB, checksummed, fitting that config) and the ``--layers`` (default: every layer it steers)."""
+
+    base_id: str
+    config: Any
+    vectors: dict[int, Any]
+    layers: list[int]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+
+def check_checkpoint(args: argparse.Namespace, *, layers: str | None = None, layers_flag: str = "--layers"
+                     ) -> CheckedCheckpoint:
+    """``--checkpoint`` against its base's config.json, and ``layers`` (a ``--layers`` text) against both: refused
+    here, before ``--out`` is made or any weights load, is a corrupt checkpoint, a wrong shape, a bad layer."""
+    base_id = base_model_id(args.model, args.checkpoint)
+    try:
+        _, vectors = sv.read_checkpoint(args.checkpoint)
+    except sv.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    config = model_config(base_id, "--model" if args.model else f"--checkpoint {args.checkpoint}: its base")
+    check_vectors_fit(vectors, config, f"checkpoint {str(args.checkpoint)!r}")
+    layers_ = checkpoint_layers(layers, vectors, int(config.num_hidden_layers), layers_flag)
+    return CheckedCheckpoint(base_id, config, vectors, layers_)
+
+
+@dataclass
 class LoadedCheckpoint:
     """What a checkpoint command works on: the base id, the benchmarks, the output dir, the steerable model (zero
-    vectors on every layer), its tokenizer and the checkpoint's vectors."""
+    vectors on every layer), its tokenizer, the checkpoint's vectors and the checked ``--layers``."""
 
     base_id: str
     benches: list[Any] | None
@@ -406,40 +437,31 @@ class LoadedCheckpoint:
     model: Any
     tokenizer: Any
     vectors: dict[int, Any]
+    layers: list[int]
 
     @property
     def num_layers(self) -> int:
         return sv.model_shape(self.model)[0]
 
-    def layers(self, text: str | None) -> list[int]:
-        """The checkpoint's layers ``--layers`` names (default: all of them)."""
-        return checkpoint_layers(text, self.vectors, self.num_layers)
 
-
-def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True) -> LoadedCheckpoint:
+def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, layers: str | None = None
+                    ) -> LoadedCheckpoint:
     """Check the arguments (:func:`check_args`), then :func:`load_checkpoint`."""
     check_args(args, benchmarks=benchmarks)
-    return load_checkpoint(args, benchmarks=benchmarks)
+    return load_checkpoint(args, benchmarks=benchmarks, layers=layers)
 
 
-def load_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, plain: bool = False) -> LoadedCheckpoint:
-    """For checked arguments: load the benchmarks (unless ``benchmarks`` is False), make ``--out``, load the base
-    (steerable: a zero vector on every layer; ``plain``: without adapters, for hooks) and ``--checkpoint``'s
-    vectors."""
+def load_checkpoint(args: argparse.Namespace, checked: CheckedCheckpoint | None = None, *, benchmarks: bool = True,
+                    plain: bool = False, layers: str | None = None) -> LoadedCheckpoint:
+    """:func:`check_checkpoint` (unless given its result ``checked``), then load the benchmarks (unless not
+    ``benchmarks``), make ``--out``, load the base (steerable: zero vectors on every layer; ``plain``: for hooks)."""
     from analysis import output
 
-    base_id = base_model_id(args.model, args.checkpoint)
-    # The vectors (a few kB) against the base's config.json first: a corrupt checkpoint or one made for another
-    # shape is refused before --out is made or any weights load.
-    try:
-        _, vectors = sv.read_checkpoint(args.checkpoint)
-    except sv.CheckpointError as e:
-        raise UsageError(str(e)) from None
-    check_vectors_fit(vectors, model_config(base_id), f"checkpoint {str(args.checkpoint)!r}")
+    checked = checked or check_checkpoint(args, layers=layers)
     benches = load_benchmarks(benchmark_specs(args), args) if benchmarks else None
     out = output.prepare_out(args.out)
-    model, tokenizer = (load_plain if plain else load_steerable)(base_id, args)
-    return LoadedCheckpoint(base_id, benches, out, model, tokenizer, vectors)
+    model, tokenizer = (load_plain if plain else load_steerable)(checked.base_id, args)
+    return LoadedCheckpoint(checked.base_id, benches, out, model, tokenizer, checked.vectors, checked.layers)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ from analysis import _common
 from analysis import cli, output, plots, settings
 from analysis.cli import UsageError
 from analysis.table import relative_improvement
-from steering import vectors as sv
 
 
 def composition_score(pair: float | None, single_i: float | None, single_j: float | None,
@@ -77,6 +76,8 @@ def expand_singles(items: list[str]) -> list[str]:
 
 
 def single_vectors(paths: list[str], model: Any) -> dict[int, tuple[torch.Tensor, str]]:
+    """``{layer: (vector, path)}`` of the single-layer checkpoints, checked to fit ``model`` (a model or, before any
+    weights load, its config)."""
     out: dict[int, tuple[torch.Tensor, str]] = {}
     for path in paths:
         vecs = cli.checkpoint_vectors(path, model)
@@ -87,6 +88,26 @@ def single_vectors(paths: list[str], model: Any) -> dict[int, tuple[torch.Tensor
             raise UsageError(f"--singles: two checkpoints steer layer {layer} ({out[layer][1]} and {path})")
         out[layer] = (vec, path)
     return dict(sorted(out.items()))
+
+
+def checked_singles(args: argparse.Namespace, paths: list[str] | None, checked: cli.CheckedCheckpoint
+                    ) -> dict[int, tuple[torch.Tensor, str]]:
+    """The single-layer vectors to compose (``--singles``, else the checkpoint's own, one at a time), those of
+    ``--layers`` only; at least two."""
+    if paths is not None:
+        singles = single_vectors(paths, checked.config)
+    else:
+        singles = {layer: (v, f"{args.checkpoint} (layer {layer} alone)") for layer, v in checked.vectors.items()}
+    if args.layers:
+        wanted = cli.parse_layers(args.layers, checked.num_layers)
+        missing = [layer for layer in wanted if layer not in singles]
+        if missing:
+            raise UsageError(f"--layers {args.layers}: no single-layer vector for layers {missing} "
+                             f"(have {sorted(singles)})")
+        singles = {layer: singles[layer] for layer in wanted}
+    if len(singles) < 2:
+        raise UsageError(f"need at least two single-layer vectors to form pairs, have {sorted(singles)}")
+    return singles
 
 
 def register(subparsers) -> None:
@@ -100,21 +121,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     singles_paths = expand_singles(args.singles) if args.singles else None
-    o = cli.open_checkpoint(args)
+    cli.check_args(args)
+    # The singles and --layers against the base's config.json: refused before --out is made or any weights load.
+    checked = cli.check_checkpoint(args)
+    singles = checked_singles(args, singles_paths, checked)
+    o = cli.load_checkpoint(args, checked)
     model, tokenizer, benches, all_vectors = o.model, o.tokenizer, o.benches, o.vectors
-    if singles_paths is not None:
-        singles = single_vectors(singles_paths, model)
-    else:
-        singles = {layer: (v, f"{args.checkpoint} (layer {layer} alone)") for layer, v in all_vectors.items()}
-    if args.layers:
-        wanted = cli.parse_layers(args.layers, sv.model_shape(model)[0])
-        missing = [layer for layer in wanted if layer not in singles]
-        if missing:
-            raise UsageError(f"--layers {args.layers}: no single-layer vector for layers {missing} "
-                             f"(have {sorted(singles)})")
-        singles = {layer: singles[layer] for layer in wanted}
-    if len(singles) < 2:
-        raise UsageError(f"need at least two single-layer vectors to form pairs, have {sorted(singles)}")
     layers = sorted(singles)
     pairs = list(itertools.combinations(layers, 2))
     tmpl = cli.template(args)

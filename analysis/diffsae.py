@@ -74,7 +74,6 @@ from analysis.sae_activations import (SPLITS, ChunkWriter, FeatureStats, batch_s
 from analysis.sae_features import describe_top, feature_cards, ranked_table
 import steering.sae
 from steering import separation
-from steering import vectors as sv
 
 INPUTS = ("diff", "steered")
 CORRECTIONS = ("maxt", "holm", "bh")
@@ -159,6 +158,7 @@ class Plan:
     checkpoint_layers: list[int]
     steer_layers: list[int]
     dict_size: int
+    vectors: dict[int, torch.Tensor]  # the checkpoint's, read and checked with the rest
 
     @property
     def hook_name(self) -> str:
@@ -205,20 +205,13 @@ def check(args: argparse.Namespace) -> Plan:
     if (args.permutations + 1) * args.alpha < 1:
         raise UsageError(f"--permutations {args.permutations} cannot reach --alpha {args.alpha}: the smallest "
                          f"permutation p-value is 1/(permutations + 1); use at least {math.ceil(1 / args.alpha) - 1}")
-    try:
-        meta = sv.read_meta(args.checkpoint)
-        num_layers, hidden = int(meta["num_hidden_layers"]), int(meta["hidden_size"])
-        ck_layers = sorted(int(x) for x in meta["layers"])
-    except (sv.CheckpointError, KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"--checkpoint {args.checkpoint}: unreadable steering.json ({e})") from None
+    # The checkpoint (checksum, shape) against the base's config.json, before --out is made or any weights load.
+    checked = cli.check_checkpoint(args, layers=args.steer_layers, layers_flag="--steer-layers")
+    num_layers, hidden = checked.num_layers, int(checked.config.hidden_size)
+    ck_layers, steer = sorted(checked.vectors), checked.layers
     layer = args.layer + num_layers if args.layer < 0 else args.layer
     if not 0 <= layer < num_layers:
         raise UsageError(f"--layer {args.layer}: out of range; the model has {num_layers} layers (0..{num_layers - 1})")
-    steer = cli.parse_layers(args.steer_layers, num_layers, "--steer-layers") or ck_layers
-    missing = [x for x in steer if x not in ck_layers]
-    if missing:
-        raise UsageError(f"--steer-layers {args.steer_layers}: the checkpoint has no vector at layers {missing} "
-                         f"(it has {ck_layers})")
     upstream = [x for x in steer if x <= layer]
     if not upstream:
         raise UsageError(f"--layer {layer}: no steered layer at or before it (steered: {steer}), so ΔF is zero there")
@@ -230,7 +223,7 @@ def check(args: argparse.Namespace) -> Plan:
         raise UsageError(f"--dict-size must be >= 1, got {dict_size}")
     if args.sparsity == "topk" and args.topk > dict_size:
         raise UsageError(f"--topk {args.topk} is larger than the dictionary (--dict-size {dict_size})")
-    return Plan(layer, num_layers, hidden, ck_layers, steer, dict_size)
+    return Plan(layer, num_layers, hidden, ck_layers, steer, dict_size, checked.vectors)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     run_settings = settings_of(args, plan)
     out = output.prepare_out(args.out)
     model, tokenizer = cli.load_steerable(base_id, args)
-    vectors = cli.checkpoint_vectors(args.checkpoint, model)
+    vectors = plan.vectors
     seqs, correct = sample_and_grade(model, tokenizer, vectors, problems, args)
     heldout = split_problems(len(problems), args.heldout_fraction, args.sae_seed)
     writers = record_activations(model, tokenizer, seqs, {layer: vectors[layer] for layer in plan.steer_layers},

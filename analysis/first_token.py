@@ -157,9 +157,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cli.check_positive(args, "k", "max_positions", "samples_per_problem")
-    o = cli.open_checkpoint(args)
-    model, tokenizer, benches, out = o.model, o.tokenizer, o.benches, o.out
-    layers = o.layers(None if args.layers == "all" else args.layers)  # "all": every layer the checkpoint steers
+    # "all": every layer the checkpoint steers
+    o = cli.open_checkpoint(args, layers=None if args.layers == "all" else args.layers)
+    model, tokenizer, benches, out, layers = o.model, o.tokenizer, o.benches, o.out, o.layers
     vectors = {layer: o.vectors[layer] for layer in layers}
     tmpl = cli.template(args)
     problems = _common.problems_of(benches)

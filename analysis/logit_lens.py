@@ -124,9 +124,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cli.check_positive(args, "k")
-    o = cli.open_checkpoint(args, benchmarks=not args.no_shift)
-    model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
-    layers = o.layers(args.layers)
+    o = cli.open_checkpoint(args, benchmarks=not args.no_shift, layers=args.layers)
+    model, tokenizer, vectors, out, layers = o.model, o.tokenizer, o.vectors, o.out, o.layers
     vocab = Vocab.of(model, tokenizer)
     entries = [vector_lens(model, layer, vectors[layer], vocab, args.k, args.lens)
                for layer in output.progress(layers, desc="logit lens", quiet=args.no_progress)]

@@ -295,10 +295,8 @@ def kl_to_full(patcher: Patcher, variants: list[Variant], seqs: _common.Sequence
 
 
 def run(args: argparse.Namespace) -> int:
-    layer = _checked_layer(args)
-    ck = cli.load_checkpoint(args, plain=True)
-    if layer not in ck.vectors:
-        raise UsageError(f"the checkpoint has no vector at layer {layer} (it has {sorted(ck.vectors)}); pass --layer")
+    layer, checked = _checked_layer(args)
+    ck = cli.load_checkpoint(args, checked, plain=True)
     patcher = Patcher(ck.model, layer, ck.vectors[layer].to(next(ck.model.parameters()).device))
     summary, per_head = build_variants(patcher.n_heads, patcher.n_kv)
     variants = summary + ([] if args.no_heads else per_head)
@@ -333,18 +331,23 @@ def run(args: argparse.Namespace) -> int:
     return output.finish(ck.out, result, summary_line)
 
 
-def _checked_layer(args: argparse.Namespace) -> int:
-    """Every check before anything loads; the patched layer (default L-2, negative counts from the end)."""
+def _checked_layer(args: argparse.Namespace) -> tuple[int, cli.CheckedCheckpoint]:
+    """Every check before anything loads; the patched layer (default L-2, negative counts from the end) and the
+    checked checkpoint."""
     cli.check_args(args)
     if args.backend != "hf":
         raise UsageError(f"path-patching patches through module hooks, which the {args.backend!r} generation backend "
                          "bypasses (the static cache replays a compiled forward on CUDA; vLLM runs its own model); use "
                          "--backend hf")
     cli.check_positive(args, "samples_per_problem")
-    num_layers = int(cli.model_config(cli.base_model_id(args.model, args.checkpoint)).num_hidden_layers)
+    checked = cli.check_checkpoint(args)
+    num_layers = checked.num_layers
     layer = num_layers - 2 if args.layer is None else (args.layer + num_layers if args.layer < 0 else args.layer)
     check_layer(layer, num_layers, given=args.layer)
-    return layer
+    if layer not in checked.vectors:
+        raise UsageError(f"the checkpoint has no vector at layer {layer} (it has {sorted(checked.vectors)}); pass "
+                         "--layer")
+    return layer, checked
 
 
 def _head_tables(patcher: Patcher, rows: list[dict[str, Any]], args: argparse.Namespace):

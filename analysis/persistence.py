@@ -165,9 +165,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cli.check_positive(args, "samples_per_problem")
-    o = cli.open_checkpoint(args)
-    model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
-    steer = o.layers(args.layers)
+    o = cli.open_checkpoint(args, layers=args.layers)
+    model, tokenizer, vectors, out, steer = o.model, o.tokenizer, o.vectors, o.out, o.layers
     seqs = sample_for_analysis(model, tokenizer, vectors, args, o.benches)
     num_layers = o.num_layers
     targets = list(range(num_layers))

@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_gated_checkpoint_args(args: argparse.Namespace) -> None:
-    """The common checks, the HF backend (the gate is a forward hook), and a checkpoint that has gates."""
+    """The common checks, the HF backend (the gate is a forward hook), and a checkpoint that has readable gates and
+    vectors that fit its base."""
     cli.check_args(args)
     if args.backend == "vllm":
         raise UsageError("token-scaling gates the vectors per token with forward hooks, which vLLM does not run; use "
@@ -136,6 +137,13 @@ def check_gated_checkpoint_args(args: argparse.Namespace) -> None:
     if not ts.checkpoint_has_gates(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no {ts.GATE_FILE}; it was not trained with "
                          "token_scaling: true")
+    # The vectors against the base's config.json, and the gates read back (finite, known tensors): a broken
+    # checkpoint is refused before --out is made or any weights load.
+    cli.check_checkpoint(args)
+    try:
+        ts.load_gate_tensors(args.checkpoint)
+    except sv.SteeringError as e:
+        raise UsageError(str(e)) from None
 
 
 def load_gated_model(checkpoint: str, base_id: str, args: argparse.Namespace) -> tuple[Any, Any]:

@@ -53,9 +53,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cli.check_positive(args, "k")
-    o = cli.open_checkpoint(args)
-    model, tokenizer, vectors, out = o.model, o.tokenizer, o.vectors, o.out
-    steer = o.layers(args.layers)
+    o = cli.open_checkpoint(args, layers=args.layers)
+    model, tokenizer, vectors, out, steer = o.model, o.tokenizer, o.vectors, o.out, o.layers
     last = o.num_layers - 1
     seqs = persistence.sample_for_analysis(model, tokenizer, vectors, args, o.benches)
     pad = pad_id_of(tokenizer)
