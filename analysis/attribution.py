@@ -457,8 +457,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.select not in args.estimates:
         raise UsageError(f"--select {args.select} must be one of --estimates {args.estimates}")
-    if args.coef == 0:
-        raise UsageError("--coef 0 adds nothing; use a non-zero scale")
+    if args.coef == 0 or not math.isfinite(args.coef):
+        raise UsageError(f"--coef {args.coef}: give a finite non-zero scale")
+    if not 0 <= args.embed_threshold <= 1:  # a |cosine|; also refuses nan
+        raise UsageError(f"--embed-threshold must be in [0, 1], got {args.embed_threshold}")
+    if args.skip_first < 0 or args.max_examples < 0:
+        raise UsageError(f"--skip-first and --max-examples must be >= 0, got {args.skip_first}, {args.max_examples}")
+    if args.max_length is not None:
+        cli.check_positive(args, "max_length")
     ckpt = cli.resolve_vectors(args.vectors, args.label)
     meta = dm.diffmean_meta(ckpt) or {}
     label = args.label or meta.get("label")
@@ -470,10 +476,11 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--traces {args.traces}: no span is labelled {label!r} "
                          f"(labels present: {sorted(dm.trace_labels(traces))})")
     model_id = cli.base_model_id(args.model, ckpt)
-    out = output.prepare_out(args.out)
+    # The vectors against the model's config.json: refused before --out is made or any weights load.
     vectors = cli.checkpoint_vectors(ckpt)
+    cli.check_vectors_fit(vectors, cli.model_config(model_id), f"--vectors {ckpt}")
+    out = output.prepare_out(args.out)
     model, tokenizer = cli.load_plain(model_id, args, attn="eager")
-    cli.check_vectors_fit(vectors, model, f"--vectors {ckpt}")
     result = run_attribution(model, tokenizer, traces, vectors, label=label, spec=spec, coef=args.coef,
                              estimates=args.estimates, select=args.select, embed_threshold=args.embed_threshold,
                              skip_first=args.skip_first, max_length=args.max_length,

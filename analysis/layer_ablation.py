@@ -324,6 +324,7 @@ def run_collect(args: argparse.Namespace) -> int:
     cli.check_args(args, refs)
     base_id = cli.base_model_id(args.model or manifest.get("model"), refs[0] if refs else None)
     benches = cli.load_benchmarks(cli.benchmark_specs(args, refs), args)
+    all_vectors, run_vectors = _collect_vectors(found, args.all_layers, cli.model_config(base_id))
     out = output.prepare_out(args.out)
     model, tokenizer = cli.load_steerable(base_id, args)
     tmpl = cli.template(args, refs)
@@ -343,17 +344,14 @@ def run_collect(args: argparse.Namespace) -> int:
     bar.update(1)
     all_row = None
     if args.all_layers:
-        a, d = evaluate(cli.checkpoint_vectors(args.all_layers, model))
+        a, d = evaluate(all_vectors)
         all_row = {"checkpoint": args.all_layers, **a, "detail": d}
         bar.update(1)
     rows = []
-    for r, ck in found:
+    for (r, ck), vecs in zip(found, run_vectors):
         row = {"layer": r["layer"], "learning_rate": r.get("learning_rate"), "output_dir": r["output_dir"],
                "checkpoint": None if ck is None else str(ck), "accuracy": None, "detail": None}
-        if ck is not None:
-            vecs = cli.checkpoint_vectors(ck, model)
-            if sorted(vecs) != [r["layer"]]:
-                raise UsageError(f"{ck}: steers layers {sorted(vecs)}, but the manifest says layer {r['layer']}")
+        if vecs is not None:
             row["accuracy"], row["detail"] = evaluate(vecs)
         rows.append(row)
         bar.update(1)
@@ -373,6 +371,21 @@ def run_collect(args: argparse.Namespace) -> int:
               "settings": settings.record(args), "plots": files}
     return output.finish(out, result, f"layer-ablation collect: {len(rows) - len(missing)} runs evaluated"
                       + (f", {len(missing)} without a checkpoint (layers {missing})" if missing else ""))
+
+
+def _collect_vectors(found: list[tuple[dict[str, Any], Path | None]], all_layers: str | None, config: Any
+                     ) -> tuple[dict[int, Any] | None, list[dict[int, Any] | None]]:
+    """The vectors of ``--all-layers`` and of every run's checkpoint (None where a run has none), read and checked
+    against the base's config.json before any weights load: each fits it, and each run steers the layer the
+    manifest says."""
+    all_vectors = cli.checkpoint_vectors(all_layers, config) if all_layers else None
+    run_vectors = []
+    for r, ck in found:
+        vecs = None if ck is None else cli.checkpoint_vectors(ck, config)
+        if vecs is not None and sorted(vecs) != [r["layer"]]:
+            raise UsageError(f"{ck}: steers layers {sorted(vecs)}, but the manifest says layer {r['layer']}")
+        run_vectors.append(vecs)
+    return all_vectors, run_vectors
 
 
 # --------------------------------------------------------------------------------------------------------------------

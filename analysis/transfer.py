@@ -118,12 +118,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_donors(donors: list[str]) -> list[dict[str, Any]]:
-    """Each donor checkpoint's steering.json, checked to be a checkpoint directory first."""
-    donor_meta = []
-    for d in donors:
-        cli.check_checkpoint_arg(d)
-        donor_meta.append(sv.read_meta(d))
-    return donor_meta
+    """Each donor checkpoint's steering.json (:func:`_verified_meta`)."""
+    return [_verified_meta(d, "--checkpoint") for d in donors]
+
+
+def _verified_meta(path: str, flag: str) -> dict[str, Any]:
+    """A checkpoint's steering.json, its vectors read back (checksum, finite values, the layers it lists): a broken
+    donor or self-trained checkpoint is refused before --out is made or any weights load, not after the first
+    recipient's evaluation."""
+    cli.check_checkpoint_arg(path, flag)
+    try:
+        meta, _ = sv.read_checkpoint(path)
+    except sv.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    return meta
 
 
 def _recipients(given: list[str] | None, donor_meta: list[dict[str, Any]]) -> list[str]:
@@ -146,7 +154,7 @@ def _self_trained(items: list[str], recipients: list[str], donors: list[str],
             raise UsageError(f"--self-trained {item}: write BASE=DIR")
         if m.group(1) not in recipients:
             raise UsageError(f"--self-trained {item}: {m.group(1)} is not a recipient ({recipients})")
-        cli.check_checkpoint_arg(m.group(2), "--self-trained")
+        _verified_meta(m.group(2), "--self-trained")
         self_trained[m.group(1)] = m.group(2)
     for r in recipients:
         if r not in self_trained:
