@@ -178,8 +178,8 @@ def register(subparsers) -> None:
                         help="accuracy of a base / steering / LoRA / full model on math benchmarks (the papers' table)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]DIR",
                    help="checkpoint to evaluate (repeatable). LABEL base/steering/lora/full names the paper row; the "
-                        "kind is read from the dir: steering.json -> steering, adapter_config.json -> LoRA, "
-                        "config.json -> full model")
+                        "kind is read from the dir: steering.json -> steering, adapter_config.json with peft_type "
+                        "LORA -> LoRA, config.json -> full model; anything else is refused")
     p.add_argument("--label", action="append", default=[], help="row label for each --checkpoint, in order")
     p.add_argument("--model", default=None, metavar="BASE",
                    help="base model (Hub id or dir): alone, evaluates the unsteered base; with checkpoints, the base "

@@ -359,17 +359,49 @@ class RowSpec:
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """``steering`` (has steering.json), ``lora`` (adapter_config.json without it) or ``full`` (config.json)."""
+    """``steering`` (has steering.json), ``lora`` (an adapter_config.json whose peft_type is LORA) or ``full``
+    (config.json, no adapter_config.json). Anything else is refused: a steering checkpoint that lost its steering.json
+    (a BEFT adapter_config.json) is not evaluated as some other kind of row."""
     p = Path(path)
     if not p.is_dir():
         raise UsageError(f"--checkpoint {path}: no such directory")
     if (p / sv.META_FILE).is_file():
         return "steering"
     if (p / sv.ADAPTER_CONFIG_FILE).is_file():
+        peft_type = _adapter_config(path).get("peft_type")
+        if peft_type != "LORA":
+            raise UsageError(f"--checkpoint {path}: {sv.ADAPTER_CONFIG_FILE} has peft_type {peft_type!r} and there is "
+                             f"no {sv.META_FILE}; expected a steering checkpoint ({sv.META_FILE}), a LoRA adapter "
+                             "(peft_type LORA) or a full model directory (config.json)")
         return "lora"
     if (p / "config.json").is_file():
         return "full"
-    raise UsageError(f"--checkpoint {path}: not a checkpoint (no steering.json, adapter_config.json or config.json)")
+    raise UsageError(f"--checkpoint {path}: not a checkpoint; expected a steering checkpoint ({sv.META_FILE}), a LoRA "
+                     f"adapter ({sv.ADAPTER_CONFIG_FILE} with peft_type LORA) or a full model directory (config.json)")
+
+
+def _adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A PEFT adapter's adapter_config.json, read as JSON (no PEFT import, no weights)."""
+    try:
+        cfg = json.loads((Path(path) / sv.ADAPTER_CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"--checkpoint {path}: unreadable {sv.ADAPTER_CONFIG_FILE} ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--checkpoint {path}: {sv.ADAPTER_CONFIG_FILE} is not a JSON object")
+    return cfg
+
+
+def _verify_manifest(path: str | os.PathLike) -> None:
+    """A training checkpoint's checksums.json (``train.checkpointing``), where the directory has one: every file it
+    lists is there with its recorded size and sha256."""
+    from train import checkpointing as ckpt_io
+
+    p = Path(path)
+    if (p / ckpt_io.MANIFEST).is_file():
+        try:
+            ckpt_io.verify_checkpoint(p)
+        except sv.CheckpointError as e:
+            raise UsageError(str(e)) from None  # it names the file
 
 
 def _has_tokenizer(path: str | os.PathLike) -> bool:
@@ -380,15 +412,13 @@ def _has_tokenizer(path: str | os.PathLike) -> bool:
 def checkpoint_info(path: str, model: str | None) -> tuple[str, str | None, str | None]:
     """(kind, base model id, tokenizer source) of a checkpoint dir, checked without loading any weights."""
     kind = checkpoint_kind(path)
+    _verify_manifest(path)
     if kind == "steering":
         cli.check_checkpoint_arg(path)
         base = cli.base_model_id(model, path)
         return kind, base, base
     if kind == "lora":
-        try:
-            cfg = json.loads((Path(path) / sv.ADAPTER_CONFIG_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise UsageError(f"--checkpoint {path}: unreadable {sv.ADAPTER_CONFIG_FILE} ({e})") from None
+        cfg = _adapter_config(path)
         if not any(Path(path, f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
             raise UsageError(f"--checkpoint {path}: LoRA adapter without adapter_model.safetensors")
         base = model or cfg.get("base_model_name_or_path")
