@@ -399,7 +399,7 @@ def _verify_manifest(path: str | os.PathLike) -> None:
     p = Path(path)
     if (p / ckpt_io.MANIFEST).is_file():
         try:
-            ckpt_io.verify_checkpoint(p)
+            ckpt_io.verify_manifest(p, "evaluate an intact checkpoint")
         except sv.CheckpointError as e:
             raise UsageError(str(e)) from None  # it names the file
 

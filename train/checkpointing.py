@@ -88,6 +88,21 @@ def verify_checkpoint(ckpt: Path) -> None:
     ``CheckpointError`` naming it. Nothing is unpickled and no model is touched."""
     from steering.vectors import ADAPTER_WEIGHTS_FILE, META_FILE, load_vectors
 
+    files = verify_manifest(ckpt, "resume from an earlier checkpoint")
+    required = [TRAINER_STATE] + [name for name in (META_FILE, ADAPTER_WEIGHTS_FILE) if (ckpt / name).is_file()]
+    unlisted = [name for name in required if name not in files]
+    if unlisted:
+        raise CheckpointError(f"{ckpt / MANIFEST} does not list {unlisted[0]} (tampered with?); resume from an "
+                              "earlier checkpoint")
+    _read_json(ckpt / TRAINER_STATE)
+    if (ckpt / META_FILE).is_file():
+        load_vectors(ckpt)  # and its own checks: shapes, finite values
+
+
+def verify_manifest(ckpt: Path, fix: str) -> dict[str, Any]:
+    """The files ``checksums.json`` lists (``{relative path: {sha256, bytes}}``), each checked to be there with its
+    recorded size and sha256: what a reader of a checkpoint's model files (resume, the analysis commands' rows) needs;
+    otherwise a ``CheckpointError`` naming the file and ending in ``fix``."""
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} does not exist")
     if not (ckpt / MANIFEST).is_file():
@@ -97,27 +112,19 @@ def verify_checkpoint(ckpt: Path) -> None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
                                               and isinstance(e.get("sha256"), str) for e in files.values()):
-        raise CheckpointError(f"{ckpt / MANIFEST} is not a checksum manifest (tampered with?); resume from an earlier "
-                              "checkpoint")
+        raise CheckpointError(f"{ckpt / MANIFEST} is not a checksum manifest (tampered with?); {fix}")
     outside = [rel for rel in files if Path(rel).is_absolute() or ".." in Path(rel).parts]
     if outside:
         raise CheckpointError(f"{ckpt / MANIFEST} lists {outside[0]!r}, a path outside the checkpoint (tampered "
-                              "with?); resume from an earlier checkpoint")
-    required = [TRAINER_STATE] + [name for name in (META_FILE, ADAPTER_WEIGHTS_FILE) if (ckpt / name).is_file()]
-    unlisted = [name for name in required if name not in files]
-    if unlisted:
-        raise CheckpointError(f"{ckpt / MANIFEST} does not list {unlisted[0]} (tampered with?); resume from an "
-                              "earlier checkpoint")
+                              f"with?); {fix}")
     for rel, entry in files.items():
         path = ckpt / rel
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint (listed in {MANIFEST})")
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"{path} does not match its checksum in {MANIFEST}: the file was truncated or "
-                                  "tampered with; resume from an earlier checkpoint")
-    _read_json(ckpt / TRAINER_STATE)
-    if (ckpt / META_FILE).is_file():
-        load_vectors(ckpt)  # and its own checks: shapes, finite values
+                                  f"tampered with; {fix}")
+    return files
 
 
 # -------------------------------------------------------------------------------------------------------- run dirs
