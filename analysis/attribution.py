@@ -479,6 +479,11 @@ def main(args: argparse.Namespace) -> int:
     # The vectors against the model's config.json: refused before --out is made or any weights load.
     vectors = cli.checkpoint_vectors(ckpt)
     cli.check_vectors_fit(vectors, cli.model_config(model_id), f"--vectors {ckpt}")
+    # The spans as this tokenizer clips them (a tokenizer is cheap; the weights are not).
+    if not make_examples(sv.load_tokenizer(model_id), traces, label, spec, max_length=args.max_length,
+                         max_examples=1):
+        raise UsageError(f"--traces {args.traces}: no span labelled {label!r} keeps a position inside its trace "
+                         f"(clipped at the trace start{' or by --max-length' if args.max_length else ''})")
     out = output.prepare_out(args.out)
     model, tokenizer = cli.load_plain(model_id, args, attn="eager")
     result = run_attribution(model, tokenizer, traces, vectors, label=label, spec=spec, coef=args.coef,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -106,8 +107,8 @@ def main(args: argparse.Namespace) -> int:
     vectors = cli.checkpoint_vectors(ckpt)
     if layer not in vectors:
         raise UsageError(f"layer {layer}: {ckpt} has vectors for layers {sorted(vectors)} only")
-    if not args.coefs:
-        raise UsageError("--coefs: give at least one coefficient")
+    if not args.coefs or not all(math.isfinite(c) for c in args.coefs):
+        raise UsageError(f"--coefs {args.coefs}: give one or more finite coefficients")
     cli.check_generation_args(args, args.n)
     model_id = cli.base_model_id(args.model, ckpt)
     config = cli.model_config(model_id, "--model")

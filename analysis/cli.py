@@ -411,8 +411,7 @@ class CheckedCheckpoint:
         return int(self.config.num_hidden_layers)
 
 
-def check_checkpoint(args: argparse.Namespace, *, layers: str | None = None, layers_flag: str = "--layers"
-                     ) -> CheckedCheckpoint:
+def check_checkpoint(args: argparse.Namespace, *, layers: str | None = None, layers_flag: str = "--layers"):
     """``--checkpoint`` against its base's config.json, and ``layers`` (a ``--layers`` text) against both: refused
     here, before ``--out`` is made or any weights load, is a corrupt checkpoint, a wrong shape, a bad layer."""
     base_id = base_model_id(args.model, args.checkpoint)
@@ -444,8 +443,7 @@ class LoadedCheckpoint:
         return sv.model_shape(self.model)[0]
 
 
-def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, layers: str | None = None
-                    ) -> LoadedCheckpoint:
+def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, layers: str | None = None) -> LoadedCheckpoint:
     """Check the arguments (:func:`check_args`), then :func:`load_checkpoint`."""
     check_args(args, benchmarks=benchmarks)
     return load_checkpoint(args, benchmarks=benchmarks, layers=layers)
@@ -576,6 +574,8 @@ def check_generation_args(args: argparse.Namespace, n: int) -> None:
 
     if n < 1:
         raise UsageError(f"the number of tasks must be >= 1, got {n}")
+    if args.gen_batch_size is not None:
+        check_positive(args, "gen_batch_size")
     settings.sampling_params(args)
     if args.task not in TASKS:
         raise UsageError(f"--task {args.task}: unknown; known tasks: {sorted(TASKS)}")

@@ -110,6 +110,8 @@ def check_models(args: argparse.Namespace) -> tuple[dm.PositionSpec, Any, str, l
     models have the same shape and ``--layers`` exist."""
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None:
+        cli.check_positive(args, "max_length")
     spec = cli.position_spec(args)
     steered_cfg = cli.model_config(args.model, "--model")
     act_id = args.activations_model or args.model

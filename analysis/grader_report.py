@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -102,6 +103,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not Path(args.corpus).is_file():
         raise UsageError(f"--corpus {args.corpus}: no such file")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite number > 0, got {args.timeout}")
     cases = load_corpus(args.corpus)
     reference = [math_verify_verdict(c) for c in cases]
     results, seconds = project_results(cases, args.timeout)

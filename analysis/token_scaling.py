@@ -131,6 +131,9 @@ def check_gated_checkpoint_args(args: argparse.Namespace) -> None:
     """The common checks, the HF backend (the gate is a forward hook), and a checkpoint that has readable gates and
     vectors that fit its base."""
     cli.check_args(args)
+    cli.check_positive(args, "k")
+    if args.examples < 0:
+        raise UsageError(f"--examples must be >= 0, got {args.examples}")
     if args.backend == "vllm":
         raise UsageError("token-scaling gates the vectors per token with forward hooks, which vLLM does not run; use "
                          "--backend hf")
