@@ -1,0 +1,229 @@
+"""Issue 25: every analysis command checks all its inputs before any weights load and before --out is made.
+
+Each case runs ``python -m analysis`` in-process with bad input and asserts: exit code 2, exactly one line on stderr
+(``python -m analysis <command>: error: ...``, with the expected words), no model weights loaded (the loaders are
+spies that raise), and --out either never made or, where it existed, byte-identical.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from analysis import cli
+from analysis.__main__ import main
+from conftest import corrupt_checkpoint
+from steering import diffmean as dm
+from steering import vectors as sv
+
+BENCH = ["--benchmarks", "procedural:arithmetic:2", "--no-progress"]
+
+
+@pytest.fixture
+def loads(tiny_base_dir, tiny_checkpoint, monkeypatch):
+    """The weight loaders, replaced by spies that record the call and raise (so nothing after them runs)."""
+    calls = []
+
+    def spy(name):
+        def forbidden(*a, **k):
+            calls.append(name)
+            raise AssertionError(f"{name} was called: weights loaded before the input was checked")
+        return forbidden
+
+    monkeypatch.setattr(sv, "load_base_model", spy("steering.vectors.load_base_model"))
+    monkeypatch.setattr(cli, "load_steerable", spy("analysis.cli.load_steerable"))
+    monkeypatch.setattr(cli, "load_plain", spy("analysis.cli.load_plain"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        spy("AutoModelForCausalLM.from_pretrained"))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def world(tiny_base_dir, tiny_checkpoint, tmp_path_factory):
+    """Inputs for the cases: a one-layer checkpoint (layer 0 only), a checkpoint whose base is missing, corrupt
+    checkpoints, traces, a layer-ablation runs.json, and folders that are not any kind of table row."""
+    from transformers import AutoConfig
+
+    root = tmp_path_factory.mktemp("early")
+    config = AutoConfig.from_pretrained(str(tiny_base_dir))
+    one = dm.save_vectors_checkpoint({0: torch.ones(config.hidden_size)}, root / "one-layer", config,
+                                     base_model=str(tiny_base_dir), extra={"diffmean": {"label": "x"}})
+    no_base = root / "no-base"
+    shutil.copytree(tiny_checkpoint, no_base)
+    meta = json.loads((no_base / sv.META_FILE).read_text())
+    meta["base_model"] = str(root / "gone-base")
+    (no_base / sv.META_FILE).write_text(json.dumps(meta))
+    traces = root / "traces.jsonl"
+    traces.write_text(json.dumps({"prompt": "Q: ", "text": "a b c d e f", "spans": [
+        {"start": 2, "end": 5, "label": "x"}]}) + "\n")
+    runs = root / "runs.json"
+    runs.write_text(json.dumps({"model": str(tiny_base_dir), "dataset": "procedural:arithmetic", "runs": []}))
+    no_meta = root / "beft-without-steering-json"  # a steering checkpoint that lost its steering.json
+    shutil.copytree(tiny_checkpoint, no_meta)
+    (no_meta / sv.META_FILE).unlink()
+    empty = root / "empty"
+    empty.mkdir()
+    return {"base": str(tiny_base_dir), "ck": str(tiny_checkpoint), "one": str(one), "no_base": str(no_base),
+            "traces": str(traces), "runs": str(runs), "no_meta": str(no_meta), "empty": str(empty),
+            "hidden": str(corrupt_checkpoint("wrong hidden size", tiny_checkpoint, root)),
+            "truncated": str(corrupt_checkpoint("truncated", tiny_checkpoint, root)),
+            "nan": str(corrupt_checkpoint("nan", tiny_checkpoint, root))}
+
+
+def lora_with_manifest(tmp_path, base: str, *, tamper: bool):
+    """A LoRA training checkpoint (adapter_config.json, weights, trainer_state.json, checksums.json), tampered after
+    its manifest was written when ``tamper``."""
+    from safetensors.torch import save_file
+
+    from train import checkpointing as ckpt_io
+
+    d = tmp_path / "lora-checkpoint-2"
+    d.mkdir()
+    (d / sv.ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base,
+                                                        "r": 1, "target_modules": ["down_proj"]}))
+    save_file({"x": torch.zeros(2)}, str(d / "adapter_model.safetensors"))
+    (d / ckpt_io.TRAINER_STATE).write_text("{}")
+    ckpt_io.write_manifest(d)
+    if tamper:
+        save_file({"x": torch.ones(2)}, str(d / "adapter_model.safetensors"))
+    return d
+
+
+# (command line with {names} of the world's inputs, words the one error line holds)
+CASES = {
+    # --layers out of range or without a vector: refused only after the base loaded before
+    "logit-lens --layers out of range": (
+        "logit-lens --checkpoint {ck} --layers 7", "--layers 7: layers [7] out of range"),
+    "logit-lens --layers without a vector": (
+        "logit-lens --checkpoint {one} --layers 1", "the checkpoint has no vector at layers [1]"),
+    "persistence --layers out of range": (
+        "persistence --checkpoint {ck} --layers 0,9", "--layers 0,9: layers [9] out of range"),
+    "persistence --layers not a list": ("persistence --checkpoint {ck} --layers x", "expected layer indices"),
+    "first-token --layers out of range": ("first-token --checkpoint {ck} --layers 5", "layers [5] out of range"),
+    "first-token default last layer without a vector": (
+        "first-token --checkpoint {one}", "the checkpoint has no vector at layers [2]"),
+    "unembed-similarity --layers out of range": (
+        "unembed-similarity --checkpoint {ck} --layers -9", "out of range"),
+    "compose --layers out of range": ("compose --checkpoint {ck} --layers 0,8", "layers [8] out of range"),
+    "compose one single": ("compose --checkpoint {ck} --layers 1", "need at least two single-layer vectors"),
+    "compose --singles of another shape": (
+        "compose --checkpoint {ck} --singles {hidden}", "does not fit"),
+    "path-patching default layer without a vector": (
+        "path-patching --checkpoint {one}", "the checkpoint has no vector at layer 1"),
+    # the base cannot be found
+    "logit-lens recorded base missing": ("logit-lens --checkpoint {no_base}", "cannot read its config"),
+    "logit-lens --model missing": ("logit-lens --checkpoint {ck} --model {empty}/nope", "cannot read its config"),
+    # corrupt checkpoints, checked against the base's config.json
+    "diffsae wrong hidden size": ("diffsae --checkpoint {hidden} --layer 2", "hidden size [48]"),
+    "diffsae truncated": ("diffsae --checkpoint {truncated} --layer 2", "truncated or tampered"),
+    "diffsae --steer-layers without a vector": (
+        "diffsae --checkpoint {one} --layer 2 --steer-layers 1", "--steer-layers 1: the checkpoint has no vector"),
+    "attribution wrong hidden size": (
+        "attribution --vectors {hidden} --label x --traces {traces} --model {base}", "hidden size [48]"),
+    "attribution --coef nan": ("attribution --vectors {one} --traces {traces} --coef nan", "--coef nan"),
+    "attribution --embed-threshold": (
+        "attribution --vectors {one} --traces {traces} --embed-threshold 2", "--embed-threshold must be in [0, 1]"),
+    "attribution --max-length 0": ("attribution --vectors {one} --traces {traces} --max-length 0",
+                                   "--max-length must be >= 1"),
+    "attribution spans clipped away": ("attribution --vectors {one} --traces {traces} --max-length 2",
+                                       "no span labelled 'x' keeps a position inside its trace"),
+    "behavior --coefs nan": ("behavior --vectors {one} --layer 0 --coefs 1 nan", "give one or more finite"),
+    "behavior --gen-batch-size 0": ("behavior --vectors {one} --layer 0 --gen-batch-size 0",
+                                    "--gen-batch-size must be >= 1"),
+    "diffmean --gen-batch-size 0": ("diffmean --generate 2 --model {base} --gen-batch-size 0",
+                                    "--gen-batch-size must be >= 1"),
+    "diffmean --max-length 0": ("diffmean --traces {traces} --model {base} --max-length 0",
+                                "--max-length must be >= 1"),
+    "token-scaling --k 0": ("token-scaling --checkpoint {ck} --k 0", "--k must be >= 1"),
+    "layer-ablation collect --all-layers corrupt": (
+        "layer-ablation collect --runs {runs} --all-layers {nan}", "NaN or Inf"),
+    "transfer truncated donor": ("transfer --donors {ck} {truncated}", "truncated or tampered"),
+    "transfer --self-trained nan": ("transfer --donors {ck} --self-trained {base}={nan}", "NaN or Inf"),
+    # rows of evaluate: the kind is explicit
+    "evaluate steering checkpoint without steering.json": (
+        "evaluate --checkpoint {no_meta}", "peft_type 'BEFT' and there is no steering.json"),
+    "evaluate folder of no kind": ("evaluate --checkpoint {empty}", "not a checkpoint; expected a steering"),
+}
+NO_BENCH = {"attribution", "behavior", "diffmean"}  # commands without --benchmarks / --no-progress
+
+
+def _argv(line: str, world, out) -> list[str]:
+    argv = [word.format(**world) for word in line.split()] + ["--out", str(out)]
+    return argv + ([] if argv[0] in NO_BENCH else BENCH)
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"python -m analysis {command}: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_refused_before_any_weights_load_or_out_is_made(case, world, loads, tmp_path, capsys):
+    line, words = CASES[case]
+    out = tmp_path / "out"
+    argv = _argv(line, world, out)
+    assert main(argv) == 2, argv
+    err = _one_error_line(capsys, argv[0])
+    assert words in err, err
+    assert loads == [] and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["logit-lens --layers out of range", "evaluate folder of no kind",
+                                  "diffsae wrong hidden size"])
+def test_an_existing_out_is_left_byte_identical(case, world, loads, tmp_path, capsys):
+    line, words = CASES[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.json").write_text('{"earlier": true}\n')
+    argv = _argv(line, world, out)
+    assert main(argv) == 2
+    assert words in _one_error_line(capsys, argv[0])
+    assert loads == [] and sorted(p.name for p in out.iterdir()) == ["result.json"]
+    assert (out / "result.json").read_bytes() == b'{"earlier": true}\n'
+
+
+def test_grader_report_refuses_a_bad_timeout_before_grading(capsys):
+    assert main(["grader-report", "--timeout", "nan"]) == 2
+    assert "--timeout must be a finite number > 0" in _one_error_line(capsys, "grader-report")
+
+
+@pytest.mark.parametrize("tamper", [True, False])
+def test_a_lora_row_with_checksums_is_verified_before_weights_load(tamper, world, loads, tmp_path, capsys):
+    """A LoRA training checkpoint's checksums.json is checked; an intact one passes every check, and the first thing
+    after the checks is loading the row's weights (the spy)."""
+    lora = lora_with_manifest(tmp_path, world["base"], tamper=tamper)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--checkpoint", f"lora={lora}", "--out", str(out), *BENCH]
+    if tamper:
+        assert main(argv) == 2
+        assert "adapter_model.safetensors does not match its checksum" in _one_error_line(capsys, "evaluate")
+        assert loads == [] and not out.exists()
+    else:
+        with pytest.raises(AssertionError, match="weights loaded"):
+            main(argv)
+        assert loads == ["AutoModelForCausalLM.from_pretrained"]
+
+
+def test_an_adapter_config_of_another_peft_type_is_no_lora_row(world, loads, tmp_path, capsys):
+    d = tmp_path / "prefix"
+    d.mkdir()
+    (d / sv.ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "PREFIX_TUNING",
+                                                        "base_model_name_or_path": world["base"]}))
+    (d / "config.json").write_text("{}")
+    assert main(["evaluate", "--checkpoint", str(d), "--out", str(tmp_path / "out"), *BENCH]) == 2
+    err = _one_error_line(capsys, "evaluate")
+    assert "peft_type 'PREFIX_TUNING'" in err and "expected a steering checkpoint" in err, err
+    assert loads == []
+
+
+@pytest.mark.parametrize("command", ["logit-lens", "persistence", "first-token", "unembed-similarity"])
+def test_good_layers_pass_every_check_and_the_base_is_what_loads_next(command, world, loads, tmp_path, capsys):
+    """The early checks accept what the commands accept: valid --layers get as far as loading the base."""
+    with pytest.raises(AssertionError, match="weights loaded"):
+        main([command, "--checkpoint", world["ck"], "--layers", "0,-1", "--out", str(tmp_path / "out"), *BENCH])
+    assert loads == ["analysis.cli.load_steerable"]
