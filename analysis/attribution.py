@@ -470,7 +470,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--traces {args.traces}: no span is labelled {label!r} "
                          f"(labels present: {sorted(dm.trace_labels(traces))})")
     model_id = cli.base_model_id(args.model, ckpt)
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[ckpt, args.traces])
     vectors = cli.checkpoint_vectors(ckpt)
     model, tokenizer = cli.load_plain(model_id, args, attn="eager")
     cli.check_vectors_fit(vectors, model, f"--vectors {ckpt}")

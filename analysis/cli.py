@@ -437,7 +437,7 @@ def load_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, plain:
         raise UsageError(str(e)) from None
     check_vectors_fit(vectors, model_config(base_id), f"checkpoint {str(args.checkpoint)!r}")
     benches = load_benchmarks(benchmark_specs(args), args) if benchmarks else None
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[args.checkpoint])
     model, tokenizer = (load_plain if plain else load_steerable)(base_id, args)
     return LoadedCheckpoint(base_id, benches, out, model, tokenizer, vectors)
 
