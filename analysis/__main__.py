@@ -11,6 +11,7 @@ import pkgutil
 import sys
 
 import analysis
+from analysis import output
 from analysis.cli import UsageError
 
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"python -m analysis {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:  # however the command ended (an error, a bug, Ctrl-C): an output it did not complete never replaces OUT
+        output.discard_unfinished()
 
 
 if __name__ == "__main__":

@@ -484,7 +484,7 @@ def main(args: argparse.Namespace) -> int:
                          max_examples=1):
         raise UsageError(f"--traces {args.traces}: no span labelled {label!r} keeps a position inside its trace "
                          f"(clipped at the trace start{' or by --max-length' if args.max_length else ''})")
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[ckpt, args.traces])
     model, tokenizer = cli.load_plain(model_id, args, attn="eager")
     result = run_attribution(model, tokenizer, traces, vectors, label=label, spec=spec, coef=args.coef,
                              estimates=args.estimates, select=args.select, embed_threshold=args.embed_threshold,

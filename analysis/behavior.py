@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     except sv.CheckpointError as e:
         raise UsageError(str(e)) from None
     annotator = cli.make_annotator_arg(args)
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[ckpt, args.attribution])
 
     # ---- one steered model; c scales its vector in place (c = 0: exactly the base)
     base, tokenizer = cli.load_plain(model_id, args)

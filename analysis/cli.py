@@ -9,10 +9,9 @@
 - **Checkpoint-command arguments** (:func:`add_args` / :func:`check_args`: ``--checkpoint``, ``--model``, ``--out``,
   ``--benchmarks`` + the evaluation arguments), and :func:`open_checkpoint`, which loads what they name.
 - **Trace-command arguments** (``diffmean``, ``attribution``, ``behavior``): positions, annotator, generation.
-- **Model loading**: the base with a zero steering vector on every layer (:func:`load_steerable`, so that any set of
-  vectors is applied as real BEFT parameters by ``analysis._common.use_vectors``), the plain base
-  (:func:`load_plain`) and a checkpoint's vectors (:func:`checkpoint_vectors`); a results table's rows load in
-  ``analysis.table``.
+- **Model loading**: the base with a zero steering vector on every layer (:func:`load_steerable`, so any vectors apply
+  as real BEFT parameters: ``analysis._common.use_vectors``), the plain base (:func:`load_plain`), a checkpoint's
+  vectors (:func:`checkpoint_vectors`); a results table's rows load in ``analysis.table``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from steering import vectors as sv
-
 
 
 class UsageError(Exception):
@@ -450,14 +448,16 @@ def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, layers
 
 
 def load_checkpoint(args: argparse.Namespace, checked: CheckedCheckpoint | None = None, *, benchmarks: bool = True,
-                    plain: bool = False, layers: str | None = None) -> LoadedCheckpoint:
+                    plain: bool = False, layers: str | None = None,
+                    inputs: Sequence[str | os.PathLike] = ()) -> LoadedCheckpoint:
     """:func:`check_checkpoint` (unless given its result ``checked``), then load the benchmarks (unless not
-    ``benchmarks``), make ``--out``, load the base (steerable: zero vectors on every layer; ``plain``: for hooks)."""
+    ``benchmarks``), make ``--out`` (which must not hold the checkpoint or the other ``inputs``), load the base
+    (steerable: zero vectors on every layer; ``plain``: for hooks)."""
     from analysis import output
 
     checked = checked or check_checkpoint(args, layers=layers)
     benches = load_benchmarks(benchmark_specs(args), args) if benchmarks else None
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[args.checkpoint, *inputs])
     model, tokenizer = (load_plain if plain else load_steerable)(checked.base_id, args)
     return LoadedCheckpoint(checked.base_id, benches, out, model, tokenizer, checked.vectors, checked.layers)
 

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         if not scores_a:
             raise UsageError(f"{a} and {b} share no problem (benchmarks {sorted(shared) or 'none in common'})")
         inputs.append((a, b, scores_a, scores_b, shared))
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[r["path"] for r in runs])
     differences = [_difference(a, b, sa, sb, shared, args) for a, b, sa, sb, shared in inputs]
     result = {"inputs": [{"name": r["name"], "path": r["path"],
                           "rows": [row["label"] for row in r["results"]["rows"]]} for r in runs],

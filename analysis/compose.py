@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     # The singles and --layers against the base's config.json: refused before --out is made or any weights load.
     checked = cli.check_checkpoint(args)
     singles = checked_singles(args, singles_paths, checked)
-    o = cli.load_checkpoint(args, checked)
+    o = cli.load_checkpoint(args, checked, inputs=singles_paths or ())
     model, tokenizer, benches, all_vectors = o.model, o.tokenizer, o.benches, o.vectors
     layers = sorted(singles)
     pairs = list(itertools.combinations(layers, 2))

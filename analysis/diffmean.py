@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         traces = read_labelled_traces(args.traces, args.label)
     else:
         cli.check_generation_args(args, args.generate)
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[args.traces])
     model = tokenizer = None
     if traces is None:
         traces, annotator, (model, tokenizer) = generate_traces(args, out, keep_model=act_id == args.model)
@@ -155,8 +155,9 @@ def generate_traces(args: argparse.Namespace, out: Path, *, keep_model: bool
                              [{"question": r["question"], "answer": r["answer"]} for r in rows])
     dm.write_traces(out / "traces.jsonl", traces)
     if not dm.trace_labels(traces):
+        # The command fails, so --out stays as it was; the traces (costly to generate) stay in the staging dir.
         raise UsageError(f"the {args.annotator} annotator labelled no span in the {len(traces)} generated traces "
-                         f"(see {out / 'traces.jsonl'})")
+                         f"(see {output.keep(out) / 'traces.jsonl'}; the next run into --out removes it)")
     return traces, annotator, kept
 
 

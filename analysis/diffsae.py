@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     base_id = cli.base_model_id(args.model, args.checkpoint)
     problems = load_problems(args)
     run_settings = settings_of(args, plan)
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[args.checkpoint])
     model, tokenizer = cli.load_steerable(base_id, args)
     vectors = plan.vectors
     seqs, correct = sample_and_grade(model, tokenizer, vectors, problems, args)

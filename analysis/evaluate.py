@@ -114,7 +114,8 @@ def evaluate_rows(rows: list[RowSpec], benches: list[Any], args: argparse.Namesp
             gc.collect()
             _empty_cuda_cache()
             add_relative(results["rows"])
-            if out is not None:  # partial results after every row: a long run that dies keeps what it has
+            if out is not None:  # partial results after every row: a run killed outright leaves them in its
+                # staging directory (analysis.output) until the next run into the same --out
                 output.write_json(out / "results.json", results)
     finally:
         bar.close()
@@ -226,9 +227,10 @@ def run(args: argparse.Namespace) -> int:
     check_loadable(rows)
     if args.backend == "vllm":
         check_vllm_rows(rows, args.device)
-    out = output.prepare_out(args.out)
-    results = evaluate_rows(rows, benches, args, template, out, pairs=pairs, resamples=args.resamples,
+    staging = output.prepare_out(args.out, inputs=[r.path for r in rows])
+    results = evaluate_rows(rows, benches, args, template, staging, pairs=pairs, resamples=args.resamples,
                             stats_seed=args.stats_seed)
+    out = output.complete(staging)
     print(results["table"])
     plot = f", {out / 'differences.png'}" if results["differences"] else ""
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}{plot}")

@@ -112,8 +112,9 @@ def run_make(args: argparse.Namespace) -> int:
     lrs = _override_rates(schedule(num_layers, anchors), args.lr, num_layers)
     layers = cli.parse_layers(args.layers, num_layers) if args.layers else list(range(num_layers))
 
-    out = output.prepare_out(args.out)
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path(base_cfg.get("output_dir", "runs/layer-ablation"))
+    # The training runs must not live in OUT: a later make into the same --out replaces OUT as a whole.
+    out = output.prepare_out(args.out, inputs=[runs_dir])
     run_name = base_cfg.get("run_name") or Path(str(model)).name
     runs = _write_configs(out, base_cfg, layers, lrs, num_layers, runs_dir, run_name, sched_name)
     launch_prefix = ["accelerate", "launch"] + (["--config_file", args.accelerate_config]
@@ -239,7 +240,8 @@ def _write_configs(out: Path, recipe: dict[str, Any], layers: list[int], lrs: li
         header = (f"# Single-layer steering run: only layer {layer} of {num_layers} is trained, at its own learning "
                   f"rate.\n# Written by `python -m analysis layer-ablation make` ({sched_name} schedule).\n")
         path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
-        runs.append({"layer": layer, "learning_rate": lrs[layer], "config": str(path), "output_dir": cfg["output_dir"]})
+        runs.append({"layer": layer, "learning_rate": lrs[layer], "config": str(output.final(path)),
+                     "output_dir": cfg["output_dir"]})
     return runs
 
 
@@ -325,7 +327,7 @@ def run_collect(args: argparse.Namespace) -> int:
     base_id = cli.base_model_id(args.model or manifest.get("model"), refs[0] if refs else None)
     benches = cli.load_benchmarks(cli.benchmark_specs(args, refs), args)
     all_vectors, run_vectors = _collect_vectors(found, args.all_layers, cli.model_config(base_id))
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[runs_file, args.all_layers, *cks])
     model, tokenizer = cli.load_steerable(base_id, args)
     tmpl = cli.template(args, refs)
     temps = [("T=0", True)] + ([(f"T={args.temperature:g}", False)] if args.temperature > 0 else [])

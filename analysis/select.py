@@ -12,7 +12,9 @@ to the test-best one, so the gap is visible::
 Validation accuracy comes from the run's metrics file (the config's ``metrics_file``, which the run records in
 ``RUN/run.json``; or ``--metrics``): lines with ``eval_accuracy`` at a ``step`` (the key is ``--val-key``), matched to
 the ``RUN/checkpoint-<step>/`` directories; or from evaluating every checkpoint on ``--val``. Ties go to the earliest
-step. Writes ``OUT/select.json`` (``OUT`` defaults to ``RUN``) and prints::
+step. Writes ``OUT/select.json`` (``OUT`` defaults to ``RUN``), with ``--val`` / ``--benchmarks`` the evaluations under
+``OUT/select-val/`` / ``OUT/select-test/``; these three are all it replaces in ``OUT`` (the new ones only once the
+command is done; an earlier run's that this one does not write are removed). It prints::
 
     validation-selected: checkpoint-X (val a, test b); test-best (as the reference code picks, optimistic): checkpoint-Y (test c)
 """
@@ -30,6 +32,8 @@ from typing import Any
 from analysis import cli, output, settings, table
 from analysis.cli import UsageError
 from steering.vectors import CheckpointError
+
+ENTRIES = ("select.json", "select-val", "select-test")  # what select writes into OUT; nothing else there is its
 
 
 def find_checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -141,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     rows, template = [], None
     if val_benches is not None or test_benches is not None:
         rows, template = _candidate_rows(candidates, paths, args.model, args.template)
-    out = output.prepare_out(args.out or run_dir)
+    # Only select's own entries of OUT are replaced: OUT defaults to the run directory, whose checkpoints it holds.
+    out = output.prepare_entries(args.out or run_dir, ENTRIES, inputs=[args.test_results, args.metrics])
 
     # ---- evaluate what needs evaluating
     if val_benches is not None:
@@ -171,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
                 "code does) and is optimistic.",
     })
     print(_summary_line(selected, test_best, val_scores, test_scores if test_source is not None else None))
-    print(f"wrote {out / 'select.json'}")
+    print(f"wrote {output.complete(out) / 'select.json'}")
     return 0
 
 
@@ -253,10 +258,11 @@ def _evaluated_scores(rows: list[table.RowSpec], benches: list[Any], args: argpa
     """``({checkpoint: Avg accuracy}, source)``: every candidate evaluated on ``benches``, results under ``out``."""
     from analysis.evaluate import evaluate_rows
 
-    res = evaluate_rows(rows, benches, args, template, output.prepare_out(out))
+    out.mkdir()  # in select's staging directory, which is new
+    res = evaluate_rows(rows, benches, args, template, out)
     return ({r["label"]: r["avg"]["mean"] for r in res["rows"]},
             {"kind": "evaluated", "benchmarks": [b["name"] for b in res["benchmarks"]],
-             "results": str((out / "results.json").resolve())})
+             "results": str(output.final(out / "results.json").resolve())})
 
 
 def _read_test_scores(results: dict[str, Any], path: str,

@@ -129,6 +129,6 @@ def main(args: argparse.Namespace) -> int:
         named[name] = cli.checkpoint_vectors(path)
     result = similarity(named, args.layer)
     result["paths"] = {n: str(p) for n, p in items}
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[p for _, p in items])
     result["plot"] = str(plot(result, out / "similarity.png"))
     return output.finish(out, result)

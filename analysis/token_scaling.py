@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     check_gated_checkpoint_args(args)
     base_id = cli.base_model_id(args.model, args.checkpoint)
     benches = cli.load_benchmarks(cli.benchmark_specs(args), args)
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=[args.checkpoint])
     model, tokenizer = load_gated_model(args.checkpoint, base_id, args)
     vectors = sv.get_vectors(model)
     gates = ts.gates(model)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     incompatible = _check_shapes(donors, donor_meta, recipients, self_trained, shapes, args.skip_incompatible)
     bad = {(x["donor"], x["recipient"]) for x in incompatible}
     benches = cli.load_benchmarks(cli.benchmark_specs(args, donors), args)
-    out = output.prepare_out(args.out)
+    out = output.prepare_out(args.out, inputs=donors)
 
     # ---- evaluate every donor on every recipient
     acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]

@@ -87,6 +87,16 @@ def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Put the filled directory ``tmp`` in the place of ``final`` (same filesystem): its files are fsynced, an
+    existing ``final`` is renamed aside to ``.NAME.old-PID``, ``tmp`` is renamed to ``final``, then the old one is
+    removed. Two renames, not one: rename(2) cannot replace a non-empty directory, and the exchange that could
+    (renameat2 RENAME_EXCHANGE) is Linux-only and not in Python's os. A crash between them leaves ``final`` absent and
+    both complete versions under their hidden names, never a half-written ``final``."""
+    tmp, final = Path(tmp), Path(final)
     for f in tmp.rglob("*"):
         if f.is_file():
             fsync_file(f)
@@ -101,3 +111,4 @@ def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
+    return final
