@@ -324,14 +324,20 @@ def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     return trainer
 
 
+def stop_reason(e: Exception) -> str:
+    """What an exit code 3 says, before the exception's own message."""
+    from train.trainer import TrainingDiverged
+
+    return "training diverged" if isinstance(e, TrainingDiverged) else "vLLM is not serving the trained model"
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m train``: 0 done; 2 bad configuration, data or checkpoint (one line on stderr, before any weights
-    load); 3 training diverged, or the vLLM engine stopped serving the trained vectors (the last good checkpoint is
-    intact)."""
-    from steering import vectors as sv
-    from steering.templates import TemplateError
+    """``python -m train``: 0 done; 2 bad input (one line on stderr): a bad configuration, data, template or checkpoint
+    (before any weights load), or any of ``steering.errors.INPUT_ERRORS`` raised later; 3 training diverged, or the vLLM
+    engine stopped serving the trained vectors (the last good checkpoint is intact). Anything else is a traceback
+    (exit 1)."""
+    from steering.errors import INPUT_ERRORS
     from train import checkpointing as ckpt_io
-    from steering.problems import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -340,20 +346,22 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         inputs = prepare_inputs(config)
-    except (ConfigError, TemplateError, DataError, sv.SteeringError) as e:
+    except (ConfigError, *INPUT_ERRORS) as e:
         print(f"python -m train: error: {e}", file=sys.stderr)
         return 2
     # Imported only now: the trainer pulls in TRL's integrations (W&B, …), whose import-time warnings must not get
     # between a bad configuration and its one-line error.
     from train.trainer import TrainingDiverged, VLLMMismatch
 
+    newline = "" if config.disable_tqdm else "\n"  # a progress bar may be left mid-line
     try:
         main(config, inputs)
+    except (ConfigError, *INPUT_ERRORS) as e:
+        print(f"{newline}python -m train: error: {e}", file=sys.stderr)
+        return 2
     except (TrainingDiverged, VLLMMismatch) as e:
         latest = ckpt_io.read_latest(Path(config.output_dir))
-        newline = "" if config.disable_tqdm else "\n"  # the progress bar was left mid-line
-        what = "training diverged" if isinstance(e, TrainingDiverged) else "vLLM is not serving the trained model"
-        print(f"{newline}python -m train: error: {what}: {e}; last good checkpoint: {latest or 'none'}",
+        print(f"{newline}python -m train: error: {stop_reason(e)}: {e}; last good checkpoint: {latest or 'none'}",
               file=sys.stderr)
         return 3
     return 0
