@@ -1,5 +1,8 @@
 """``python -m analysis <command> …``: every module in this package that defines ``register(subparsers)`` is a command.
 
+Exit codes: 0 done; 2 bad input, one line on stderr (a usage error, or any of ``steering.errors.INPUT_ERRORS``);
+1 with a traceback for anything unexpected (a bug stays visible).
+
 Each command lives in one file and registers its own sub-parser; this entry point only collects them.
 """
 
@@ -13,6 +16,7 @@ import sys
 import analysis
 from analysis import output
 from analysis.cli import UsageError
+from steering.errors import INPUT_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
+    except (UsageError, *INPUT_ERRORS) as e:  # bad input: one line; anything else stays a traceback (exit 1)
         print(f"python -m analysis {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:  # however the command ended (an error, a bug, Ctrl-C): an output it did not complete never replaces OUT

@@ -40,7 +40,9 @@ class RunInputs:
 
 def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     """Everything that can be checked without loading weights: the base model's config (family, layer indices),
-    ``init_from`` and ``probe_vectors`` vectors, the template, the data, the checkpoint to resume from. Raises one-line errors."""
+    ``init_from`` and ``probe_vectors`` vectors, the template, the data, the checkpoint to resume from, and the guards
+    of ``output_dir`` (another run's checkpoints, a run stopped with exit code 3). Reads only: nothing is written to
+    ``output_dir`` (``python -m train --check`` is this function). Raises one-line errors."""
     from transformers import AutoConfig
 
     from steering import vectors as sv
@@ -102,6 +104,7 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
         raise ConfigError(f"probe_steps: no validation problems to draw the probe batch from (val_dataset "
                           f"{c.val_dataset!r} has none that are not also training problems); give other validation "
                           "data or set probe_steps: 0")
+    ckpt_io.check_not_stopped(c.output_dir, overwrite=c.overwrite_output_dir)
     resume = ckpt_io.resolve_resume(c.resume_from_checkpoint, c.output_dir)
     if resume is None and not c.overwrite_output_dir and ckpt_io.holds_a_run(c.output_dir):
         # Never start a second run on top of another's checkpoints: a later `resume latest` would mix the two.
@@ -294,20 +297,28 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
 def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     """Train: check the inputs (unless given), build the model and the trainer, train (or resume), write ``final/``,
     the training curves and the held-out accuracy line. Returns the trainer."""
+    from train import checkpointing as ckpt_io
     from train.checkpointing import final_dir
     from train.plots import plot_probes, plot_training_curves
-    from train.trainer import RunAlreadyFinished, write_metrics_line
+    from train.trainer import RunAlreadyFinished, TrainingDiverged, VLLMMismatch, write_metrics_line
 
     trainer = build_trainer(config, inputs)
     validation = trainer.validation
-    try:
-        trainer.train(resume_from_checkpoint=trainer.resume_from)
-    except RunAlreadyFinished as e:
-        # The checkpoint is loaded and nothing is left to train: validate and write final/ as a finished run would.
-        logger.info("%s; nothing to train", e)
-        validation.validate(trainer.state)
     out = Path(config.output_dir)
-    trainer.save_model(str(final_dir(out)))
+    try:
+        try:
+            trainer.train(resume_from_checkpoint=trainer.resume_from)
+        except RunAlreadyFinished as e:
+            # The checkpoint is loaded and nothing is left to train: validate and write final/ as a finished run would.
+            logger.info("%s; nothing to train", e)
+            validation.validate(trainer.state)
+        trainer.save_model(str(final_dir(out)))
+    except (TrainingDiverged, VLLMMismatch) as e:
+        # A resume would replay the same steps and stop the same way: the marker makes the next start refuse (exit 2).
+        if trainer.is_world_process_zero():
+            ckpt_io.write_stopped(out, error=f"{stop_reason(e)}: {e}", step=trainer.state.global_step,
+                                  last_good=ckpt_io.read_latest(out))
+        raise
     trainer.create_model_card()  # the run directory's card, with the final validation
     if trainer.is_world_process_zero():
         base_acc, final_acc = validation.base_accuracy, (validation.history[-1][1] if validation.history else None)
@@ -324,36 +335,50 @@ def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
     return trainer
 
 
+def stop_reason(e: Exception) -> str:
+    """What an exit code 3 says, before the exception's own message."""
+    from train.trainer import TrainingDiverged
+
+    return "training diverged" if isinstance(e, TrainingDiverged) else "vLLM is not serving the trained model"
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m train``: 0 done; 2 bad configuration, data or checkpoint (one line on stderr, before any weights
-    load); 3 training diverged, or the vLLM engine stopped serving the trained vectors (the last good checkpoint is
-    intact)."""
-    from steering import vectors as sv
-    from steering.templates import TemplateError
+    """``python -m train``: 0 done; 2 bad input (one line on stderr): a bad configuration, data, template or checkpoint
+    (before any weights load), or any of ``steering.errors.INPUT_ERRORS`` raised later; 3 training diverged, or the vLLM
+    engine stopped serving the trained vectors (the last good checkpoint is intact, and ``stopped.json`` refuses a
+    resume). Anything else is a traceback (exit 1). ``--check`` stops after the checks: 0 if the run would start."""
+    from steering.errors import INPUT_ERRORS
     from train import checkpointing as ckpt_io
-    from steering.problems import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         make_parser().print_help()
+        print("\n--check: check the configuration, data, templates, init_from and the checkpoint to resume from, "
+              "then exit (0: the run would start) without loading weights or writing anything")
         return 0
+    check = "--check" in argv
+    argv = [a for a in argv if a != "--check"]
     try:
         config = parse_config(argv)
         inputs = prepare_inputs(config)
-    except (ConfigError, TemplateError, DataError, sv.SteeringError) as e:
+    except (ConfigError, *INPUT_ERRORS) as e:
         print(f"python -m train: error: {e}", file=sys.stderr)
         return 2
+    if check:
+        return 0
     # Imported only now: the trainer pulls in TRL's integrations (W&B, …), whose import-time warnings must not get
     # between a bad configuration and its one-line error.
     from train.trainer import TrainingDiverged, VLLMMismatch
 
+    newline = "" if config.disable_tqdm else "\n"  # a progress bar may be left mid-line
     try:
         main(config, inputs)
+    except (ConfigError, *INPUT_ERRORS) as e:
+        print(f"{newline}python -m train: error: {e}", file=sys.stderr)
+        return 2
     except (TrainingDiverged, VLLMMismatch) as e:
         latest = ckpt_io.read_latest(Path(config.output_dir))
-        newline = "" if config.disable_tqdm else "\n"  # the progress bar was left mid-line
-        what = "training diverged" if isinstance(e, TrainingDiverged) else "vLLM is not serving the trained model"
-        print(f"{newline}python -m train: error: {what}: {e}; last good checkpoint: {latest or 'none'}",
+        print(f"{newline}python -m train: error: {stop_reason(e)}: {e}; last good checkpoint: {latest or 'none'}",
               file=sys.stderr)
         return 3
     return 0

@@ -14,6 +14,10 @@ A run directory looks like::
       run.json              {"metrics_file": ...}: written when training starts, so that readers find the metrics
       metrics.jsonl         one JSON object per logged step (the name is the config's ``metrics_file``)
       README.md             the model card (``train/model_card.py``), in the run directory and in each model directory
+      stopped.json          {"exit_code": 3, "error": ..., "step": N, "last_good_checkpoint": ...}: written (rank 0)
+                            when the run stopped with exit code 3 (diverged, or vLLM not serving the trained model).
+                            A resume would replay the same steps, so while it is there a resume or a new run in this
+                            directory is refused (exit 2); ``--overwrite_output_dir true`` removes it with the run
 
 This module owns these names: code elsewhere asks it for a run's paths (:func:`final_dir`, :func:`checkpoint_dir`,
 :func:`metrics_path`) and reads the metrics through :func:`read_metrics`.
@@ -42,6 +46,7 @@ from steering.vectors import CheckpointError
 LATEST = "latest"
 FINAL = "final"
 RUN_RECORD = "run.json"
+STOPPED = "stopped.json"
 CARD = "README.md"
 MANIFEST = "checksums.json"
 TRAINER_STATE = "trainer_state.json"
@@ -192,11 +197,38 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, metrics_file
         if overwrite or not is_complete(d):
             shutil.rmtree(d)
     if overwrite:
-        for name in (LATEST, metrics_file):
+        for name in (LATEST, STOPPED, metrics_file):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(final_dir(run_dir), ignore_errors=True)
     write_run_record(run_dir, metrics_file=metrics_file)
     fsync_dir(run_dir)
+
+
+def write_stopped(run_dir: str | os.PathLike, *, error: str, step: int, last_good: Path | None) -> None:
+    """``stopped.json`` (rank 0, atomically): the run stopped with exit code 3 after ``step`` steps, for ``error``;
+    ``last_good`` is the checkpoint ``latest`` names (None: none was saved)."""
+    write_json_atomic(Path(run_dir) / STOPPED, {"exit_code": 3, "error": error, "step": step,
+                                                "last_good_checkpoint": str(last_good) if last_good else None})
+
+
+def check_not_stopped(run_dir: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse (``CheckpointError``, exit 2) to resume or start a run in a directory whose run stopped with exit code 3:
+    a resume replays the same steps (same data, random numbers and learning rate) and would stop the same way, so a
+    restart loop would go round forever. ``overwrite`` (a new run that deletes this one) is allowed."""
+    marker = Path(run_dir) / STOPPED
+    if overwrite or not marker.exists():
+        return
+    data = _read_json(marker)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{marker} must hold a JSON object; delete it, or start over with --overwrite_output_dir "
+                              "true")
+    last_good = data.get("last_good_checkpoint")
+    lower = "with a lower learning_rate or max_grad_norm"
+    restart = (f"start a new run in another output_dir from its last good vectors (--init_from {last_good}) {lower}"
+               if last_good else f"start a new run {lower}")
+    raise CheckpointError(f"output_dir: {run_dir} holds a run that stopped with exit code {data.get('exit_code')} "
+                          f"({data.get('error')}), which a resume would repeat; {restart}, or start over here with "
+                          f"--overwrite_output_dir true (or, once the cause is fixed, delete {marker} and resume)")
 
 
 def write_run_record(run_dir: str | os.PathLike, *, metrics_file: str) -> None:
