@@ -2,7 +2,7 @@
 
 A case is a command line (``prog`` "train" for ``python -m train``, else ``python -m analysis``) whose tokens may name
 placeholders, filled in per case: ``{base}`` a tiny Qwen2 base (3 layers, hidden size 32), ``{wide}`` a base of another
-shape (hidden size 48), ``{ck}`` a good steering checkpoint of ``{base}``, ``{run}`` an earlier run directory
+shape (hidden size 48), ``{ck}`` a good steering checkpoint of ``{base}`` (``{tsck}``: one with token gates), ``{run}`` an earlier run directory
 (``checkpoint-1/`` complete, ``latest``, ``final/``, metrics), ``{evaldir}`` an earlier evaluation directory,
 ``{export}`` an earlier exported ``.gguf`` file, ``{file}`` a plain file, ``{data}`` a good JSONL dataset,
 ``{traces}`` a good traces file, ``{tmp}`` the case's own directory, ``{new}`` an output path that does not exist;

@@ -219,3 +219,19 @@ def test_every_command_is_in_the_corpus():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     asked = {c.prog for c in ALL}
     assert set(sub.choices) | {"train"} <= asked, sorted(set(sub.choices) - asked)
+
+
+def test_the_harness_sees_a_load_a_write_and_a_second_line(world, tmp_path, monkeypatch, capsys):
+    """The properties above can fail: a loader call, a file written and stray stderr are each seen."""
+    loads = Case("probe", "evaluate", ("evaluate", "--checkpoint", "{ck}", "--out", "{new}",
+                                       "--benchmarks", "procedural:arithmetic:2"), "a good command line")
+    (tmp_path / "a").mkdir()
+    got = run_case(loads, world, tmp_path / "a", monkeypatch, capsys)
+    assert got.rc is None and got.loads
+    writes = Case("probe", "export", ("export", "--checkpoint", "{ck}", "--to", "gguf", "--drop-layer-0", "--out",
+                                      "{tmp}/v.gguf"), "a good export")
+    (tmp_path / "b").mkdir()
+    got = run_case(writes, world, tmp_path / "b", monkeypatch, capsys)
+    assert got.rc == 0 and got.changed == [str(tmp_path / "b" / "v.gguf")]
+    assert error_lines("usage: x [-h]\n       [--y Y]\nx: error: bad\n") == ["x: error: bad"]
+    assert error_lines("a warning\nx: error: bad\n") == ["a warning", "x: error: bad"]
