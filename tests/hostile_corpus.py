@@ -2,14 +2,14 @@
 
 A case is a command line (``prog`` "train" for ``python -m train``, else ``python -m analysis``) whose tokens may name
 placeholders, filled in per case: ``{base}`` a tiny Qwen2 base (3 layers, hidden size 32), ``{wide}`` a base of another
-shape (hidden size 48), ``{ck}`` a good steering checkpoint of ``{base}`` (``{tsck}``: one with token gates), ``{run}`` an earlier run directory
-(``checkpoint-1/`` complete, ``latest``, ``final/``, metrics), ``{evaldir}`` an earlier evaluation directory,
-``{export}`` an earlier exported ``.gguf`` file, ``{file}`` a plain file, ``{data}`` a good JSONL dataset,
-``{traces}`` a good traces file, ``{tmp}`` the case's own directory, ``{new}`` an output path that does not exist;
-``setup(world, tmp, subs)`` may make more (``{bad}``: the broken artefact of the case, ``{cfg}``: a training config).
-Every case but the ``accept`` ones must end with exit code 2, one line on stderr, no weights loaded and nothing
-written. The checkpoint corruptions, training configs and resume markers are here; the analysis flags in
-``hostile_flags``.
+shape (hidden size 48), ``{ck}`` a good steering checkpoint of ``{base}`` (``{tsck}``: one with token gates),
+``{run}`` an earlier run directory (``checkpoint-1/`` complete, ``latest``, ``final/``, metrics), ``{evaldir}`` an
+earlier evaluation directory, ``{export}`` an earlier exported ``.gguf`` file, ``{file}`` a plain file, ``{data}`` a
+good JSONL dataset, ``{traces}`` a good traces file, ``{tmp}`` the case's own directory, ``{new}`` an output path that
+does not exist; ``setup(world, tmp, subs)`` may make more (``{bad}``: the broken artefact of the case, ``{cfg}``: a
+training config). Every case but the ``accept`` ones must end with exit code 2, one line on stderr, no weights loaded
+and nothing written. The checkpoint corruptions, training configs, resume markers and manifests are here; the analysis
+flags in ``hostile_flags``.
 """
 
 from __future__ import annotations
