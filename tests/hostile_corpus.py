@@ -188,7 +188,7 @@ ALL_KINDS_FOR = ("evaluate", "export-gguf", "logit-lens", "train-init-from")
 
 # Where a (command, corruption) differs from the rule (exit 2, the kind's message): accepted, another message, or a
 # strict xfail saying what is wrong today.
-LOADS_FIRST = "issue 25: {what} is read only after the base model loads"
+LOADS_FIRST = "issue 25: {what}: read only after the base model loads"
 EXCEPTIONS: dict[tuple[str, str], dict] = {
     ("evaluate", "no-steering-json"): dict(xfail="issue 25: evaluate takes a folder of weights without steering.json "
                                            "for a LoRA / full model and loads it (analysis/table.py row kinds)"),

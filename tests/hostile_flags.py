@@ -64,7 +64,7 @@ SHARED_XFAIL = {
 }
 
 
-LOADS_FIRST = "issue 25: {what} is checked only after the base model loads"
+LOADS_FIRST = "issue 25: {what}: checked only after the base model loads"
 SHARED_XFAIL.update({(cmd, name): LOADS_FIRST.format(what=f"{cmd} {flag}")
                      for cmd in ("token-scaling", "diffsae")
                      for name, flag in (("model-missing", "--model"), ("model-no-config", "--model"),
