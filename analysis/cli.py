@@ -34,23 +34,21 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Commands and their output
+# Commands (their output: analysis.output)
 
 
 def add_command(subparsers: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
                 description: str, *, help: str, **defaults: Any) -> argparse.ArgumentParser:
-    """The sub-parser of a command running ``func``, described by its module docstring (``description``, layout
-    kept); ``defaults`` are the command's own defaults of shared flags (``max_new_tokens=512``), which the shared
-    declarations read through :func:`default`."""
+    """The sub-parser of a command running ``func``, described by its module docstring (``description``); ``defaults``:
+    the command's own defaults of shared flags (``max_new_tokens=512``), read through :func:`default`."""
     p = subparsers.add_parser(name, help=help, description=description,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=func, **defaults)
     return p
 
 
-def add_checkpoint_command(subparsers: argparse._SubParsersAction, name: str,
-                           func: Callable[[argparse.Namespace], int], description: str, *, help: str,
-                           checkpoint: str = "required", forward_batch: bool = False,
+def add_checkpoint_command(subparsers: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+                           description: str, *, help: str, checkpoint: str = "required", forward_batch: bool = False,
                            **defaults: Any) -> argparse.ArgumentParser:
     """:func:`add_command` with the checkpoint-command arguments (:func:`add_args`)."""
     p = add_command(subparsers, name, func, description, help=help, **defaults)
@@ -358,8 +356,8 @@ def _checkpoint_arg(args: argparse.Namespace) -> str | None:
 
 
 def check_args(args: argparse.Namespace, checkpoints: Sequence[str | None] = (), *, benchmarks: bool = True) -> None:
-    """Every check that needs no model: numbers, the checkpoint directory, the benchmark specs (unless the command
-    will load no ``benchmarks``)."""
+    """Every check that needs no model: numbers, the checkpoint, the template, the benchmark specs (unless no
+    ``benchmarks``)."""
     from analysis import settings
     from steering.problems import DataError, check_spec, expand_specs
 
@@ -369,6 +367,8 @@ def check_args(args: argparse.Namespace, checkpoints: Sequence[str | None] = (),
         check_vllm_model(base_model_id(vars(args).get("model"), _checkpoint_arg(args)), args.device)
     if "forward_batch_size" in vars(args):
         check_positive(args, "forward_batch_size")
+    if "template" in vars(args):
+        template(args, checkpoints)  # a file: one without {question} is refused before any weights load
     if benchmarks:
         try:
             for spec in expand_specs(benchmark_specs(args, checkpoints)):
@@ -441,7 +441,8 @@ class LoadedCheckpoint:
         return sv.model_shape(self.model)[0]
 
 
-def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True, layers: str | None = None) -> LoadedCheckpoint:
+def open_checkpoint(args: argparse.Namespace, *, benchmarks: bool = True,
+                    layers: str | None = None) -> LoadedCheckpoint:
     """Check the arguments (:func:`check_args`), then :func:`load_checkpoint`."""
     check_args(args, benchmarks=benchmarks)
     return load_checkpoint(args, benchmarks=benchmarks, layers=layers)

@@ -174,6 +174,8 @@ def check_peft(args: argparse.Namespace, meta: dict[str, Any], vectors: dict[int
     if args.model:
         raise UsageError("--model applies to gguf and merged; the PEFT adapter records its base in "
                          f"{sv.ADAPTER_CONFIG_FILE}")
+    if meta.get("base_model"):  # the adapter loads on its recorded base only: the vectors must fit its config.json
+        _base_config(meta["base_model"], args.checkpoint, vectors)
     _check_out_dir(args.out)
     return {}
 

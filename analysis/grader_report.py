@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -27,9 +26,32 @@ from analysis.cli import UsageError
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "grader_corpus.jsonl"
 
 
+CASE_KEYS = {"id": str, "source": str, "shape": str, "answer_format": str, "completion": str, "gold": str,
+             "expected": bool, "options": dict}
+
+
 def load_corpus(path: str | Path = DEFAULT_CORPUS) -> list[dict]:
+    """The corpus's cases, each checked (a JSON object with every key of ``CASE_KEYS``, of its type): a bad line is
+    a usage error naming it, before any grading."""
+    cases = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                case = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--corpus {path}: line {number} is not JSON ({e.msg})") from None
+            if not isinstance(case, dict):
+                raise UsageError(f"--corpus {path}: line {number} is not a JSON object")
+            bad = [k for k, kind in CASE_KEYS.items() if not isinstance(case.get(k), kind)]
+            if bad or case["answer_format"] not in ("boxed", "answer_tag"):
+                raise UsageError(f"--corpus {path}: line {number} lacks or mistypes {bad or ['answer_format']} "
+                                 f"(each case needs {', '.join(CASE_KEYS)}; answer_format boxed or answer_tag)")
+            cases.append(case)
+    if not cases:
+        raise UsageError(f"--corpus {path}: no cases")
+    return cases
 
 
 def math_verify_text(case: dict) -> str:
@@ -103,8 +125,14 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not Path(args.corpus).is_file():
         raise UsageError(f"--corpus {args.corpus}: no such file")
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise UsageError(f"--timeout must be a finite number > 0, got {args.timeout}")
+    from steering.rewards import check_timeout
+
+    try:
+        check_timeout(args.timeout)  # the reward's own range: larger limits overflow the grading workers' timers
+    except ValueError as e:
+        raise UsageError(f"--timeout {e}") from None
+    if args.json and Path(args.json).is_dir():
+        raise UsageError(f"--json {args.json}: is a directory; give a file name")
     cases = load_corpus(args.corpus)
     reference = [math_verify_verdict(c) for c in cases]
     results, seconds = project_results(cases, args.timeout)

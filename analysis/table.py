@@ -500,7 +500,9 @@ def check_loadable(rows: Sequence[RowSpec]) -> None:
                 configs[name] = AutoConfig.from_pretrained(name)
             except Exception as e:  # OSError (missing / offline), ValueError (unknown model type), ...
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UsageError(f"cannot load the model config of {name!r} (row {row.label!r}): {msg[:300]}") from None
+                whose = "model" if row.kind == "full" else "base model: --model, or the one the checkpoint records"
+                raise UsageError(f"cannot load the config of {name!r} (row {row.label!r}'s {whose}): "
+                                 f"{msg[:300]}") from None
         if row.kind == "steering":
             try:
                 _, vectors = sv.read_checkpoint(row.path)

@@ -23,6 +23,7 @@ Every backend ends completions where the template says (``stops``: end tokens an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,8 +63,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if int(self.max_new_tokens) < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # written so that NaN fails too
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -483,6 +483,10 @@ def load_vectors(path: str | os.PathLike) -> dict[int, torch.Tensor]:
     if meta is not None and sorted(out) != sorted(meta["layers"]):
         raise CheckpointError(f"{str(file.parent)!r}: {META_FILE} lists layers {meta['layers']} but the safetensors "
                               f"file has {sorted(out)}")
+    widths = sorted({v.numel() for v in out.values()})
+    if meta is not None and widths != [meta["hidden_size"]]:
+        raise CheckpointError(f"{str(file.parent)!r}: {META_FILE} says hidden_size {meta['hidden_size']} but the "
+                              f"safetensors file holds vectors of width {widths}")
     return dict(sorted(out.items()))
 
 

@@ -51,26 +51,6 @@ SHARED_COMMANDS = ("evaluate", "logit-lens", "persistence", "first-token", "unem
                    "token-scaling", "diffsae", "compose")
 
 
-NAN_TEMPERATURE = ("issue 25: --temperature nan is accepted (settings.check compares with <; NaN passes) and the "
-                   "model loads")
-LAYERS_LATE = "issue 25: --layers is checked against the loaded model, after it loads (the config has the layer count)"
-TEMPLATE_LATE = "issue 25: --template is read only after the model loads"
-SHARED_XFAIL = {
-    **{(cmd, "temperature-nan"): NAN_TEMPERATURE for cmd in SHARED_COMMANDS},
-    **{(cmd, "template-no-question"): TEMPLATE_LATE for cmd in ("logit-lens", "persistence", "first-token",
-                                                                "unembed-similarity", "path-patching", "compose")},
-    ("evaluate", "model-config-not-json"): "issue 25: evaluate's error for a --model whose config.json is not JSON "
-                                           "does not name --model (analysis/table.py)",
-}
-
-
-LOADS_FIRST = "issue 25: {what}: checked only after the base model loads"
-SHARED_XFAIL.update({(cmd, name): LOADS_FIRST.format(what=f"{cmd} {flag}")
-                     for cmd in ("token-scaling", "diffsae")
-                     for name, flag in (("model-missing", "--model"), ("model-no-config", "--model"),
-                                        ("model-config-not-json", "--model"),
-                                        ("model-other-shape", "--model (the fit)"),
-                                        *([("template-no-question", "--template")] if cmd == "token-scaling" else []))})
 
 
 GGUF = ("export", "--checkpoint", "{ck}", "--to", "gguf", "--drop-layer-0")
@@ -83,7 +63,7 @@ def _shared_cases() -> list[Case]:
         extra = ("--layer", "1") if cmd == "diffsae" else ()
         for name, flags, why, message, setup in SHARED:
             argv = (*ck_cmd(cmd, *extra), *flags)  # argparse: a later flag wins
-            cases.append(A(name, argv, f"{why} ({cmd})", message, setup=setup, xfail=SHARED_XFAIL.get((cmd, name), "")))
+            cases.append(A(name, argv, f"{why} ({cmd})", message, setup=setup))
     return cases
 
 
@@ -147,25 +127,23 @@ OWN = [
       "nothing to export", "none"),
     # per-command numbers
     A("k-0", ck_cmd("logit-lens", "--k", "0"), "no tokens to show", "--k"),
-    A("layers-out-of-range", ck_cmd("logit-lens", "--layers", "7"), "layer 7 of 3", "--layers", xfail=LAYERS_LATE),
-    A("layers-garbage", ck_cmd("logit-lens", "--layers", "a-b"), "not layer indices", "--layers", xfail=LAYERS_LATE),
-    A("layers-empty", ck_cmd("logit-lens", "--layers", ","), "no layer", "--layers", xfail=LAYERS_LATE),
+    A("layers-out-of-range", ck_cmd("logit-lens", "--layers", "7"), "layer 7 of 3", "--layers"),
+    A("layers-garbage", ck_cmd("logit-lens", "--layers", "a-b"), "not layer indices", "--layers"),
+    A("layers-empty", ck_cmd("logit-lens", "--layers", ","), "no layer", "--layers"),
     A("forward-batch-0", ck_cmd("logit-lens", "--forward-batch-size", "0"), "no rows per pass",
       "--forward-batch-size"),
-    A("layers-out-of-range", ck_cmd("persistence", "--layers", "3"), "layer 3 of 3", "--layers", xfail=LAYERS_LATE),
+    A("layers-out-of-range", ck_cmd("persistence", "--layers", "3"), "layer 3 of 3", "--layers"),
     A("samples-per-problem-0", ck_cmd("persistence", "--samples-per-problem", "0"), "no samples",
       "--samples-per-problem"),
     A("k-0", ck_cmd("first-token", "--k", "0"), "no tokens", "--k"),
     A("max-positions-0", ck_cmd("first-token", "--max-positions", "0"), "no positions", "--max-positions"),
-    A("layers-out-of-range", ck_cmd("first-token", "--layers", "9"), "layer 9 of 3", "--layers", xfail=LAYERS_LATE),
+    A("layers-out-of-range", ck_cmd("first-token", "--layers", "9"), "layer 9 of 3", "--layers"),
     A("k-0", ck_cmd("unembed-similarity", "--k", "0"), "no tokens", "--k"),
     A("layer-out-of-range", ck_cmd("path-patching", "--layer", "5"), "layer 5 of 3", "--layer"),
     A("samples-per-problem-0", ck_cmd("path-patching", "--samples-per-problem", "0"), "no samples",
       "--samples-per-problem"),
-    A("examples-negative", ck_cmd("token-scaling", "--examples", "-1"), "negative examples", "--examples",
-      xfail=LOADS_FIRST.format(what="token-scaling --examples")),
-    A("k-0", ck_cmd("token-scaling", "--k", "0"), "no tokens", "--k",
-      xfail=LOADS_FIRST.format(what="token-scaling --k")),
+    A("examples-negative", ck_cmd("token-scaling", "--examples", "-1"), "negative examples", "--examples"),
+    A("k-0", ck_cmd("token-scaling", "--k", "0"), "no tokens", "--k"),
     A("not-token-scaling", ck_cmd("token-scaling", "--checkpoint", "{ck}"), "a plain checkpoint has no token gates",
       "token_gates"),
     A("layer-out-of-range", ck_cmd("diffsae", "--layer", "9"), "layer 9 of 3", "--layer"),
@@ -179,7 +157,7 @@ OWN = [
     A("steer-layers-out-of-range", ck_cmd("diffsae", "--layer", "1", "--steer-layers", "8"), "layer 8 of 3",
       "--steer-layers"),
     A("singles-missing", ck_cmd("compose", "--singles", "{tmp}/none"), "a single-layer run not there", "none"),
-    A("layers-out-of-range", ck_cmd("compose", "--layers", "6"), "layer 6 of 3", "--layers", xfail=LAYERS_LATE),
+    A("layers-out-of-range", ck_cmd("compose", "--layers", "6"), "layer 6 of 3", "--layers"),
     # transfer, similarity, compare
     A("recipient-missing", ("transfer", "--donors", "{ck}", "--recipients", "{tmp}/no-model", "--out", "{new}", *B2),
       "a recipient base not there", "no-model"),
@@ -224,18 +202,16 @@ OWN = [
     A("traces-missing", (*ATTR, "{tmp}/none.jsonl", "--model", "{base}",
                          "--out", "{new}"), "traces not there", "none.jsonl"),
     A("coef-nan", (*ATTR, "{traces}", "--model", "{base}", "--coef", "nan",
-                   "--out", "{new}"), "a NaN coefficient", "--coef",
-      xfail="issue 25: attribution --coef nan is accepted"),
+                   "--out", "{new}"), "a NaN coefficient", "--coef"),
     A("max-examples-0", (*ATTR, "{traces}", "--model", "{base}",
-                         "--max-examples", "0", "--out", "{new}"), "no examples", "--max-examples",
-      xfail="issue 25: attribution --max-examples 0 is accepted"),
+                         "--max-examples", "0", "--out", "{new}"), "0 means every trace with the label (documented)",
+      accept="load"),
     A("n-0", ("behavior", "--vectors", "{ck}", "--layer", "0", "--model", "{base}", "--n", "0", "--out", "{new}"),
       "no tasks", "0"),
     A("layer-out-of-range", ("behavior", "--vectors", "{ck}", "--layer", "9", "--model", "{base}", "--out", "{new}"),
       "layer 9 of 3", "layer 9"),
     A("coefs-nan", ("behavior", "--vectors", "{ck}", "--layer", "0", "--model", "{base}", "--coefs", "nan", "--out",
-                    "{new}"), "a NaN coefficient", "--coefs",
-      xfail="issue 25: behavior --coefs nan is accepted and the model loads"),
+                    "{new}"), "a NaN coefficient", "--coefs"),
     A("attribution-missing", ("behavior", "--vectors", "{ck}", "--attribution", "{tmp}/none.json", "--model",
                               "{base}", "--out", "{new}"), "attribution result not there", "none.json"),
     A("temperature-negative", ("behavior", "--vectors", "{ck}", "--layer", "0", "--model", "{base}", "--temperature",
@@ -255,21 +231,15 @@ OWN = [
       "--kv-cache-gb"),
     A("corpus-missing", ("grader-report", "--corpus", "{tmp}/none.jsonl"), "no corpus", "none.jsonl"),
     A("corpus-not-json", ("grader-report", "--corpus", "{tmp}/c.jsonl"), "a broken corpus", "c.jsonl",
-      setup=_dataset("c.jsonl", "{\n"),
-      xfail="issue 25: grader-report --corpus not JSONL: JSONDecodeError traceback (exit 1)"),
+      setup=_dataset("c.jsonl", "{\n")),
     A("corpus-missing-keys", ("grader-report", "--corpus", "{tmp}/c.jsonl"), "cases without their keys", "c.jsonl",
-      setup=_dataset("c.jsonl", '{"id": "x"}\n'),
-      xfail="issue 25: grader-report --corpus rows without gold: KeyError traceback (exit 1)"),
-    A("timeout-0", ("grader-report", *SMALL, "--timeout", "0"), "every answer times out", "--timeout", setup=_small,
-      xfail="issue 25: grader-report --timeout 0 is accepted (every answer times out)"),
-    A("timeout-inf", ("grader-report", *SMALL, "--timeout", "inf"), "an unbounded grader", "--timeout", setup=_small,
-      xfail="issue 25: grader-report --timeout inf is accepted (the reward refuses it in training)"),
-    A("json-is-dir", ("grader-report", *SMALL, "--json", "{tmp}"), "--json a directory", "--json", setup=_small,
-      xfail="issue 25: grader-report --json a directory: IsADirectoryError traceback (exit 1), after grading"),
+      setup=_dataset("c.jsonl", '{"id": "x"}\n')),
+    A("timeout-0", ("grader-report", *SMALL, "--timeout", "0"), "every answer times out", "--timeout", setup=_small),
+    A("timeout-inf", ("grader-report", *SMALL, "--timeout", "inf"), "an unbounded grader", "--timeout", setup=_small),
+    A("json-is-dir", ("grader-report", *SMALL, "--json", "{tmp}"), "--json a directory", "--json", setup=_small),
     A("json-earlier-and-bad-timeout", ("grader-report", *SMALL, "--timeout", "-1", "--json",
                                        "{evaldir}/results.json"), "a bad timeout with --json an earlier file",
-      "--timeout", setup=_small, xfail="issue 25: grader-report --timeout -1 is accepted, and --json replaces the "
-      "earlier file"),
+      "--timeout", setup=_small),
     A("make-lr-anchors", ("layer-ablation", "make", "--model", "{base}", "--dataset", "procedural:arithmetic",
                           "--lr-anchors", "0.2:1", "--out", "{new}"), "anchors must include 0 and 1", "0 and 1"),
     A("make-layers-out-of-range", ("layer-ablation", "make", "--model", "{base}", "--dataset", "procedural:arithmetic",

@@ -380,7 +380,7 @@ def test_usage_errors_exit_2_before_loading(tiny_checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["logit-lens", "persistence", "first-token", "unembed-similarity"])
-@pytest.mark.parametrize("kind, message", [("wrong hidden size", "hidden size [48]"), ("nan", "NaN or Inf")])
+@pytest.mark.parametrize("kind, message", [("wrong hidden size", "width [48]"), ("nan", "NaN or Inf")])
 def test_a_corrupt_checkpoint_is_refused_before_the_base_loads_or_out_is_made(command, kind, message, tiny_checkpoint,
                                                                                 tmp_path, capsys, monkeypatch):
     """Issue 25: these commands refused a corrupt checkpoint only after the base loaded, leaving an empty --out."""

@@ -450,7 +450,7 @@ def test_cli_misuse_more(tmp_path, capsys, no_model_loading, tiny_base_dir):
           "--out", str(tmp_path / "o")], "not a checkpoint"),
         # offline (conftest sets HF_HUB_OFFLINE): a Hub model fails on its config, before any weights load
         (["evaluate", "--model", "no-such-org/no-such-model", "--benchmarks", "procedural:arithmetic:2",
-          "--out", str(tmp_path / "o")], "cannot load the model config of 'no-such-org/no-such-model'"),
+          "--out", str(tmp_path / "o")], "cannot load the config of 'no-such-org/no-such-model'"),
     ]
     for argv, message in cases:
         code = main(argv + ["--no-progress"])
@@ -470,7 +470,7 @@ def test_cli_subprocess_exit_code(tmp_path):
 @pytest.mark.parametrize("kind, message", [
     ("truncated", "does not match the checksum"),
     ("nan", "NaN or Inf"),
-    ("wrong hidden size", "hidden size [48]"),
+    ("wrong hidden size", "width [48]"),
     ("extra layer", "layers [0, 1, 2, 7]"),
 ])
 def test_a_corrupt_checkpoint_is_refused_before_loading_and_leaves_earlier_results(

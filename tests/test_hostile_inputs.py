@@ -82,7 +82,6 @@ def snapshot(*roots: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tiny_base_dir, tiny_checkpoint, tmp_path_factory):
     from steering.tiny import build_char_tokenizer, tiny_model
-    from train import checkpointing as ckpt_io
 
     root = tmp_path_factory.mktemp("hostile-world")
     ck = Path(shutil.copytree(tiny_checkpoint, root / "ck"))
@@ -91,15 +90,10 @@ def world(tiny_base_dir, tiny_checkpoint, tmp_path_factory):
     build_char_tokenizer().save_pretrained(wide)
     tsck = root / "ts-ck"  # a token-scaling checkpoint (token_gates.safetensors): what token-scaling reads
     _save_token_scaling(tiny_base_dir, ck, tsck)
-    run = root / "earlier-run"  # an earlier run: a complete checkpoint, latest, final/, metrics
-    step = shutil.copytree(ck, run / "checkpoint-1")
-    (step / "trainer_state.json").write_text(json.dumps({"global_step": 1, "log_history": []}))
-    (step / "optimizer.pt").write_bytes(b"optimizer state")
-    ckpt_io.write_manifest(step)
-    ckpt_io.write_latest(run, step)
-    shutil.copytree(ck, run / "final")
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_accuracy": 0.5}) + "\n")
-    ckpt_io.write_run_record(run, metrics_file="metrics.jsonl")
+    run = _earlier_run(ck, root / "earlier-run")  # an earlier run: a complete checkpoint, latest, final/, metrics
+    layer0 = root / "layer0-ck"  # a single-layer checkpoint (layer 0): what a layer-ablation run holds
+    _save_layer0(tiny_base_dir, ck, layer0)
+    run1 = _earlier_run(layer0, root / "earlier-layer0-run")
     evaldir = root / "earlier-eval"
     evaldir.mkdir()
     (evaldir / "results.json").write_text(json.dumps({"rows": [{"label": "rl", "accuracy": 0.5}]}))
@@ -113,9 +107,32 @@ def world(tiny_base_dir, tiny_checkpoint, tmp_path_factory):
                                              for i in range(8)))
     (root / "traces.jsonl").write_text(json.dumps({"text": "Wait, 1+1=2.", "prompt": "1+1?",
                                                    "spans": [{"start": 0, "end": 5, "label": "backtracking"}]}) + "\n")
-    subs = {"base": tiny_base_dir, "wide": wide, "ck": ck, "tsck": tsck, "run": run, "evaldir": evaldir,
+    subs = {"base": tiny_base_dir, "wide": wide, "ck": ck, "tsck": tsck, "run": run, "run1": run1, "evaldir": evaldir,
             "export": export, "file": root / "a-file.txt", "data": root / "data.jsonl", "traces": root / "traces.jsonl"}
     return SimpleNamespace(root=root, subs={k: str(v) for k, v in subs.items()}, **subs)
+
+
+def _earlier_run(ck: Path, run: Path) -> Path:
+    """A finished run of checkpoint ``ck``: a complete ``checkpoint-1``, ``latest``, ``final/``, metrics."""
+    from train import checkpointing as ckpt_io
+
+    step = shutil.copytree(ck, run / "checkpoint-1")
+    (step / "trainer_state.json").write_text(json.dumps({"global_step": 1, "log_history": []}))
+    (step / "optimizer.pt").write_bytes(b"optimizer state")
+    ckpt_io.write_manifest(step)
+    ckpt_io.write_latest(run, step)
+    shutil.copytree(ck, run / "final")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_accuracy": 0.5}) + "\n")
+    ckpt_io.write_run_record(run, metrics_file="metrics.jsonl")
+    return run
+
+
+def _save_layer0(base_dir, ck, out):
+    from steering import vectors as sv
+
+    model = sv.attach_steering(sv.load_base_model(str(base_dir), dtype="float32"), layers=[0],
+                               init={0: sv.load_vectors(ck)[0]})
+    sv.save_checkpoint(model, out, base_model=str(base_dir), step=1)
 
 
 def _save_token_scaling(base_dir, ck, out):

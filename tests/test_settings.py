@@ -36,7 +36,7 @@ def test_every_flag_reaches_its_field():
 
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "2"], "--top-p must be in (0, 1]"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--reward-timeout", "0"], "--reward-timeout must be > 0"),
     (["--reward-timeout", "inf"], "--reward-timeout must be at most 3600 seconds"),
     (["--reward-timeout", "1e7"], "--reward-timeout must be at most 3600 seconds"),
