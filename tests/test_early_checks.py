@@ -227,3 +227,24 @@ def test_good_layers_pass_every_check_and_the_base_is_what_loads_next(command, w
     with pytest.raises(AssertionError, match="weights loaded"):
         main([command, "--checkpoint", world["ck"], "--layers", "0,-1", "--out", str(tmp_path / "out"), *BENCH])
     assert loads == ["analysis.cli.load_steerable"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_layer_ablation_make_validates_every_config_before_writing_any(existing, world, tmp_path, capsys):
+    """--validate checks the configs' keys first: a key python -m train does not know leaves --out as it was."""
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "result.json").write_text('{"earlier": true}\n')
+    argv = ["layer-ablation", "make", "--model", world["base"], "--dataset", "procedural:mixed", "--out", str(out),
+            "--set", "no_such_key=1", "--validate"]
+    assert main(argv) == 2
+    err = _one_error_line(capsys, "layer-ablation")
+    assert "the config of layer 0: keys ['no_such_key'] are unknown to python -m train" in err, err
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["result.json"]
+        assert (out / "result.json").read_bytes() == b'{"earlier": true}\n'
+    else:
+        assert not out.exists()
+    assert main([*argv[:-3], "--validate"]) == 0  # the same without the bad key: validated and written
+    assert json.loads((out / "result.json").read_text())["validated"] is True
