@@ -65,11 +65,25 @@ def world(tiny_base_dir, tiny_checkpoint, tmp_path_factory):
     (no_meta / sv.META_FILE).unlink()
     empty = root / "empty"
     empty.mkdir()
-    return {"base": str(tiny_base_dir), "ck": str(tiny_checkpoint), "one": str(one), "no_base": str(no_base),
+    gate_wide = _with_gates(tiny_checkpoint, root / "gate-wide", {0: 48})  # the base's hidden size is 32
+    gate_unsteered = _with_gates(one, root / "gate-unsteered", {1: config.hidden_size})  # it steers layer 0 only
+    return {"gate_wide": str(gate_wide), "gate_unsteered": str(gate_unsteered),"base": str(tiny_base_dir), "ck": str(tiny_checkpoint), "one": str(one), "no_base": str(no_base),
             "traces": str(traces), "runs": str(runs), "no_meta": str(no_meta), "empty": str(empty),
             "hidden": str(corrupt_checkpoint("wrong hidden size", tiny_checkpoint, root)),
             "truncated": str(corrupt_checkpoint("truncated", tiny_checkpoint, root)),
             "nan": str(corrupt_checkpoint("nan", tiny_checkpoint, root))}
+
+
+def _with_gates(ckpt, dest, widths: dict[int, int]):
+    """A copy of steering checkpoint ``ckpt`` with token-scaling gates of the given widths on the given layers."""
+    from safetensors.torch import save_file
+
+    from steering import token_scaling as ts
+
+    shutil.copytree(ckpt, dest)
+    save_file({f"layers.{layer}.{ts.GATE_MODULE}.{name}": torch.zeros(width if name == "weight" else 1)
+               for layer, width in widths.items() for name in ("weight", "bias")}, str(dest / ts.GATE_FILE))
+    return dest
 
 
 def lora_with_manifest(tmp_path, base: str, *, tamper: bool):
@@ -137,6 +151,11 @@ CASES = {
     "diffmean --max-length 0": ("diffmean --traces {traces} --model {base} --max-length 0",
                                 "--max-length must be >= 1"),
     "token-scaling --k 0": ("token-scaling --checkpoint {ck} --k 0", "--k must be >= 1"),
+    "token-scaling gate of another hidden size": (
+        "token-scaling --checkpoint {gate_wide}", "gate of layer 0 has shapes {'bias': (1,), 'weight': (48,)}, "
+                                                 "expected weight (32,)"),
+    "token-scaling gate on an unsteered layer": (
+        "token-scaling --checkpoint {gate_unsteered}", "has gates for layers [1], not among its steered layers [0]"),
     "layer-ablation collect --all-layers corrupt": (
         "layer-ablation collect --runs {runs} --all-layers {nan}", "NaN or Inf"),
     "transfer truncated donor": ("transfer --donors {ck} {truncated}", "truncated or tampered"),
