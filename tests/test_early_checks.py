@@ -267,3 +267,31 @@ def test_layer_ablation_make_validates_every_config_before_writing_any(existing,
         assert not out.exists()
     assert main([*argv[:-3], "--validate"]) == 0  # the same without the bad key: validated and written
     assert json.loads((out / "result.json").read_text())["validated"] is True
+
+
+def _full_model_copy(base: str, dest, *, tokenizer_json: str | None = None, chat_template: bool = True):
+    """A full-model row: a copy of the tiny base, its tokenizer.json replaced or its chat template removed."""
+    shutil.copytree(base, dest)
+    if tokenizer_json is not None:
+        (dest / "tokenizer.json").write_text(tokenizer_json)
+    if not chat_template:
+        (dest / "chat_template.jinja").unlink()
+    return dest
+
+
+@pytest.mark.parametrize("broken, words", [
+    ({"tokenizer_json": "{not json"}, "cannot load the tokenizer of"),
+    ({"chat_template": False}, "is a chat template and needs a tokenizer with a chat_template"),
+])
+def test_every_rows_tokenizer_is_checked_before_the_first_row_loads(broken, words, world, loads, tmp_path, capsys):
+    """A third row whose tokenizer does not load, or cannot render the chat template, is refused before the first
+    row's weights load (it was found only when that row's turn came). select checks its rows the same way
+    (analysis.table.check_loadable)."""
+    third = _full_model_copy(world["base"], tmp_path / "third", **broken)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--checkpoint", f"a={world['ck']}", "--checkpoint", f"b={world['one']}", "--checkpoint",
+            f"c={third}", "--template", "qwen_math", "--out", str(out), *BENCH]
+    assert main(argv) == 2
+    err = _one_error_line(capsys, "evaluate")
+    assert words in err and ("'c'" in err or str(third) in err), err
+    assert loads == [] and not out.exists()
