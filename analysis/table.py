@@ -522,9 +522,8 @@ def _check_tokenizer(row: RowSpec, template: Any) -> None:
 
     try:
         tokenizer = sv.load_tokenizer(row.tokenizer)
-    except Exception as e:  # OSError (missing files / offline), ValueError, JSONDecodeError, tokenizers' Exception
-        raise UsageError(f"cannot load the tokenizer of {row.tokenizer!r} (row {row.label!r}): {_first_line(e)}"
-                         ) from None
+    except sv.SteeringError as e:
+        raise UsageError(f"row {row.label!r}: {e}") from None
     try:
         template.render("1 + 1", tokenizer)
         template.stops(tokenizer)
