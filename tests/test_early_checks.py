@@ -450,3 +450,22 @@ def test_good_training_input_passes_every_check_and_the_model_is_what_loads_next
     with pytest.raises(AssertionError, match="weights loaded"):
         train_cli(_train_argv({"init_from": "{one}", "layers": "0"}, train_world, tmp_path / "run"))
     assert train_loads == ["train.build_model"]
+
+
+def test_resuming_a_token_scaling_run_checks_its_gates_against_the_base(train_world, train_loads, tmp_path, capsys):
+    """The gates live outside the PEFT adapter and were loaded only into the built model: gates of another width are
+    now refused before it is built, and the run directory is left as it was."""
+    from train import checkpointing as ckpt_io
+    from train.__main__ import cli as train_cli
+
+    output_dir = tmp_path / "run"
+    ck = output_dir / "checkpoint-1"
+    shutil.copytree(train_world["gate_wide"], ck)
+    (ck / ckpt_io.TRAINER_STATE).write_text("{}")
+    ckpt_io.write_manifest(ck)
+    before = sorted(p.relative_to(output_dir) for p in output_dir.rglob("*"))
+    argv = _train_argv({"token_scaling": "true", "resume_from_checkpoint": str(ck)}, train_world, output_dir)
+    assert train_cli(argv) == 2
+    err = _one_train_error_line(capsys)
+    assert "resume_from_checkpoint:" in err and "expected weight (32,)" in err, err
+    assert train_loads == [] and sorted(p.relative_to(output_dir) for p in output_dir.rglob("*")) == before
