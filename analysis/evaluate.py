@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     template = cli.resolve_template(args.template, [r.path for r in rows])
     benches = cli.load_benchmarks(args.benchmarks, args)
     _check_pass_k(args.pass_k, benches, settings.from_args(args), rows)
-    check_loadable(rows)
+    check_loadable(rows, template)
     if args.backend == "vllm":
         check_vllm_rows(rows, args.device)
     staging = output.prepare_out(args.out, inputs=[r.path for r in rows])

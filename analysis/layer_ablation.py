@@ -116,7 +116,10 @@ def run_make(args: argparse.Namespace) -> int:
     # The training runs must not live in OUT: a later make into the same --out replaces OUT as a whole.
     out = output.prepare_out(args.out, inputs=[runs_dir])
     run_name = base_cfg.get("run_name") or Path(str(model)).name
-    runs = _write_configs(out, base_cfg, layers, lrs, num_layers, runs_dir, run_name, sched_name)
+    configs = _layer_configs(base_cfg, layers, lrs, num_layers, runs_dir, run_name)
+    validated = _validate(configs) if args.validate else None  # before --out: a refused config writes nothing
+    out = output.prepare_out(args.out)
+    runs = _write_configs(out, configs, lrs, num_layers, sched_name)
     launch_prefix = ["accelerate", "launch"] + (["--config_file", args.accelerate_config]
                                                  if args.accelerate_config else [])
     _write_launch_script(out / "launch.sh", runs, launch_prefix)
@@ -127,7 +130,6 @@ def run_make(args: argparse.Namespace) -> int:
     files = [plots.line_plot(out / "lr_schedule.png", list(range(num_layers)), {"learning rate": lrs},
                              title=f"per-layer learning rate ({sched_name})", xlabel="layer",
                              ylabel="learning rate").name]
-    validated = _validate(runs) if args.validate else None
     return output.finish(out, {"command": "layer-ablation make", **manifest, "launch": "launch.sh",
                             "sweep": "sweep.yaml", "validated": validated, "plots": files},
                       f"layer-ablation make: {len(runs)} configs in {out / 'configs'}; run them with bash "
@@ -222,8 +224,19 @@ def _override_rates(lrs: list[float], overrides: list[str], num_layers: int) -> 
     return lrs
 
 
-def _write_configs(out: Path, recipe: dict[str, Any], layers: list[int], lrs: list[float], num_layers: int,
-                   runs_dir: Path, run_name: str, sched_name: str) -> list[dict[str, Any]]:
+def _layer_configs(recipe: dict[str, Any], layers: list[int], lrs: list[float], num_layers: int, runs_dir: Path,
+                   run_name: str) -> dict[int, dict[str, Any]]:
+    """``{layer: training config}``: the recipe with ``layers: [l]``, the layer's own rate, its ``output_dir`` under
+    ``runs_dir`` and its run name."""
+    width = max(2, len(str(num_layers - 1)))
+    return {layer: {**recipe, "layers": [layer], "learning_rate": lrs[layer],
+                    "output_dir": str(runs_dir / f"layer_{layer:0{width}d}"),
+                    "run_name": f"{run_name}-layer{layer:0{width}d}"}
+            for layer in layers}
+
+
+def _write_configs(out: Path, configs: dict[int, dict[str, Any]], lrs: list[float], num_layers: int,
+                   sched_name: str) -> list[dict[str, Any]]:
     """``OUT/configs/layer_XX.yaml``, one per layer; the manifest's runs (layer, learning rate, config,
     output_dir)."""
     import yaml
@@ -231,12 +244,8 @@ def _write_configs(out: Path, recipe: dict[str, Any], layers: list[int], lrs: li
     (out / "configs").mkdir(exist_ok=True)
     width = max(2, len(str(num_layers - 1)))
     runs = []
-    for layer in layers:
-        cfg = dict(recipe)
-        tag = f"layer_{layer:0{width}d}"
-        cfg.update({"layers": [layer], "learning_rate": lrs[layer], "output_dir": str(runs_dir / tag),
-                    "run_name": f"{run_name}-layer{layer:0{width}d}"})
-        path = out / "configs" / f"{tag}.yaml"
+    for layer, cfg in configs.items():
+        path = out / "configs" / f"layer_{layer:0{width}d}.yaml"
         header = (f"# Single-layer steering run: only layer {layer} of {num_layers} is trained, at its own learning "
                   f"rate.\n# Written by `python -m analysis layer-ablation make` ({sched_name} schedule).\n")
         path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
@@ -279,19 +288,17 @@ def _write_sweep(path: Path, runs: list[dict[str, Any]], run_name: str, launch_p
         + yaml.safe_dump(sweep, sort_keys=False))
 
 
-def _validate(runs: list[dict[str, Any]]) -> bool:
-    """Check every config's keys against python -m train's own (the fields of SteeringGRPOConfig). Values are left to
-    the trainer, which checks them against the machine it runs on (bf16, GPUs)."""
-    import yaml
-
+def _validate(configs: dict[int, dict[str, Any]]) -> bool:
+    """Check every layer's config keys against python -m train's own (the fields of SteeringGRPOConfig), before any
+    file is written. Values are left to the trainer, which checks them against the machine it runs on (bf16, GPUs)."""
     from train.config import config_keys
 
     known = config_keys() | {"env"}
-    for r in runs:
-        keys = set(yaml.safe_load(Path(r["config"]).read_text()) or {})
-        unknown = sorted(keys - known)
+    for layer, cfg in configs.items():
+        unknown = sorted(set(cfg) - known)
         if unknown:
-            raise UsageError(f"{r['config']}: keys {unknown} are unknown to python -m train")
+            raise UsageError(f"the config of layer {layer}: keys {unknown} are unknown to python -m train "
+                             "(from --config or --set)")
     return True
 
 

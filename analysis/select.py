@@ -249,7 +249,7 @@ def _candidate_rows(candidates: list[str], paths: dict[str, Path], model: str | 
         r.role = "other"
         r.label = n
     template = cli.resolve_template(template_name, [str(paths[n]) for n in candidates])
-    table.check_loadable(rows)
+    table.check_loadable(rows, template)
     return rows, template
 
 

@@ -484,13 +484,16 @@ def check_vllm_rows(rows: Sequence[RowSpec], device: str | None) -> None:
         cli.check_vllm_model(row.path if row.kind == "full" else row.base_model, device)
 
 
-def check_loadable(rows: Sequence[RowSpec]) -> None:
-    """Read the config of every model a row needs (cheap: no weights), so a wrong Hub id or an unreachable Hub fails
-    with one line before anything big loads; and read every steering row's vectors (a few kB) against its base's
-    config: a truncated, tampered or non-finite checkpoint, or one made for another shape, is refused here too."""
+def check_loadable(rows: Sequence[RowSpec], template: Any) -> None:
+    """Every row's cheap parts, all before the first row's weights load (so that a bad last row does not fail after
+    the first ones were evaluated): the config of every model a row needs (a wrong Hub id or an unreachable Hub is
+    one line); every steering row's vectors (a few kB) against its base's config (a truncated, tampered or
+    non-finite checkpoint, or one made for another shape); every row's tokenizer, loaded, and ``template`` rendered
+    with it (a chat template needs a tokenizer with one)."""
     from transformers import AutoConfig
 
     configs: dict[str, Any] = {}
+    tokenizers: set[str] = set()
     for row in rows:
         name = row.path if row.kind == "full" else row.base_model
         if not name:
@@ -499,16 +502,39 @@ def check_loadable(rows: Sequence[RowSpec]) -> None:
             try:
                 configs[name] = AutoConfig.from_pretrained(name)
             except Exception as e:  # OSError (missing / offline), ValueError (unknown model type), ...
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 whose = "model" if row.kind == "full" else "base model: --model, or the one the checkpoint records"
                 raise UsageError(f"cannot load the config of {name!r} (row {row.label!r}'s {whose}): "
-                                 f"{msg[:300]}") from None
+                                 f"{_first_line(e)}") from None
         if row.kind == "steering":
             try:
                 _, vectors = sv.read_checkpoint(row.path)
                 sv.check_fits(vectors, configs[name], source=f"--checkpoint {row.path}", target=f"its base {name}")
             except sv.CheckpointError as e:
                 raise UsageError(str(e)) from None
+        if row.tokenizer not in tokenizers:
+            _check_tokenizer(row, template)
+            tokenizers.add(row.tokenizer)
+
+
+def _check_tokenizer(row: RowSpec, template: Any) -> None:
+    """The row's tokenizer loads (no weights: a few MB at most), and the template renders a prompt and finds its stops
+    with it."""
+    from steering.templates import TemplateError
+
+    try:
+        tokenizer = sv.load_tokenizer(row.tokenizer)
+    except sv.SteeringError as e:
+        raise UsageError(f"row {row.label!r}: {e}") from None
+    try:
+        template.render("1 + 1", tokenizer)
+        template.stops(tokenizer)
+    except TemplateError as e:
+        raise UsageError(f"row {row.label!r}, tokenizer {row.tokenizer!r}: {e}") from None
+
+
+def _first_line(e: Exception) -> str:
+    msg = str(e).strip()
+    return msg.splitlines()[0][:300] if msg else type(e).__name__
 
 
 def build_rows(checkpoints: Sequence[str], labels: Sequence[str], model: str | None, include_base: bool,

@@ -140,11 +140,12 @@ def check_gated_checkpoint_args(args: argparse.Namespace) -> None:
     if not ts.checkpoint_has_gates(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no {ts.GATE_FILE}; it was not trained with "
                          "token_scaling: true")
-    # The vectors against the base's config.json, and the gates read back (finite, known tensors): a broken
-    # checkpoint is refused before --out is made or any weights load.
-    cli.check_checkpoint(args)
+    # The vectors against the base's config.json, and the gates read back (finite, known tensors) and fitted to the
+    # same config and to the steered layers: a broken checkpoint is refused before --out is made or any weights load.
+    checked = cli.check_checkpoint(args)
     try:
-        ts.load_gate_tensors(args.checkpoint)
+        ts.check_gates_fit(ts.load_gate_tensors(args.checkpoint), sv.model_shape(checked.config)[1], checked.vectors,
+                           args.checkpoint, "its steered layers")
     except sv.SteeringError as e:
         raise UsageError(str(e)) from None
 

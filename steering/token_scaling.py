@@ -231,6 +231,22 @@ def load_gate_tensors(ckpt_dir: str | os.PathLike) -> dict[int, dict[str, torch.
     return dict(sorted(out.items()))
 
 
+def check_gates_fit(tensors: dict[int, dict[str, torch.Tensor]], hidden_size: int, layers: Iterable[int],
+                    ckpt_dir: str | os.PathLike, what: str) -> None:
+    """Gate tensors (:func:`load_gate_tensors`) that fit a model of ``hidden_size`` whose gateable ``layers`` are
+    given: a weight ``(hidden_size,)`` and a bias ``(1,)`` per layer, on those layers only. Shared by the load and by
+    the checks made against a base's config.json before any weights load."""
+    layers = sorted(layers)
+    unknown = sorted(set(tensors) - set(layers))
+    if unknown:
+        raise TokenScalingError(f"{str(ckpt_dir)!r} has gates for layers {unknown}, not among {what} {layers}")
+    for layer, state in tensors.items():
+        if set(state) != {"weight", "bias"} or state["weight"].numel() != hidden_size or state["bias"].numel() != 1:
+            raise TokenScalingError(f"{str(ckpt_dir)!r}: gate of layer {layer} has shapes "
+                                    f"{ {k: tuple(v.shape) for k, v in state.items()} }, expected weight "
+                                    f"({hidden_size},) and bias (1,)")
+
+
 @torch.no_grad()
 def load_token_gates(model: nn.Module, ckpt_dir: str | os.PathLike) -> None:
     """Copy the gates of a checkpoint into a model (attaching gates for its layers first if the model has none)."""
@@ -238,16 +254,8 @@ def load_token_gates(model: nn.Module, ckpt_dir: str | os.PathLike) -> None:
     if not has_token_scaling(model):
         attach_token_scaling(model, layers=sorted(tensors))
     live = gates(model)
-    _, hidden = sv.model_shape(model)
-    unknown = sorted(set(tensors) - set(live))
-    if unknown:
-        raise TokenScalingError(f"{str(ckpt_dir)!r} has gates for layers {unknown}, which have none in the model "
-                                f"(gated: {sorted(live)})")
+    check_gates_fit(tensors, sv.model_shape(model)[1], live, ckpt_dir, "the model's gated layers")
     for layer, state in tensors.items():
-        if set(state) != {"weight", "bias"} or state["weight"].numel() != hidden or state["bias"].numel() != 1:
-            raise TokenScalingError(f"{str(ckpt_dir)!r}: gate of layer {layer} has shapes "
-                                    f"{ {k: tuple(v.shape) for k, v in state.items()} }, expected weight ({hidden},) "
-                                    "and bias (1,)")
         live[layer].weight.copy_(state["weight"].reshape(-1))
         live[layer].bias.copy_(state["bias"].reshape(-1))
 

@@ -117,7 +117,10 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None):
     A local tokenizer saved as a plain ``tokenizers`` backend (``tokenizer_class`` TokenizersBackend or
     PreTrainedTokenizerFast, like the demo's character tokenizer) is loaded as exactly that class. AutoTokenizer would
     swap in the model family's own class for Qwen2 models, which rebuilds the pre-tokenizer and silently changes the
-    token ids. Everything else goes through AutoTokenizer."""
+    token ids. Everything else goes through AutoTokenizer.
+
+    A tokenizer that cannot be loaded, or that has no vocabulary, is a :class:`SteeringError` (one line): loading reads
+    no weights, so the commands check it before any weights load."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     config_file = Path(name_or_path) / "tokenizer_config.json"
@@ -127,10 +130,19 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None):
             declared = json.loads(config_file.read_text()).get("tokenizer_class")
         except (json.JSONDecodeError, UnicodeDecodeError):
             declared = None
-    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    try:
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except Exception as e:  # noqa: BLE001 (OSError: missing / offline, JSONDecodeError, ValueError, tokenizers' own)
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise SteeringError(f"cannot load the tokenizer of {str(name_or_path)!r} ({type(e).__name__}: {msg})") from None
+    if not tokenizer("1 + 1", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer (no vocabulary) for a model directory without tokenizer files; it
+        # would turn every prompt into nothing.
+        raise SteeringError(f"the tokenizer of {str(name_or_path)!r} has no vocabulary (its tokenizer files, e.g. "
+                            "tokenizer.json, are missing)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -65,11 +65,25 @@ def world(tiny_base_dir, tiny_checkpoint, tmp_path_factory):
     (no_meta / sv.META_FILE).unlink()
     empty = root / "empty"
     empty.mkdir()
-    return {"base": str(tiny_base_dir), "ck": str(tiny_checkpoint), "one": str(one), "no_base": str(no_base),
+    gate_wide = _with_gates(tiny_checkpoint, root / "gate-wide", {0: 48})  # the base's hidden size is 32
+    gate_unsteered = _with_gates(one, root / "gate-unsteered", {1: config.hidden_size})  # it steers layer 0 only
+    return {"gate_wide": str(gate_wide), "gate_unsteered": str(gate_unsteered),"base": str(tiny_base_dir), "ck": str(tiny_checkpoint), "one": str(one), "no_base": str(no_base),
             "traces": str(traces), "runs": str(runs), "no_meta": str(no_meta), "empty": str(empty),
             "hidden": str(corrupt_checkpoint("wrong hidden size", tiny_checkpoint, root)),
             "truncated": str(corrupt_checkpoint("truncated", tiny_checkpoint, root)),
             "nan": str(corrupt_checkpoint("nan", tiny_checkpoint, root))}
+
+
+def _with_gates(ckpt, dest, widths: dict[int, int]):
+    """A copy of steering checkpoint ``ckpt`` with token-scaling gates of the given widths on the given layers."""
+    from safetensors.torch import save_file
+
+    from steering import token_scaling as ts
+
+    shutil.copytree(ckpt, dest)
+    save_file({f"layers.{layer}.{ts.GATE_MODULE}.{name}": torch.zeros(width if name == "weight" else 1)
+               for layer, width in widths.items() for name in ("weight", "bias")}, str(dest / ts.GATE_FILE))
+    return dest
 
 
 def lora_with_manifest(tmp_path, base: str, *, tamper: bool):
@@ -137,6 +151,11 @@ CASES = {
     "diffmean --max-length 0": ("diffmean --traces {traces} --model {base} --max-length 0",
                                 "--max-length must be >= 1"),
     "token-scaling --k 0": ("token-scaling --checkpoint {ck} --k 0", "--k must be >= 1"),
+    "token-scaling gate of another hidden size": (
+        "token-scaling --checkpoint {gate_wide}", "gate of layer 0 has shapes {'bias': (1,), 'weight': (48,)}, "
+                                                 "expected weight (32,)"),
+    "token-scaling gate on an unsteered layer": (
+        "token-scaling --checkpoint {gate_unsteered}", "has gates for layers [1], not among its steered layers [0]"),
     "layer-ablation collect --all-layers corrupt": (
         "layer-ablation collect --runs {runs} --all-layers {nan}", "NaN or Inf"),
     "transfer truncated donor": ("transfer --donors {ck} {truncated}", "truncated or tampered"),
@@ -227,3 +246,226 @@ def test_good_layers_pass_every_check_and_the_base_is_what_loads_next(command, w
     with pytest.raises(AssertionError, match="weights loaded"):
         main([command, "--checkpoint", world["ck"], "--layers", "0,-1", "--out", str(tmp_path / "out"), *BENCH])
     assert loads == ["analysis.cli.load_steerable"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_layer_ablation_make_validates_every_config_before_writing_any(existing, world, tmp_path, capsys):
+    """--validate checks the configs' keys first: a key python -m train does not know leaves --out as it was."""
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "result.json").write_text('{"earlier": true}\n')
+    argv = ["layer-ablation", "make", "--model", world["base"], "--dataset", "procedural:mixed", "--out", str(out),
+            "--set", "no_such_key=1", "--validate"]
+    assert main(argv) == 2
+    err = _one_error_line(capsys, "layer-ablation")
+    assert "the config of layer 0: keys ['no_such_key'] are unknown to python -m train" in err, err
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["result.json"]
+        assert (out / "result.json").read_bytes() == b'{"earlier": true}\n'
+    else:
+        assert not out.exists()
+    assert main([*argv[:-3], "--validate"]) == 0  # the same without the bad key: validated and written
+    assert json.loads((out / "result.json").read_text())["validated"] is True
+
+
+def _full_model_copy(base: str, dest, *, tokenizer_json: str | None = None, chat_template: bool = True):
+    """A full-model row: a copy of the tiny base, its tokenizer.json replaced or its chat template removed."""
+    shutil.copytree(base, dest)
+    if tokenizer_json is not None:
+        (dest / "tokenizer.json").write_text(tokenizer_json)
+    if not chat_template:
+        (dest / "chat_template.jinja").unlink()
+    return dest
+
+
+@pytest.mark.parametrize("broken, words", [
+    ({"tokenizer_json": "{not json"}, "cannot load the tokenizer of"),
+    ({"chat_template": False}, "is a chat template and needs a tokenizer with a chat_template"),
+])
+def test_every_rows_tokenizer_is_checked_before_the_first_row_loads(broken, words, world, loads, tmp_path, capsys):
+    """A third row whose tokenizer does not load, or cannot render the chat template, is refused before the first
+    row's weights load (it was found only when that row's turn came). select checks its rows the same way
+    (analysis.table.check_loadable)."""
+    third = _full_model_copy(world["base"], tmp_path / "third", **broken)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--checkpoint", f"a={world['ck']}", "--checkpoint", f"b={world['one']}", "--checkpoint",
+            f"c={third}", "--template", "qwen_math", "--out", str(out), *BENCH]
+    assert main(argv) == 2
+    err = _one_error_line(capsys, "evaluate")
+    assert words in err and ("'c'" in err or str(third) in err), err
+    assert loads == [] and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# python -m train: every input checked before the base's weights load and before output_dir is made or changed
+
+
+@pytest.fixture
+def train_loads(monkeypatch):
+    """The training run's weight loaders, replaced by spies that record the call and raise."""
+    import train.__main__ as train_main
+
+    calls = []
+
+    def spy(name):
+        def forbidden(*a, **k):
+            calls.append(name)
+            raise AssertionError(f"{name} was called: weights loaded before the input was checked")
+        return forbidden
+
+    monkeypatch.setattr(train_main, "build_model", spy("train.build_model"))
+    monkeypatch.setattr(sv, "load_base_model", spy("steering.vectors.load_base_model"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        spy("AutoModelForCausalLM.from_pretrained"))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def train_world(world, tmp_path_factory):
+    """Bad training inputs (model directories, tokenizers, templates, datasets) and a good dataset."""
+    root = tmp_path_factory.mktemp("train-early")
+
+    def model_dir(name, config_json=None, drop=(), tokenizer_json=None):
+        d = root / name
+        if config_json is None:
+            shutil.copytree(world["base"], d)
+        else:
+            d.mkdir()
+            (d / "config.json").write_text(config_json)
+        for f in drop:
+            (d / f).unlink()
+        if tokenizer_json is not None:
+            (d / "tokenizer.json").write_text(tokenizer_json)
+        return str(d)
+
+    files = {"good_data.jsonl": "".join(json.dumps({"question": f"{i} + 1", "answer": str(i + 1)}) + "\n"
+                                        for i in range(12)),
+             "empty_data.jsonl": "", "columns_data.jsonl": '{"problem": "1+1", "solution": "2"}\n',
+             "not_json_data.jsonl": '{"question": "1+1", "answer": "2"}\nnot json\n',
+             "no_question_template.txt": "Solve it.\n"}
+    for name, text in files.items():
+        (root / name).write_text(text)
+    lora = root / "lora"
+    lora.mkdir()
+    (lora / sv.ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 1}))
+    return {**world, **{name.split(".")[0]: str(root / name) for name in files}, "lora": str(lora),
+            "no_config": model_dir("no-config", "{}"), "config_not_json": model_dir("config-not-json", "{not json"),
+            "unknown_arch": model_dir("unknown-arch", json.dumps({"model_type": "no_such_arch"})),
+            "bert": model_dir("bert", json.dumps({"model_type": "bert"})),
+            "no_tokenizer": model_dir("no-tokenizer", drop=("tokenizer.json", "tokenizer_config.json")),
+            "tokenizer_not_json": model_dir("tokenizer-not-json", tokenizer_json="{not json"),
+            "no_chat_template": model_dir("no-chat-template", drop=("chat_template.jinja",))}
+
+
+# (config overrides with {names} of the train world, words the one error line holds)
+TRAIN_CASES = {
+    "model dir without a model_type": ({"model_name_or_path": "{no_config}"}, "model_name_or_path: cannot read"),
+    "model config.json not JSON": ({"model_name_or_path": "{config_not_json}"}, "is not a valid JSON file"),
+    "model of an unknown architecture": ({"model_name_or_path": "{unknown_arch}"}, "no_such_arch"),
+    "model of an unsupported family": ({"model_name_or_path": "{bert}"}, "model_type 'bert' is not supported"),
+    "model without tokenizer files": ({"model_name_or_path": "{no_tokenizer}"}, "has no vocabulary"),
+    "tokenizer.json not JSON": ({"model_name_or_path": "{tokenizer_not_json}"},
+                                "model_name_or_path: cannot load the tokenizer"),
+    "chat template, tokenizer without one": ({"model_name_or_path": "{no_chat_template}"},
+                                             "needs a tokenizer with a chat_template"),
+    "layers out of range": ({"layers": "9"}, "layers: layers [9] out of range"),
+    "init_from without vectors": ({"init_from": "{empty}"}, "init_from: no steering vectors"),
+    "init_from a LoRA adapter": ({"init_from": "{lora}"}, "init_from: no steering vectors"),
+    "init_from of another hidden size": ({"init_from": "{hidden}"}, "hidden size [48]"),
+    "init_from truncated": ({"init_from": "{truncated}"}, "truncated or tampered"),
+    "init_from NaN": ({"init_from": "{nan}"}, "holds NaN or Inf"),
+    "template file missing": ({"template": "{empty}/gone.txt"}, "does not exist"),
+    "template without the question placeholder": ({"template": "{no_question_template}"}, "must contain {question}"),
+    "dataset missing": ({"dataset": "{empty}/gone.jsonl"}, "does not exist"),
+    "dataset empty": ({"dataset": "{empty_data}"}, "holds no rows"),
+    "dataset without the columns": ({"dataset": "{columns_data}"}, "cannot find the question key"),
+    "dataset not JSON": ({"dataset": "{not_json_data}"}, "line 2 is not valid JSON"),
+    "dataset_split of a file": ({"dataset_split": "test"}, "dataset_split: 'test' picks part of a Hub dataset"),
+    "dataset_config of a procedural source": ({"dataset": "procedural:arithmetic", "dataset_config": "x"},
+                                              "dataset_config: 'x' picks part of a Hub dataset"),
+    "val_dataset empty": ({"val_dataset": "{empty_data}"}, "val_dataset: dataset"),
+    "val_dataset is the training data": ({"val_dataset": "{good_data}"},
+                                         "val_dataset: all 4 of its problems are training problems too"),
+    "val_size leaves no training rows": ({"val_size": "12"}, "val_size 12 leaves no training rows"),
+}
+
+
+def _train_argv(overrides: dict[str, str], world, output_dir) -> list[str]:
+    config = {"model_name_or_path": world["base"], "dataset": world["good_data"], "output_dir": str(output_dir),
+              "template": "qwen_math", "val_size": "4", "max_steps": "1", "per_device_train_batch_size": "2",
+              "num_generations": "2", "use_cpu": "true", "bf16": "false", "report_to": "none",
+              **{key: value.format(**world) for key, value in overrides.items()}}
+    return [arg for key, value in config.items() for arg in (f"--{key}", value)]
+
+
+def _one_train_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("python -m train: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_bad_training_input_is_refused_before_weights_load_or_output_dir_is_made(case, train_world, train_loads,
+                                                                                  tmp_path, capsys):
+    from train.__main__ import cli as train_cli
+
+    overrides, words = TRAIN_CASES[case]
+    output_dir = tmp_path / "run"
+    assert train_cli(_train_argv(overrides, train_world, output_dir)) == 2
+    err = _one_train_error_line(capsys)
+    assert words in err, err
+    assert train_loads == [] and not output_dir.exists()
+
+
+def test_a_bad_tokenizer_leaves_the_run_that_overwrite_would_replace_intact(train_world, train_loads, tmp_path,
+                                                                            capsys):
+    """overwrite_output_dir: true deletes the earlier run only once every input is good: the tokenizer was loaded
+    after the run directory had been cleared."""
+    from train import checkpointing as ckpt_io
+    from train.__main__ import cli as train_cli
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(train_world["ck"], output_dir / "checkpoint-1")
+    (output_dir / "checkpoint-1" / ckpt_io.TRAINER_STATE).write_text("{}")
+    ckpt_io.write_manifest(output_dir / "checkpoint-1")  # a complete checkpoint: the run overwrite would delete
+    (output_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p.relative_to(output_dir): p.read_bytes() for p in output_dir.rglob("*") if p.is_file()}
+    assert ckpt_io.holds_a_run(output_dir)
+    argv = _train_argv({"model_name_or_path": "{tokenizer_not_json}", "overwrite_output_dir": "true"}, train_world,
+                       output_dir)
+    assert train_cli(argv) == 2
+    assert "cannot load the tokenizer" in _one_train_error_line(capsys)
+    assert train_loads == []
+    assert {p.relative_to(output_dir): p.read_bytes() for p in output_dir.rglob("*") if p.is_file()} == before
+
+
+def test_good_training_input_passes_every_check_and_the_model_is_what_loads_next(train_world, train_loads,
+                                                                                 tmp_path):
+    """The early checks accept what training accepts: a good config gets as far as building the model."""
+    from train.__main__ import cli as train_cli
+
+    with pytest.raises(AssertionError, match="weights loaded"):
+        train_cli(_train_argv({"init_from": "{one}", "layers": "0"}, train_world, tmp_path / "run"))
+    assert train_loads == ["train.build_model"]
+
+
+def test_resuming_a_token_scaling_run_checks_its_gates_against_the_base(train_world, train_loads, tmp_path, capsys):
+    """The gates live outside the PEFT adapter and were loaded only into the built model: gates of another width are
+    now refused before it is built, and the run directory is left as it was."""
+    from train import checkpointing as ckpt_io
+    from train.__main__ import cli as train_cli
+
+    output_dir = tmp_path / "run"
+    ck = output_dir / "checkpoint-1"
+    shutil.copytree(train_world["gate_wide"], ck)
+    (ck / ckpt_io.TRAINER_STATE).write_text("{}")
+    ckpt_io.write_manifest(ck)
+    before = sorted(p.relative_to(output_dir) for p in output_dir.rglob("*"))
+    argv = _train_argv({"token_scaling": "true", "resume_from_checkpoint": str(ck)}, train_world, output_dir)
+    assert train_cli(argv) == 2
+    err = _one_train_error_line(capsys)
+    assert "resume_from_checkpoint:" in err and "expected weight (32,)" in err, err
+    assert train_loads == [] and sorted(p.relative_to(output_dir) for p in output_dir.rglob("*")) == before

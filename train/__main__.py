@@ -26,10 +26,11 @@ __all__ = ["RunInputs", "build_model", "build_trainer", "cli", "main", "make_par
 
 @dataclass
 class RunInputs:
-    """What a run reads before any weights load, already checked: the template, the data, the initial vectors, the
-    checkpoint to resume from."""
+    """What a run reads before any weights load, already checked: the template and the tokenizer it renders with, the
+    data, the initial vectors, the checkpoint to resume from."""
 
     template: Any
+    tokenizer: Any
     train_rows: list[dict[str, str]]
     val_rows: list[dict[str, str]]
     skipped_rows: int
@@ -39,71 +40,19 @@ class RunInputs:
 
 
 def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
-    """Everything that can be checked without loading weights: the base model's config (family, layer indices),
-    ``init_from`` and ``probe_vectors`` vectors, the template, the data, the checkpoint to resume from, and the guards
-    of ``output_dir`` (another run's checkpoints, a run stopped with exit code 3). Reads only: nothing is written to
+    """Everything that can be checked without loading weights, before the run directory is touched: the base model's
+    config (family, layer indices), ``init_from`` and ``probe_vectors`` vectors, the template and the tokenizer it
+    renders with, the data, the checkpoint to resume from (and its token-scaling gates), and the guards of
+    ``output_dir`` (another run's checkpoints, a run stopped with exit code 3). Reads only: nothing is written to
     ``output_dir`` (``python -m train --check`` is this function). Raises one-line errors."""
-    from transformers import AutoConfig
-
-    from steering import vectors as sv
-    from steering.templates import get_template
     from train import checkpointing as ckpt_io
-    from steering.problems import DATASETS, load_problems, split_off_validation
 
     c = config
-    if c.build_demo_base and not Path(c.model_name_or_path).exists():
-        from train.demo_base import ensure_demo_base
-
-        ensure_demo_base(c.model_name_or_path)
-    try:
-        base_config = AutoConfig.from_pretrained(c.model_name_or_path, revision=c.model_revision)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model_name_or_path: cannot read the config of {c.model_name_or_path!r} "
-                          f"({str(e).splitlines()[0]})") from None
-    sv.check_supported(base_config)
-    if c.use_vllm:
-        check_vllm_run(c, base_config)
-    num_layers, _ = sv.model_shape(base_config)
-    if c.adapter == "steering":
-        try:
-            sv.validate_layers(c.layers, num_layers)
-        except sv.SteeringError as e:
-            raise ConfigError(f"layers: {e}") from None
+    base_config = _base_config(c)
     init_vectors = _init_vectors(c, base_config) if c.init_from else None
     probe_vectors = _probe_vectors(c, base_config) if c.probe_vectors else None
-    template = get_template(c.template)
-    if template.stop and c.mask_truncated_completions:
-        # TRL counts a completion as truncated unless its last token is an end token: it would mask every completion
-        # that ended at the template's stop string.
-        raise ConfigError(f"mask_truncated_completions: template {template.name!r} ends completions at the stop "
-                          f"string(s) {list(template.stop)}, which TRL would count as truncated; set "
-                          "mask_truncated_completions: false")
-    taken = sorted({"stop", "stop_token_ids", "include_stop_str_in_output", "stop_strings"}
-                   & set(c.generation_kwargs or {}))
-    if taken:
-        raise ConfigError(f"generation_kwargs: {taken} are set from the template's stops (template.stops); remove "
-                          "them, or declare stop strings in a template file ('stop: [...]')")
-
-    problems = load_problems(c.dataset, split=c.dataset_split, config=c.dataset_config,
-                             question_column=c.question_column, answer_column=c.answer_column,
-                             answer_parser=c.answer_parser, procedural_size=c.procedural_size, seed=c.seed,
-                             limit=c.max_train_samples)
-    if c.val_dataset:
-        known = DATASETS.get(c.val_dataset)
-        split = known.test_split or c.dataset_split if known is not None else "test"  # procedural sources ignore it
-        val_problems = load_problems(c.val_dataset, split=split, procedural_size=c.val_size, seed=c.seed + 1,
-                                     limit=c.val_size)
-        train_rows = problems.rows
-        seen = {r["question"] for r in train_rows}
-        val_rows = [r for r in val_problems.rows if r["question"] not in seen]
-        skipped = problems.skipped + val_problems.skipped
-    else:
-        train_rows, val_rows = split_off_validation(problems, c.val_size, c.seed)
-        skipped = problems.skipped
-    if c.probe_steps and not val_rows:
-        raise ConfigError(f"probe_steps: no validation problems to draw the probe batch from (val_dataset "
-                          f"{c.val_dataset!r} has none that are not also training problems); give other validation "
-                          "data or set probe_steps: 0")
+    template, tokenizer = _template_and_tokenizer(c)
+    train_rows, val_rows, skipped = _problems(c)
     ckpt_io.check_not_stopped(c.output_dir, overwrite=c.overwrite_output_dir)
     resume = ckpt_io.resolve_resume(c.resume_from_checkpoint, c.output_dir)
     if resume is None and not c.overwrite_output_dir and ckpt_io.holds_a_run(c.output_dir):
@@ -116,7 +65,110 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
         # replace the one and append to the other.
         raise ConfigError(f"output_dir: {c.output_dir} already holds a finished run ({ckpt_io.FINAL}/); start over "
                           "with --overwrite_output_dir true (deletes it and its metrics), or choose another output_dir")
-    return RunInputs(template, train_rows, val_rows, skipped, init_vectors, resume, probe_vectors)
+    if resume is not None and c.token_scaling:
+        _check_resumed_gates(c, resume, base_config)
+    return RunInputs(template=template, tokenizer=tokenizer, train_rows=train_rows, val_rows=val_rows,
+                     skipped_rows=skipped, init_vectors=init_vectors, resume=resume, probe_vectors=probe_vectors)
+
+
+def _base_config(c: SteeringGRPOConfig) -> Any:
+    """The base model's config.json (no weights): readable, a supported family, servable by vLLM when ``use_vllm``,
+    and with the ``layers`` the run steers."""
+    from transformers import AutoConfig
+
+    from steering import vectors as sv
+
+    if c.build_demo_base and not Path(c.model_name_or_path).exists():
+        from train.demo_base import ensure_demo_base
+
+        ensure_demo_base(c.model_name_or_path)
+    try:
+        base_config = AutoConfig.from_pretrained(c.model_name_or_path, revision=c.model_revision)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_name_or_path: cannot read the config of {c.model_name_or_path!r} "
+                          f"({str(e).splitlines()[0]})") from None
+    try:
+        sv.check_supported(base_config)
+    except sv.SteeringError as e:
+        raise ConfigError(f"model_name_or_path: {c.model_name_or_path}: {e}") from None
+    if c.use_vllm:
+        check_vllm_run(c, base_config)
+    if c.adapter == "steering":
+        try:
+            sv.validate_layers(c.layers, sv.model_shape(base_config)[0])
+        except sv.SteeringError as e:
+            raise ConfigError(f"layers: {e}") from None
+    return base_config
+
+
+def _template_and_tokenizer(c: SteeringGRPOConfig) -> tuple[Any, Any]:
+    """The template, and the base's tokenizer (no weights), checked together: the tokenizer loads and has a
+    vocabulary, and the template renders a prompt and finds its stops with it (a chat template needs a tokenizer with
+    one). The template's stops are not to be overridden by ``generation_kwargs``."""
+    from steering import vectors as sv
+    from steering.templates import get_template
+
+    template = get_template(c.template)
+    if template.stop and c.mask_truncated_completions:
+        # TRL counts a completion as truncated unless its last token is an end token: it would mask every completion
+        # that ended at the template's stop string.
+        raise ConfigError(f"mask_truncated_completions: template {template.name!r} ends completions at the stop "
+                          f"string(s) {list(template.stop)}, which TRL would count as truncated; set "
+                          "mask_truncated_completions: false")
+    taken = sorted({"stop", "stop_token_ids", "include_stop_str_in_output", "stop_strings"}
+                   & set(c.generation_kwargs or {}))
+    if taken:
+        raise ConfigError(f"generation_kwargs: {taken} are set from the template's stops (template.stops); remove "
+                          "them, or declare stop strings in a template file ('stop: [...]')")
+    try:
+        tokenizer = sv.load_tokenizer(c.model_name_or_path, revision=c.model_revision)
+    except sv.SteeringError as e:
+        raise ConfigError(f"model_name_or_path: {e}") from None
+    template.render("1 + 1", tokenizer)  # a TemplateError (one line, exit 2) names what the template lacks
+    template.stops(tokenizer)
+    return template, tokenizer
+
+
+def _problems(c: SteeringGRPOConfig) -> tuple[list[dict[str, str]], list[dict[str, str]], int]:
+    """``(training rows, validation rows, skipped rows)``: ``dataset``, and ``val_dataset`` (without the training
+    problems) or ``val_size`` rows held out of ``dataset``. Bad data is a one-line ``DataError``."""
+    from steering.problems import DATASETS, DataError, load_problems, split_off_validation
+
+    problems = load_problems(c.dataset, split=c.dataset_split, config=c.dataset_config,
+                             question_column=c.question_column, answer_column=c.answer_column,
+                             answer_parser=c.answer_parser, procedural_size=c.procedural_size, seed=c.seed,
+                             limit=c.max_train_samples)
+    if not c.val_dataset:
+        train_rows, val_rows = split_off_validation(problems, c.val_size, c.seed)
+        return train_rows, val_rows, problems.skipped
+    known = DATASETS.get(c.val_dataset)
+    split = known.test_split or c.dataset_split if known is not None else "test"  # procedural sources ignore it
+    try:
+        val_problems = load_problems(c.val_dataset, split=split, procedural_size=c.val_size, seed=c.seed + 1,
+                                     limit=c.val_size)
+    except DataError as e:  # its message says "dataset ...": name the key that is wrong
+        raise DataError(f"val_dataset: {e}") from None
+    seen = {r["question"] for r in problems.rows}
+    val_rows = [r for r in val_problems.rows if r["question"] not in seen]
+    if c.val_size and not val_rows:
+        # Validating on training problems would measure memorisation; validating on nothing is no validation.
+        raise DataError(f"val_dataset: all {len(val_problems.rows)} of its problems are training problems too; give "
+                        "other validation data, or remove val_dataset to hold val_size rows out of dataset")
+    return problems.rows, val_rows, problems.skipped + val_problems.skipped
+
+
+def _check_resumed_gates(c: SteeringGRPOConfig, resume: str, base_config: Any) -> None:
+    """``token_scaling``: the checkpoint resumed from has gates that fit the base and the steered layers (they load
+    into the model only after its weights)."""
+    from steering import token_scaling as ts
+    from steering import vectors as sv
+
+    num_layers, hidden = sv.model_shape(base_config)
+    try:
+        ts.check_gates_fit(ts.load_gate_tensors(resume), hidden, sv.validate_layers(c.layers, num_layers), resume,
+                           "the layers this run steers")
+    except sv.SteeringError as e:
+        raise ConfigError(f"resume_from_checkpoint: {e}") from None
 
 
 def _check_fits(vectors: dict[int, Any], base_config: Any, source: str, base: str, fix: str) -> None:
@@ -255,7 +307,7 @@ def build_trainer(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
         ckpt_io.prepare_run_dir(c.output_dir, overwrite=c.overwrite_output_dir and inputs.resume is None,
                                 metrics_file=c.metrics_file)
     PartialState().wait_for_everyone()
-    tokenizer = sv.load_tokenizer(c.model_name_or_path, revision=c.model_revision)
+    tokenizer = inputs.tokenizer
     train_ds = to_prompt_dataset(inputs.train_rows, inputs.template, tokenizer)
     # Seeded before the model is built, as TRL's scripts do: LoRA's random init must be the same run after run.
     set_seed(c.seed)

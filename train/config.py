@@ -4,8 +4,9 @@ loop, unchanged) + the fields steering vectors need, read from a YAML file with 
 Precedence, lowest to highest: dataclass defaults < ``preset`` values < YAML < command line. Unknown keys, in the
 YAML or on the command line, are errors. Every value is checked in ``SteeringGRPOConfig.__post_init__``; a problem is
 one line naming the key and the fix (exit code 2 from ``python -m train``), before any model loads. What needs the
-base model's files or the data (layer indices in range, ``init_from`` and ``probe_vectors`` shapes, dataset columns, the checkpoint to resume
-from) is checked next, still before any weights load (``train/__main__.py``, ``prepare_inputs``).
+base model's files or the data (layer indices in range, ``init_from`` and ``probe_vectors`` shapes, the tokenizer and
+the template rendered with it, dataset columns, the checkpoint to resume from) is checked next, still before any
+weights load and before ``output_dir`` is touched (``train/__main__.py``, ``prepare_inputs``).
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ class SteeringGRPOConfig(GRPOConfig):
         metadata={"help": "Training data: a known name (deepscaler, math, gsm8k), any Hub dataset id, a local "
                           ".json/.jsonl/.parquet file, or 'procedural:<task>' (arithmetic, word, mixed) for offline use."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hub datasets; a file or "
+                                                                  "procedural source has none)."})
     question_column: str | None = field(
         default=None, metadata={"help": "Column holding the problem; default from the known-dataset registry."})
     answer_column: str | None = field(
@@ -307,7 +309,7 @@ class SteeringGRPOConfig(GRPOConfig):
             raise ConfigError("token_scaling: needs adapter: steering")
 
     def _check_run_options(self) -> None:
-        """Grading, validation, the output directory and ``init_from``."""
+        """Grading, validation, the dataset's split, the output directory and ``init_from``."""
         try:
             check_timeout(self.reward_timeout)
         except ValueError as e:
@@ -321,6 +323,16 @@ class SteeringGRPOConfig(GRPOConfig):
         if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
             raise ConfigError("overwrite_output_dir: true deletes the checkpoints that resume_from_checkpoint would "
                               "continue from; set one of them")
+        if self.dataset_split != "train" or self.dataset_config:
+            from steering.problems import PROCEDURAL, is_file_source
+
+            # A file or a procedural source has no splits or configs: silently reading all of it instead of the split
+            # asked for would train (or validate) on other data than intended.
+            if is_file_source(self.dataset) or self.dataset.startswith(PROCEDURAL):
+                key, value = (("dataset_config", self.dataset_config) if self.dataset_config
+                              else ("dataset_split", self.dataset_split))
+                raise ConfigError(f"{key}: {value!r} picks part of a Hub dataset, but dataset "
+                                  f"{self.dataset!r} is a file or procedural source, which has none; remove {key}")
         if self.init_from is not None and not Path(self.init_from).is_dir():
             from steering.gguf_vectors import is_control_vector_path
 
