@@ -102,7 +102,9 @@ class SteeringGRPOConfig(GRPOConfig):
     init_from: str | None = field(
         default=None,
         metadata={"help": "Start the vectors from this steering checkpoint (e.g. DiffMean vectors) or llama.cpp "
-                          "control-vector .gguf file (repeng, EasySteer; direction.N is layer N) instead of zero."})
+                          "control-vector .gguf file (repeng, EasySteer; direction.N is layer N) instead of zero. "
+                          "The vectors must fit the base (layers, hidden size); the base they record is not "
+                          "compared, so vectors of another model of the same shape can start a run."})
     init_scale: Any = field(
         default=1.0,
         metadata={"help": "Multiplier for init_from vectors: a number, or a per-layer JSON mapping {layer: scale}."})
@@ -299,6 +301,8 @@ class SteeringGRPOConfig(GRPOConfig):
                                   f"layers {self.layers}; add them to layers or drop them from layer_lr")
         if self.layers is not None and any(layer < 0 for layer in self.layers):
             raise ConfigError(f"layers: {self.layers} has a negative index; layers are 0-based")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers: {self.layers} names a layer twice; list each layer once")
 
     def _check_adapter_options(self) -> None:
         """The options that only a steering adapter reads."""
