@@ -14,7 +14,6 @@ prints the slowest single ``score`` call.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -33,22 +32,17 @@ CASE_KEYS = {"id": str, "source": str, "shape": str, "answer_format": str, "comp
 def load_corpus(path: str | Path = DEFAULT_CORPUS) -> list[dict]:
     """The corpus's cases, each checked (a JSON object with every key of ``CASE_KEYS``, of its type): a bad line is
     a usage error naming it, before any grading."""
+    from steering.files import read_jsonl
+
     cases = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                case = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"--corpus {path}: line {number} is not JSON ({e.msg})") from None
-            if not isinstance(case, dict):
-                raise UsageError(f"--corpus {path}: line {number} is not a JSON object")
-            bad = [k for k, kind in CASE_KEYS.items() if not isinstance(case.get(k), kind)]
-            if bad or case["answer_format"] not in ("boxed", "answer_tag"):
-                raise UsageError(f"--corpus {path}: line {number} lacks or mistypes {bad or ['answer_format']} "
-                                 f"(each case needs {', '.join(CASE_KEYS)}; answer_format boxed or answer_tag)")
-            cases.append(case)
+    for number, case in read_jsonl(path, UsageError):
+        if not isinstance(case, dict):
+            raise UsageError(f"--corpus {path}:{number}: not a JSON object")
+        bad = [k for k, kind in CASE_KEYS.items() if not isinstance(case.get(k), kind)]
+        if bad or case["answer_format"] not in ("boxed", "answer_tag"):
+            raise UsageError(f"--corpus {path}:{number}: lacks or mistypes {bad or ['answer_format']} (each case "
+                             f"needs {', '.join(CASE_KEYS)}; answer_format boxed or answer_tag)")
+        cases.append(case)
     if not cases:
         raise UsageError(f"--corpus {path}: no cases")
     return cases

@@ -54,7 +54,7 @@ from torch import nn
 
 from steering import hooks
 from steering import vectors as sv
-from steering.files import write_text_atomic
+from steering.files import read_jsonl, write_text_atomic
 from steering.generation import pad_id_of, pad_rows
 
 DEFAULT_HOOK = "blocks.{layer}.hook_resid_post"
@@ -106,15 +106,8 @@ def iter_traces(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"traces file {str(path)!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{path}:{lineno}: not valid JSON: {e}") from None
-            yield validate_trace(obj, f"{path}:{lineno}")
+    for lineno, obj in read_jsonl(path, TraceError):
+        yield validate_trace(obj, f"{path}:{lineno}")
 
 
 def load_traces(path: str | os.PathLike) -> list[dict[str, Any]]:

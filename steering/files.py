@@ -1,4 +1,5 @@
-"""Atomic, durable writes: what every file and directory the project publishes goes through.
+"""Atomic, durable writes: what every file and directory the project publishes goes through (and the one JSONL
+reader, :func:`read_jsonl`).
 
 A reader (a resume, an analysis command, another process) sees the old version or the new one, never a torn one:
 files are written to a temporary name in the same directory, flushed and ``fsync``ed, then renamed over the target;
@@ -46,6 +47,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike, error: type[Exception]) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file; a line that is not JSON raises ``error``
+    naming ``path:line``."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: not valid JSON: {e}") from None
 
 
 def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
