@@ -113,12 +113,11 @@ def run_make(args: argparse.Namespace) -> int:
     layers = cli.parse_layers(args.layers, num_layers) if args.layers else list(range(num_layers))
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path(base_cfg.get("output_dir", "runs/layer-ablation"))
-    # The training runs must not live in OUT: a later make into the same --out replaces OUT as a whole.
-    out = output.prepare_out(args.out, inputs=[runs_dir])
     run_name = base_cfg.get("run_name") or Path(str(model)).name
     configs = _layer_configs(base_cfg, layers, lrs, num_layers, runs_dir, run_name)
     validated = _validate(configs) if args.validate else None  # before --out: a refused config writes nothing
-    out = output.prepare_out(args.out)
+    # The training runs must not live in OUT: a later make into the same --out replaces OUT as a whole.
+    out = output.prepare_out(args.out, inputs=[runs_dir])
     runs = _write_configs(out, configs, lrs, num_layers, sched_name)
     launch_prefix = ["accelerate", "launch"] + (["--config_file", args.accelerate_config]
                                                  if args.accelerate_config else [])

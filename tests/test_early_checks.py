@@ -372,7 +372,7 @@ TRAIN_CASES = {
     "layers out of range": ({"layers": "9"}, "layers: layers [9] out of range"),
     "init_from without vectors": ({"init_from": "{empty}"}, "init_from: no steering vectors"),
     "init_from a LoRA adapter": ({"init_from": "{lora}"}, "init_from: no steering vectors"),
-    "init_from of another hidden size": ({"init_from": "{hidden}"}, "hidden size [48]"),
+    "init_from of another hidden size": ({"init_from": "{hidden}"}, "width [48]"),
     "init_from truncated": ({"init_from": "{truncated}"}, "truncated or tampered"),
     "init_from NaN": ({"init_from": "{nan}"}, "holds NaN or Inf"),
     "template file missing": ({"template": "{empty}/gone.txt"}, "does not exist"),
