@@ -160,3 +160,51 @@ def corrupt_checkpoint(kind, ckpt, tmp):
         meta["adapter_sha256"] = sha256_file(weights)  # a consistent file: only its content is wrong
         (bad / sv.META_FILE).write_text(json.dumps(meta))
     return bad
+
+
+class WeightsLoaded(BaseException):
+    """Raised by the weight-loader spy to stop a command at its first weight load. A BaseException, so that no
+    ``except Exception`` of the command can swallow it; the test asserts afterwards on what the spy recorded."""
+
+
+# Everything that reads model weights, as (module, class or None, attribute): transformers' and PEFT's entry points,
+# and the project's own loaders (which call them, but are spied on too so that a loader moved to another library is
+# still caught). A spy's label is the dotted path it replaces, e.g. "transformers.AutoModelForCausalLM.from_pretrained".
+WEIGHT_LOADERS = [
+    ("transformers", "AutoModelForCausalLM", "from_pretrained"),
+    ("transformers", "AutoModelForCausalLM", "from_config"),
+    ("transformers", "PreTrainedModel", "from_pretrained"),
+    ("peft", "PeftModel", "from_pretrained"),
+    ("steering.vectors", None, "load_base_model"),
+    ("steering.vectors", None, "load_steered_model"),
+    ("analysis.cli", None, "load_steerable"),
+    ("analysis.cli", None, "load_plain"),
+    ("analysis.evaluate", None, "load_row_model"),  # evaluate / select's row loader, imported by name
+    ("train.__main__", None, "build_model"),
+]
+
+
+def spy_on_weight_loaders(monkeypatch) -> list[str]:
+    """Replace every loader of ``WEIGHT_LOADERS`` by a spy that records its label and raises ``WeightsLoaded``.
+    Returns the list the labels go to, in call order: ``[]`` afterwards means no weights loaded. Call it directly
+    when the test must load a model itself first; otherwise use the ``weight_loads`` fixture."""
+    import importlib
+
+    calls: list[str] = []
+    for module, cls, name in WEIGHT_LOADERS:
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        label = ".".join(filter(None, (module, cls, name)))
+
+        def spy(*args, _label=label, **kwargs):
+            calls.append(_label)
+            raise WeightsLoaded(_label)
+
+        monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+@pytest.fixture
+def weight_loads(monkeypatch):
+    """``spy_on_weight_loaders`` for the whole test (session and module fixtures, built first, may load models)."""
+    return spy_on_weight_loaders(monkeypatch)

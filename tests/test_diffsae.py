@@ -11,6 +11,7 @@ import torch
 from analysis import _common
 from analysis import sae_activations, sae_features
 from analysis.__main__ import main
+from conftest import spy_on_weight_loaders
 import steering.sae
 from steering import separation
 from steering import vectors as sv
@@ -364,18 +365,12 @@ def test_help_explains(capsys):
 
 @pytestmark_demo
 def test_bad_input_exits_2_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    from analysis import cli
-
     demo_base = str(REPO / "assets" / "demo-base")
     model = sv.attach_steering(sv.load_base_model(demo_base, dtype="float32"), layers=[2])
     only_last = sv.save_checkpoint(model, tmp_path / "only-last", base_model=demo_base, step=1)
     capsys.readouterr()  # the loading output of this checkpoint's own model
 
-    def no_loading(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(cli, "load_steerable", no_loading)
-    monkeypatch.setattr(sv, "load_base_model", no_loading)
+    loads = spy_on_weight_loaders(monkeypatch)  # after only_last, whose model this test loads itself
     (tmp_path / "empty.jsonl").write_text("")
     common = ["--out", str(tmp_path / "o"), "--benchmarks", "procedural:facts:4"]
     demo = ["--checkpoint", str(DEMO), *common]
@@ -404,4 +399,4 @@ def test_bad_input_exits_2_before_any_model_loads(tmp_path, monkeypatch, capsys)
         assert main(["diffsae", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, (argv, err)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and loads == []

@@ -10,34 +10,13 @@ import shutil
 
 import pytest
 import torch
-import transformers
 
-from analysis import cli
 from analysis.__main__ import main
-from conftest import corrupt_checkpoint
+from conftest import WeightsLoaded, corrupt_checkpoint
 from steering import diffmean as dm
 from steering import vectors as sv
 
 BENCH = ["--benchmarks", "procedural:arithmetic:2", "--no-progress"]
-
-
-@pytest.fixture
-def loads(tiny_base_dir, tiny_checkpoint, monkeypatch):
-    """The weight loaders, replaced by spies that record the call and raise (so nothing after them runs)."""
-    calls = []
-
-    def spy(name):
-        def forbidden(*a, **k):
-            calls.append(name)
-            raise AssertionError(f"{name} was called: weights loaded before the input was checked")
-        return forbidden
-
-    monkeypatch.setattr(sv, "load_base_model", spy("steering.vectors.load_base_model"))
-    monkeypatch.setattr(cli, "load_steerable", spy("analysis.cli.load_steerable"))
-    monkeypatch.setattr(cli, "load_plain", spy("analysis.cli.load_plain"))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        spy("AutoModelForCausalLM.from_pretrained"))
-    return calls
 
 
 @pytest.fixture(scope="module")
@@ -182,19 +161,19 @@ def _one_error_line(capsys, command: str) -> str:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_refused_before_any_weights_load_or_out_is_made(case, world, loads, tmp_path, capsys):
+def test_bad_input_is_refused_before_any_weights_load_or_out_is_made(case, world, weight_loads, tmp_path, capsys):
     line, words = CASES[case]
     out = tmp_path / "out"
     argv = _argv(line, world, out)
     assert main(argv) == 2, argv
     err = _one_error_line(capsys, argv[0])
     assert words in err, err
-    assert loads == [] and not out.exists()
+    assert weight_loads == [] and not out.exists()
 
 
 @pytest.mark.parametrize("case", ["logit-lens --layers out of range", "evaluate folder of no kind",
                                   "diffsae wrong hidden size"])
-def test_an_existing_out_is_left_byte_identical(case, world, loads, tmp_path, capsys):
+def test_an_existing_out_is_left_byte_identical(case, world, weight_loads, tmp_path, capsys):
     line, words = CASES[case]
     out = tmp_path / "out"
     out.mkdir()
@@ -202,7 +181,7 @@ def test_an_existing_out_is_left_byte_identical(case, world, loads, tmp_path, ca
     argv = _argv(line, world, out)
     assert main(argv) == 2
     assert words in _one_error_line(capsys, argv[0])
-    assert loads == [] and sorted(p.name for p in out.iterdir()) == ["result.json"]
+    assert weight_loads == [] and sorted(p.name for p in out.iterdir()) == ["result.json"]
     assert (out / "result.json").read_bytes() == b'{"earlier": true}\n'
 
 
@@ -212,7 +191,7 @@ def test_grader_report_refuses_a_bad_timeout_before_grading(capsys):
 
 
 @pytest.mark.parametrize("tamper", [True, False])
-def test_a_lora_row_with_checksums_is_verified_before_weights_load(tamper, world, loads, tmp_path, capsys):
+def test_a_lora_row_with_checksums_is_verified_before_weights_load(tamper, world, weight_loads, tmp_path, capsys):
     """A LoRA training checkpoint's checksums.json is checked; an intact one passes every check, and the first thing
     after the checks is loading the row's weights (the spy)."""
     lora = lora_with_manifest(tmp_path, world["base"], tamper=tamper)
@@ -221,14 +200,14 @@ def test_a_lora_row_with_checksums_is_verified_before_weights_load(tamper, world
     if tamper:
         assert main(argv) == 2
         assert "adapter_model.safetensors does not match its checksum" in _one_error_line(capsys, "evaluate")
-        assert loads == [] and not out.exists()
+        assert weight_loads == [] and not out.exists()
     else:
-        with pytest.raises(AssertionError, match="weights loaded"):
+        with pytest.raises(WeightsLoaded):
             main(argv)
-        assert loads == ["AutoModelForCausalLM.from_pretrained"]
+        assert weight_loads == ["analysis.evaluate.load_row_model"]
 
 
-def test_an_adapter_config_of_another_peft_type_is_no_lora_row(world, loads, tmp_path, capsys):
+def test_an_adapter_config_of_another_peft_type_is_no_lora_row(world, weight_loads, tmp_path, capsys):
     d = tmp_path / "prefix"
     d.mkdir()
     (d / sv.ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "PREFIX_TUNING",
@@ -237,15 +216,15 @@ def test_an_adapter_config_of_another_peft_type_is_no_lora_row(world, loads, tmp
     assert main(["evaluate", "--checkpoint", str(d), "--out", str(tmp_path / "out"), *BENCH]) == 2
     err = _one_error_line(capsys, "evaluate")
     assert "peft_type 'PREFIX_TUNING'" in err and "expected a steering checkpoint" in err, err
-    assert loads == []
+    assert weight_loads == []
 
 
 @pytest.mark.parametrize("command", ["logit-lens", "persistence", "first-token", "unembed-similarity"])
-def test_good_layers_pass_every_check_and_the_base_is_what_loads_next(command, world, loads, tmp_path, capsys):
+def test_good_layers_pass_every_check_and_the_base_is_what_loads_next(command, world, weight_loads, tmp_path, capsys):
     """The early checks accept what the commands accept: valid --layers get as far as loading the base."""
-    with pytest.raises(AssertionError, match="weights loaded"):
+    with pytest.raises(WeightsLoaded):
         main([command, "--checkpoint", world["ck"], "--layers", "0,-1", "--out", str(tmp_path / "out"), *BENCH])
-    assert loads == ["analysis.cli.load_steerable"]
+    assert weight_loads == ["analysis.cli.load_steerable"]
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -283,7 +262,8 @@ def _full_model_copy(base: str, dest, *, tokenizer_json: str | None = None, chat
     ({"tokenizer_json": "{not json"}, "cannot load the tokenizer of"),
     ({"chat_template": False}, "is a chat template and needs a tokenizer with a chat_template"),
 ])
-def test_every_rows_tokenizer_is_checked_before_the_first_row_loads(broken, words, world, loads, tmp_path, capsys):
+def test_every_rows_tokenizer_is_checked_before_the_first_row_loads(broken, words, world, weight_loads, tmp_path,
+                                                                      capsys):
     """A third row whose tokenizer does not load, or cannot render the chat template, is refused before the first
     row's weights load (it was found only when that row's turn came). select checks its rows the same way
     (analysis.table.check_loadable)."""
@@ -294,31 +274,11 @@ def test_every_rows_tokenizer_is_checked_before_the_first_row_loads(broken, word
     assert main(argv) == 2
     err = _one_error_line(capsys, "evaluate")
     assert words in err and ("'c'" in err or str(third) in err), err
-    assert loads == [] and not out.exists()
+    assert weight_loads == [] and not out.exists()
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # python -m train: every input checked before the base's weights load and before output_dir is made or changed
-
-
-@pytest.fixture
-def train_loads(monkeypatch):
-    """The training run's weight loaders, replaced by spies that record the call and raise."""
-    import train.__main__ as train_main
-
-    calls = []
-
-    def spy(name):
-        def forbidden(*a, **k):
-            calls.append(name)
-            raise AssertionError(f"{name} was called: weights loaded before the input was checked")
-        return forbidden
-
-    monkeypatch.setattr(train_main, "build_model", spy("train.build_model"))
-    monkeypatch.setattr(sv, "load_base_model", spy("steering.vectors.load_base_model"))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        spy("AutoModelForCausalLM.from_pretrained"))
-    return calls
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +368,7 @@ def _one_train_error_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
-def test_bad_training_input_is_refused_before_weights_load_or_output_dir_is_made(case, train_world, train_loads,
+def test_bad_training_input_is_refused_before_weights_load_or_output_dir_is_made(case, train_world, weight_loads,
                                                                                   tmp_path, capsys):
     from train.__main__ import cli as train_cli
 
@@ -417,10 +377,10 @@ def test_bad_training_input_is_refused_before_weights_load_or_output_dir_is_made
     assert train_cli(_train_argv(overrides, train_world, output_dir)) == 2
     err = _one_train_error_line(capsys)
     assert words in err, err
-    assert train_loads == [] and not output_dir.exists()
+    assert weight_loads == [] and not output_dir.exists()
 
 
-def test_a_bad_tokenizer_leaves_the_run_that_overwrite_would_replace_intact(train_world, train_loads, tmp_path,
+def test_a_bad_tokenizer_leaves_the_run_that_overwrite_would_replace_intact(train_world, weight_loads, tmp_path,
                                                                             capsys):
     """overwrite_output_dir: true deletes the earlier run only once every input is good: the tokenizer was loaded
     after the run directory had been cleared."""
@@ -438,21 +398,21 @@ def test_a_bad_tokenizer_leaves_the_run_that_overwrite_would_replace_intact(trai
                        output_dir)
     assert train_cli(argv) == 2
     assert "cannot load the tokenizer" in _one_train_error_line(capsys)
-    assert train_loads == []
+    assert weight_loads == []
     assert {p.relative_to(output_dir): p.read_bytes() for p in output_dir.rglob("*") if p.is_file()} == before
 
 
-def test_good_training_input_passes_every_check_and_the_model_is_what_loads_next(train_world, train_loads,
+def test_good_training_input_passes_every_check_and_the_model_is_what_loads_next(train_world, weight_loads,
                                                                                  tmp_path):
     """The early checks accept what training accepts: a good config gets as far as building the model."""
     from train.__main__ import cli as train_cli
 
-    with pytest.raises(AssertionError, match="weights loaded"):
+    with pytest.raises(WeightsLoaded):
         train_cli(_train_argv({"init_from": "{one}", "layers": "0"}, train_world, tmp_path / "run"))
-    assert train_loads == ["train.build_model"]
+    assert weight_loads == ["train.__main__.build_model"]
 
 
-def test_resuming_a_token_scaling_run_checks_its_gates_against_the_base(train_world, train_loads, tmp_path, capsys):
+def test_resuming_a_token_scaling_run_checks_its_gates_against_the_base(train_world, weight_loads, tmp_path, capsys):
     """The gates live outside the PEFT adapter and were loaded only into the built model: gates of another width are
     now refused before it is built, and the run directory is left as it was."""
     from train import checkpointing as ckpt_io
@@ -468,4 +428,4 @@ def test_resuming_a_token_scaling_run_checks_its_gates_against_the_base(train_wo
     assert train_cli(argv) == 2
     err = _one_train_error_line(capsys)
     assert "resume_from_checkpoint:" in err and "expected weight (32,)" in err, err
-    assert train_loads == [] and sorted(p.relative_to(output_dir) for p in output_dir.rglob("*")) == before
+    assert weight_loads == [] and sorted(p.relative_to(output_dir) for p in output_dir.rglob("*")) == before

@@ -402,16 +402,6 @@ def test_demo_base_and_demo_checkpoint_evaluate(tmp_path):
 # CLI misuse: one line, exit 2, before any model loads
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    import analysis.evaluate as ev
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(ev, "load_row_model", boom)
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--checkpoint", "/nonexistent/ckpt"], "no such directory"),
     (["--benchmarks", "aime2"], "unknown benchmark 'aime2'"),
@@ -426,7 +416,7 @@ def no_model_loading(monkeypatch):
     (["-k", "1", "--pass-k", "5"], "--pass-k 5: procedural:arithmetic:2 draws 1 sample(s) per problem"),
     (["-k", "4", "--pass-k", "2", "8"], "--pass-k 8: procedural:arithmetic:2 draws 4 sample(s) per problem"),
 ])
-def test_cli_misuse_exits_2(extra, message, tiny_base_dir, tmp_path, capsys, no_model_loading):
+def test_cli_misuse_exits_2(extra, message, tiny_base_dir, tmp_path, capsys, weight_loads):
     argv = ["evaluate", "--model", str(tiny_base_dir), "--benchmarks", "procedural:arithmetic:2",
             "--out", str(tmp_path / "o"), "--no-progress"]
     # later flags override earlier ones for single-valued options
@@ -437,7 +427,7 @@ def test_cli_misuse_exits_2(extra, message, tiny_base_dir, tmp_path, capsys, no_
     assert message in err
 
 
-def test_cli_misuse_more(tmp_path, capsys, no_model_loading, tiny_base_dir):
+def test_cli_misuse_more(tmp_path, capsys, weight_loads, tiny_base_dir):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     cases = [
@@ -474,7 +464,7 @@ def test_cli_subprocess_exit_code(tmp_path):
     ("extra layer", "layers [0, 1, 2, 7]"),
 ])
 def test_a_corrupt_checkpoint_is_refused_before_loading_and_leaves_earlier_results(
-        kind, message, tiny_base_dir, tiny_checkpoint, tmp_path, capsys, no_model_loading):
+        kind, message, tiny_base_dir, tiny_checkpoint, tmp_path, capsys, weight_loads):
     out = tmp_path / "earlier"
     out.mkdir()
     earlier = {name: f"an earlier evaluation's {name}" for name in ("results.json", "samples.jsonl", "table.md")}

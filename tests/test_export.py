@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import spy_on_weight_loaders
 from steering import gguf_vectors as gv
 from steering import vectors as sv
 from steering.tiny import build_char_tokenizer, tiny_model
@@ -239,15 +240,9 @@ def test_init_from_a_gguf_file_loads_the_exact_vectors(llama_ckpt, llama_base, t
 @pytest.mark.parametrize("case", ["hidden size", "layer count", "not a gguf"])
 def test_init_from_a_gguf_of_the_wrong_shape_is_one_line_naming_both(case, llama_base, tmp_path, capsys,
                                                                       monkeypatch):
-    import transformers
-
     from train.__main__ import cli
 
-    def forbidden(*a, **k):
-        raise AssertionError("a model was loaded before init_from was checked")
-
-    monkeypatch.setattr(sv, "load_base_model", forbidden)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    loads = spy_on_weight_loaders(monkeypatch)
     path = tmp_path / "v.gguf"
     if case == "hidden size":
         gv.write_control_vector(path, {1: torch.ones(48), 2: torch.ones(48)}, model_hint="llama")
@@ -267,6 +262,7 @@ def test_init_from_a_gguf_of_the_wrong_shape_is_one_line_naming_both(case, llama
     assert "\n" not in err, err
     for needle in needles:
         assert needle in err, (needle, err)
+    assert loads == []
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -305,12 +301,12 @@ def test_merged_llama_gives_the_steered_logits_with_plain_transformers(llama_ckp
 
 
 def test_merged_refuses_qwen2_saying_why_and_what_instead(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sv, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    loads = spy_on_weight_loaders(monkeypatch)
     rc, _, err = run(["--checkpoint", tiny_checkpoint, "--to", "merged", "--out", tmp_path / "m"], capsys)
     assert rc == 2 and err.count("\n") == 1
     for needle in ("Qwen2", "mlp_bias", "--to peft", "PeftModel.from_pretrained", "docs/vllm.md"):
         assert needle in err, (needle, err)
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "m").exists() and loads == []
 
 
 def test_peft_is_the_native_format_copied(llama_ckpt, llama_base, tmp_path, capsys):
@@ -373,8 +369,6 @@ def _with_gates(tmp: Path, ckpt: Path) -> Path:
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_exit_2_before_any_model_loads(case, llama_ckpt, tmp_path, capsys, monkeypatch):
-    import transformers
-
     if case == "gguf against a base of another shape":
         wide = tmp_path / "wide"
         wide.mkdir()
@@ -382,11 +376,7 @@ def test_bad_input_is_one_line_exit_2_before_any_model_loads(case, llama_ckpt, t
 
         tiny_config("llama", hidden_size=48, intermediate_size=96).save_pretrained(wide)
 
-    def forbidden(*a, **k):
-        raise AssertionError("a model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(sv, "load_base_model", forbidden)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    loads = spy_on_weight_loaders(monkeypatch)
     argv, needle = BAD[case]
     rc, stdout, err = run(argv(tmp_path, llama_ckpt), capsys)
     assert rc == 2, (stdout, err)
@@ -396,6 +386,7 @@ def test_bad_input_is_one_line_exit_2_before_any_model_loads(case, llama_ckpt, t
         assert (tmp_path / "old.gguf").read_bytes() == b"an earlier export"
     else:
         assert not list(tmp_path.glob("*.gguf")) or case == "gguf is a dir"
+    assert loads == []
 
 
 # --------------------------------------------------------------------------------------------------------------------

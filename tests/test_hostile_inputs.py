@@ -23,47 +23,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import WeightsLoaded, spy_on_weight_loaders
 from hostile_corpus import CASES, Case
 from hostile_flags import FLAG_CASES
 
 ALL = CASES + FLAG_CASES
-
-
-class WeightsLoaded(BaseException):
-    """Raised by the loader spy to stop a command at its first weight load. A BaseException, so that no
-    ``except Exception`` of the command can swallow it; the test asserts afterwards on what the spy recorded."""
-
-
-# Everything that reads model weights: transformers' and PEFT's entry points, and the project's own loaders (which
-# call them, but are spied on too so that a loader moved to another library is still caught).
-LOADERS = [
-    ("transformers", "AutoModelForCausalLM", "from_pretrained"),
-    ("transformers", "AutoModelForCausalLM", "from_config"),
-    ("transformers", "PreTrainedModel", "from_pretrained"),
-    ("peft", "PeftModel", "from_pretrained"),
-    ("steering.vectors", None, "load_base_model"),
-    ("steering.vectors", None, "load_steered_model"),
-    ("analysis.cli", None, "load_steerable"),
-    ("analysis.cli", None, "load_plain"),
-    ("train.__main__", None, "build_model"),
-]
-
-
-def spy_on_loaders(monkeypatch) -> list[str]:
-    import importlib
-
-    calls: list[str] = []
-    for module, cls, name in LOADERS:
-        owner = importlib.import_module(module)
-        owner = getattr(owner, cls) if cls else owner
-        label = ".".join(filter(None, (module, cls, name)))
-
-        def spy(*args, _label=label, **kwargs):
-            calls.append(_label)
-            raise WeightsLoaded(_label)
-
-        monkeypatch.setattr(owner, name, spy)
-    return calls
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -170,7 +134,7 @@ def run_case(case: Case, world, tmp: Path, monkeypatch, capsys) -> Outcome:
     argv = [fill(a, subs) for a in case.argv]
     roots = (world.root, world.base, tmp)
     before = snapshot(*roots)
-    loads = spy_on_loaders(monkeypatch)
+    loads = spy_on_weight_loaders(monkeypatch)
     # An accepted training case gets as far as build_trainer's logging.basicConfig, whose handler would keep writing
     # to this case's captured stderr in later cases: the root logger's handlers are restored after each case.
     root_logger = logging.getLogger()

@@ -20,7 +20,6 @@ import analysis.layer_ablation as la
 import analysis.select as sel
 from analysis import output
 from analysis.__main__ import main
-from steering import vectors as sv
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -83,12 +82,7 @@ def test_a_finished_evaluate_replaces_the_earlier_output_completely(earlier_eval
     assert ".partial-" not in printed and leftovers(out) == []
 
 
-def test_an_unrelated_directory_is_refused_before_any_model_loads(tiny_base_dir, tmp_path, capsys, monkeypatch):
-    def forbidden(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(sv, "load_base_model", forbidden)
-    monkeypatch.setattr(ev, "load_row_model", forbidden)
+def test_an_unrelated_directory_is_refused_before_any_model_loads(tiny_base_dir, tmp_path, capsys, weight_loads):
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "notes.txt").write_text("my own notes")
@@ -97,7 +91,7 @@ def test_an_unrelated_directory_is_refused_before_any_model_loads(tiny_base_dir,
     assert main(evaluate_argv(tiny_base_dir, mine)) == 2
     assert capsys.readouterr().err == (f"python -m analysis evaluate: error: --out {mine}: holds files that are not "
                                        "an analysis result; choose a new or empty directory\n")
-    assert snapshot(mine) == before and leftovers(mine) == []
+    assert snapshot(mine) == before and leftovers(mine) == [] and weight_loads == []
 
 
 def test_an_output_that_holds_an_input_is_refused(tiny_base_dir, tiny_checkpoint, tmp_path, capsys):

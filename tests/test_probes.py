@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import spy_on_weight_loaders
 from steering import vectors as sv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,10 +115,6 @@ def _checkpoint(path, *, hidden, base_model):
 def test_bad_probe_vectors_is_one_line_and_exit_2_before_weights_load(tmp_path, case, capsys, monkeypatch):
     from train.__main__ import cli
 
-    def no_weights(*args, **kwargs):
-        raise AssertionError("weights loaded")
-
-    monkeypatch.setattr(sv, "load_base_model", no_weights)
     hidden = json.loads((DEMO_BASE / "config.json").read_text())["hidden_size"]
     path, words = {
         "missing": (tmp_path / "nowhere", ["neither a directory nor a .gguf file"]),
@@ -127,11 +124,13 @@ def test_bad_probe_vectors_is_one_line_and_exit_2_before_weights_load(tmp_path, 
         "probes off": (ROOT / "assets" / "demo-checkpoint", ["probe_steps"]),
     }[case]
     probe_steps = 0 if case == "probes off" else 5
+    loads = spy_on_weight_loaders(monkeypatch)  # after _checkpoint, which builds a model
     code = cli(["--config", str(small_config(tmp_path, "bad")), "--probe_steps", str(probe_steps),
                 "--probe_vectors", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "probe_vectors" in err, err
     assert all(w in err for w in words), err
+    assert loads == []
 
 
 def test_probe_settings_are_checked():

@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import spy_on_weight_loaders
 from steering import vectors as sv
 from train import checkpointing as ckpt_io
 
@@ -57,22 +58,6 @@ def read_jsonl(path):
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("python -m train: error:")]
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any attempt to load model weights fails the test (and nothing may be unpickled)."""
-    import transformers
-
-    import train.__main__ as entry
-
-    def forbidden(*a, **k):
-        raise AssertionError("a model was loaded before the configuration was checked")
-
-    monkeypatch.setattr(sv, "load_base_model", forbidden)
-    monkeypatch.setattr(entry, "build_model", forbidden)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
-    no_unpickling(monkeypatch)
 
 
 def no_unpickling(monkeypatch):
@@ -192,7 +177,7 @@ def _incomplete_checkpoint(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
-def test_bad_config_is_one_line_exit_2_before_any_model_loads(case, tmp_path, tiny_base_dir, no_model_loads, capsys):
+def test_bad_config_is_one_line_exit_2_before_any_model_loads(case, tmp_path, tiny_base_dir, monkeypatch, capsys):
     from train.__main__ import cli as main
 
     extra, needles = BAD_CONFIGS[case]
@@ -205,6 +190,8 @@ def test_bad_config_is_one_line_exit_2_before_any_model_loads(case, tmp_path, ti
         lines[line.split(":", 1)[0]] = line
     cfg = tmp_path / "c.yaml"
     cfg.write_text("\n".join(lines.values()) + "\n")
+    loads = spy_on_weight_loaders(monkeypatch)  # after the case's own checkpoints are built
+    no_unpickling(monkeypatch)
     start = time.monotonic()
     rc = main(["--config", str(cfg)])
     elapsed = time.monotonic() - start
@@ -215,7 +202,7 @@ def test_bad_config_is_one_line_exit_2_before_any_model_loads(case, tmp_path, ti
     for needle in needles:
         assert needle in line, (needle, line)
     assert elapsed < 30, f"the check took {elapsed:.1f} s"
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert not (tmp_path / "o" / "metrics.jsonl").exists() and loads == []
 
 
 def test_bad_init_from_on_the_command_line_exits_2_fast(tmp_path, tiny_base_dir):

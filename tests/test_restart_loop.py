@@ -11,9 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import transformers
-
-from steering import vectors as sv
+from conftest import spy_on_weight_loaders
 from test_reliability import SUB_ENV, needs_demo_base, no_unpickling, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,12 +102,10 @@ def test_check_loads_no_weights_and_writes_nothing(tmp_path, monkeypatch, capsys
     run = tmp_path / "run"
 
     def forbidden(*a, **k):
-        raise AssertionError("weights were loaded")
+        raise AssertionError("the trainer was built")
 
-    monkeypatch.setattr(sv, "load_base_model", forbidden)
-    monkeypatch.setattr(entry, "build_model", forbidden)
+    loads = spy_on_weight_loaders(monkeypatch)
     monkeypatch.setattr(entry, "build_trainer", forbidden)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
     no_unpickling(monkeypatch)
     before = _tree(run)
     capsys.readouterr()
@@ -131,7 +127,7 @@ def test_check_loads_no_weights_and_writes_nothing(tmp_path, monkeypatch, capsys
                     f"last good vectors (--init_from {run / 'checkpoint-1'}) with a lower learning_rate or "
                     f"max_grad_norm, or start over here with --overwrite_output_dir true (or, once the cause is fixed, "
                     f"delete {run / 'stopped.json'} and resume)")
-    assert _tree(run) == before
+    assert _tree(run) == before and loads == []
 
 
 def test_overwrite_output_dir_removes_the_stopped_marker(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from analysis.__main__ import main
+from conftest import spy_on_weight_loaders
 from analysis.select import find_checkpoints, pick_best, read_val_metrics
 
 
@@ -119,12 +120,11 @@ def test_select_evaluates_val_and_test(run_dir, tmp_path, capsys):
     (["--run", "{tmp}"], "no complete checkpoint"),
 ])
 def test_select_misuse_exits_2(argv, message, run_dir, tmp_path, capsys, monkeypatch):
-    import analysis.evaluate as ev
-
-    monkeypatch.setattr(ev, "load_row_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    loads = spy_on_weight_loaders(monkeypatch)
     write_metrics(run_dir, [json.dumps({"step": 10, "eval_accuracy": 0.5})])
     argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
     code = main(["select", *argv, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("python -m analysis select: error:") and message in err, err
+    assert loads == []

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from analysis.__main__ import main
+from conftest import spy_on_weight_loaders
 from steering import vectors as sv
 from steering.tiny import build_char_tokenizer, tiny_model
 
@@ -185,17 +186,18 @@ def _train_cli(tmp_path, base, **overrides):
 
 def test_train_use_vllm_refusals_are_one_line_before_any_weights(tiny_base_dir, tmp_path, monkeypatch, capsys):
     """No vLLM / head size 8 / an untested vLLM / LoRA on vLLM-CPU: exit 2, one line naming use_vllm."""
-    from steering import vectors as sv
     from steering import vllm_engine as ve
 
-    monkeypatch.setattr(sv, "load_base_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    head32 = save_head32_base(tmp_path / "head32")  # before the spy: building it is a load (from_config)
+    capsys.readouterr()  # its saving output
+    loads = spy_on_weight_loaders(monkeypatch)
     assert _train_cli(tmp_path, tiny_base_dir) == 2  # head size 8, or vLLM missing in this leg
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "use_vllm:" in err[0], err
     monkeypatch.setattr(ve, "vllm_version", lambda: "0.30.0")
-    head32 = save_head32_base(tmp_path / "head32")
     assert _train_cli(tmp_path, head32) == 2
     assert "tested with vLLM 0.31" in capsys.readouterr().err
     monkeypatch.setattr(ve, "vllm_version", lambda: "0.31.0")
     assert _train_cli(tmp_path, head32, adapter="lora") == 2
     assert "adapter 'lora' needs every weight pushed" in capsys.readouterr().err
+    assert loads == []
