@@ -276,8 +276,8 @@ def generate_ids(
     cuts them."""
     check_backend(backend)
     if backend == "vllm":
-        raise GenerationError("generate_ids runs a transformers model; the vllm backend generates through "
-                              "steering.generation.generate with a steering.vllm_engine.VLLMModel")
+        raise RuntimeError("generate_ids runs a transformers model; the vllm backend generates through "
+                           "steering.generation.generate with a steering.vllm_engine.VLLMModel")  # a caller's bug
     extra: dict[str, Any] = {}
     if stop_strings:
         if tokenizer is None:
@@ -417,12 +417,12 @@ def _first_stop(ids: list[int], stop_strings: Sequence[str], tokenizer: Any) -> 
 def _tokenize(tokenizer: Any, prompts: Sequence[Any], add_special_tokens: bool) -> list[list[int]]:
     if all(isinstance(p, str) for p in prompts):
         if tokenizer is None:
-            raise GenerationError("string prompts need a tokenizer")
+            raise TypeError("string prompts need a tokenizer")  # a caller's bug, not bad input
         return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
     out = []
     for p in prompts:
         if isinstance(p, str):
-            raise GenerationError("prompts must be all strings or all token-id lists, not a mix")
+            raise TypeError("prompts must be all strings or all token-id lists, not a mix")  # a caller's bug
         ids = p.tolist() if isinstance(p, torch.Tensor) else list(p)
         if not ids:
             raise GenerationError("an empty prompt cannot be continued; give at least one token")

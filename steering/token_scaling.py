@@ -146,7 +146,7 @@ def attach_token_scaling(model: nn.Module, layers: Iterable[int] | None = None,
     if not params:
         raise TokenScalingError("token scaling needs steering vectors: call steering.vectors.attach_steering first")
     if has_token_scaling(model):
-        raise TokenScalingError("token scaling is already attached to this model")
+        raise RuntimeError("token scaling is already attached to this model")  # a caller's bug, not bad input
     layers = sorted(params) if layers is None else sorted(set(int(layer) for layer in layers))
     missing = [layer for layer in layers if layer not in params]
     if missing:

@@ -161,7 +161,7 @@ def test_errors_and_helpers(tok):
         SamplingParams(max_new_tokens=0)
     with pytest.raises(GenerationError, match="top_p"):
         SamplingParams(max_new_tokens=1, top_p=0.0)
-    with pytest.raises(GenerationError, match="all strings or all token-id lists"):
+    with pytest.raises(TypeError, match="all strings or all token-id lists"):
         generate(model, tok, [[5, 6], "a"], SamplingParams(max_new_tokens=2))
     comp, how = end_completions(torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]]), [2])
     assert comp == [[5, 2], [5, 6, 7, 8]] and how == ["eos", "length"]

@@ -44,7 +44,8 @@ def prepare_inputs(config: SteeringGRPOConfig) -> RunInputs:
     config (family, layer indices), ``init_from`` and ``probe_vectors`` vectors, the template and the tokenizer it
     renders with, the data, the checkpoint to resume from (and its token-scaling gates), and the guards of
     ``output_dir`` (another run's checkpoints, a run stopped with exit code 3). Reads only: nothing is written to
-    ``output_dir`` (``python -m train --check`` is this function). Raises one-line errors."""
+    ``output_dir`` (``python -m train --check`` is this function; it writes only a missing demo base, with
+    ``build_demo_base``, since the base's config is checked). Raises one-line errors."""
     from train import checkpointing as ckpt_io
 
     c = config
@@ -367,9 +368,11 @@ def main(config: SteeringGRPOConfig, inputs: RunInputs | None = None):
         trainer.save_model(str(final_dir(out)))
     except (TrainingDiverged, VLLMMismatch) as e:
         # A resume would replay the same steps and stop the same way: the marker makes the next start refuse (exit 2).
-        if trainer.is_world_process_zero():
-            ckpt_io.write_stopped(out, error=f"{stop_reason(e)}: {e}", step=trainer.state.global_step,
-                                  last_good=ckpt_io.read_latest(out))
+        # Whichever rank saw it writes the marker (an atomic write; several ranks write the same facts): a NaN in one
+        # rank's loss stops that rank only, and the others may hang in the next collective until the launcher kills
+        # them, so waiting for rank 0 could leave no marker and a restart loop replaying the divergence for ever.
+        ckpt_io.write_stopped(out, error=f"{stop_reason(e)}: {e}", step=trainer.state.global_step,
+                              last_good=ckpt_io.read_latest(out))
         raise
     trainer.create_model_card()  # the run directory's card, with the final validation
     if trainer.is_world_process_zero():
