@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -227,7 +228,10 @@ def run(args: argparse.Namespace) -> int:
     check_loadable(rows, template)
     if args.backend == "vllm":
         check_vllm_rows(rows, args.device)
-    staging = output.prepare_out(args.out, inputs=[r.path for r in rows])
+    files = [b.info["path"] for b in benches if b.source.startswith("file:")]  # file: benchmarks (steering.problems)
+    if args.template and os.path.isfile(args.template):  # a template file, not a built-in name
+        files.append(args.template)
+    staging = output.prepare_out(args.out, inputs=[*(r.path for r in rows), *files])
     results = evaluate_rows(rows, benches, args, template, staging, pairs=pairs, resamples=args.resamples,
                             stats_seed=args.stats_seed)
     out = output.complete(staging)

@@ -116,8 +116,9 @@ def run_make(args: argparse.Namespace) -> int:
     run_name = base_cfg.get("run_name") or Path(str(model)).name
     configs = _layer_configs(base_cfg, layers, lrs, num_layers, runs_dir, run_name)
     validated = _validate(configs) if args.validate else None  # before --out: a refused config writes nothing
-    # The training runs must not live in OUT: a later make into the same --out replaces OUT as a whole.
-    out = output.prepare_out(args.out, inputs=[runs_dir])
+    # The training runs, the recipe and the accelerate config (which launch.sh names) must not live in OUT: a later
+    # make into the same --out replaces OUT as a whole.
+    out = output.prepare_out(args.out, inputs=[runs_dir, args.config, args.accelerate_config])
     runs = _write_configs(out, configs, lrs, num_layers, sched_name)
     launch_prefix = ["accelerate", "launch"] + (["--config_file", args.accelerate_config]
                                                  if args.accelerate_config else [])

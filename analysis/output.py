@@ -8,12 +8,15 @@ Nothing a failed command does changes an existing output: :func:`prepare_out` re
 it in the place of ``OUT`` (``steering.files.replace_dir``). A command that raises (an error, a bug, Ctrl-C) leaves
 ``OUT`` as it was: ``python -m analysis`` removes the staging directory (:func:`discard_unfinished`). A process
 killed outright (SIGKILL, a power cut) cannot clean up; the next :func:`prepare_out` of the same ``OUT`` removes what
-it left, and puts back an ``OUT`` it had moved aside in the middle of the swap.
+it left, and puts back an ``OUT`` it had moved aside in the middle of the swap. Since the swap replaces ``OUT`` as a
+whole, a complete ``OUT`` records what the command wrote (:data:`ENTRIES_FILE`), and a rerun into an ``OUT`` that
+holds anything else (a nested command's output, a user's file) is refused.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import sys
@@ -25,6 +28,11 @@ from typing import Any
 from analysis.cli import UsageError
 
 RESULT_FILES = ("result.json", "results.json")  # what makes a directory an analysis result (results.json: evaluate)
+# In a complete OUT: the sorted top-level names the command wrote. A rerun into OUT replaces it as a whole, so it is
+# refused when OUT holds anything else (a nested command's output, a user's file), which the swap would delete.
+ENTRIES_FILE = ".out-entries.json"
+# What marks a directory nested in an OUT written before ENTRIES_FILE existed as another command's output or a run.
+_NESTED_MARKERS = (*RESULT_FILES, "steering.json", "run.json", "latest")
 
 
 @dataclass
@@ -43,8 +51,8 @@ _STAGING: dict[Path, _Staging] = {}  # this process's staging directories
 def prepare_out(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """The staging directory of the ``--out`` directory ``path``; :func:`complete` (or :func:`finish`) puts it in
     ``path``'s place. A usage error if ``path`` is a file, a non-empty directory that holds no analysis result (the
-    swap would replace a user's own files), holds the working directory, or holds one of the command's ``inputs``
-    (which the new output would replace)."""
+    swap would replace a user's own files), holds the working directory, holds one of the command's ``inputs``
+    (which the new output would replace), or holds what the earlier result did not write (:func:`_check_entries`)."""
     final = Path(path)
     target = Path(os.path.realpath(final))
     if target.exists() and not target.is_dir():
@@ -57,6 +65,8 @@ def prepare_out(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
         raise UsageError(f"--out {path}: holds the working directory, which the new output would replace; choose "
                          "another directory")
     _check_inputs(path, [target], inputs)
+    if target.is_dir() and any(target.iterdir()):
+        _check_entries(path, target)
     _recover(target.parent, [target.name], target.name)
     return _stage(_Staging(final, target, None), target.parent, target.name)
 
@@ -79,10 +89,11 @@ def prepare_entries(path: str | os.PathLike, names: Sequence[str], *,
 
 def complete(out: Path) -> Path:
     """Put the finished staging directory ``out`` in its place; returns ``OUT`` as the user named it."""
-    from steering.files import fsync_file, replace_dir
+    from steering.files import fsync_file, replace_dir, write_json_atomic
 
     st = _STAGING[out]
     if st.names is None:
+        write_json_atomic(out / ENTRIES_FILE, sorted(os.listdir(out)))
         replace_dir(out, st.target)
     else:
         for name in sorted(st.names, key=lambda n: not (out / n).is_dir()):  # the directories before the files
@@ -168,6 +179,33 @@ def _check_inputs(path: str | os.PathLike, replaced: list[Path], inputs: Iterabl
         if any(real == r or r in real.parents for r in replaced):
             raise UsageError(f"--out {path}: holds {item}, which this command reads or refers to and the new output "
                              "would replace; choose another directory")
+
+
+def _check_entries(path: str | os.PathLike, target: Path) -> None:
+    """A usage error if the earlier result ``target`` holds what it did not write (its :data:`ENTRIES_FILE`), or,
+    written before that file existed, holds another command's output or a run anywhere below it."""
+    entries = target / ENTRIES_FILE
+    if entries.is_file():
+        try:
+            written = json.loads(entries.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            written = None
+        if not isinstance(written, list) or not all(isinstance(n, str) for n in written):
+            raise UsageError(f"--out {path}: {ENTRIES_FILE} is not a list of names; move {path} aside or choose "
+                             "another directory")
+        foreign = sorted(set(os.listdir(target)) - set(written) - {ENTRIES_FILE})
+        if foreign:
+            raise UsageError(f"--out {path}: holds {', '.join(foreign)}, which the earlier result there did not "
+                             "write (another command's output, or your files); move them or choose another directory")
+        return
+    for dirpath, dirnames, filenames in os.walk(target):
+        here = Path(dirpath)
+        found = [here / d for d in dirnames if d.startswith("checkpoint-")]
+        if here != target:
+            found += [here / f for f in filenames if f in _NESTED_MARKERS]
+        if found:
+            raise UsageError(f"--out {path}: holds {found[0]}, another command's output or a run, which the new "
+                             "output would replace; move the nested output or choose another directory")
 
 
 def _stage(st: _Staging, parent: Path, stem: str) -> Path:

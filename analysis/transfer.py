@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     incompatible = _check_shapes(donors, donor_meta, recipients, self_trained, shapes, args.skip_incompatible)
     bad = {(x["donor"], x["recipient"]) for x in incompatible}
     benches = cli.load_benchmarks(cli.benchmark_specs(args, donors), args)
-    out = output.prepare_out(args.out, inputs=donors)
+    local_recipients = [r for r in recipients if os.path.isdir(r)]  # a Hub id names nothing the swap could remove
+    out = output.prepare_out(args.out, inputs=[*donors, *self_trained.values(), *local_recipients])
 
     # ---- evaluate every donor on every recipient
     acc_m: list[list[float | None]] = [[None] * len(recipients) for _ in donors]

@@ -1,8 +1,9 @@
 """Issue 25, "nothing is destroyed": an analysis command's --out is replaced only once the command is done.
 
 A failed command (an error, a bug, Ctrl-C, a kill) leaves an earlier output byte-identical; a finished one replaces
-it completely; a directory that is not an analysis result is refused; select replaces only its own entries of a run
-directory; printed and recorded paths name OUT, never the staging directory (analysis/output.py)."""
+it completely; a directory that is not an analysis result, or holds what the earlier result did not write, is
+refused; select replaces only its own entries of a run directory; printed and recorded paths name OUT, never the
+staging directory (analysis/output.py)."""
 
 import hashlib
 import json
@@ -74,7 +75,7 @@ def test_a_finished_evaluate_replaces_the_earlier_output_completely(earlier_eval
     out, before = earlier_evaluation
     assert main(evaluate_argv(tiny_base_dir, out)) == 0  # one row: nothing to difference, no differences.png
     printed = capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["results.json", "samples.jsonl", "table.md"]
+    assert sorted(os.listdir(out)) == [output.ENTRIES_FILE, "results.json", "samples.jsonl", "table.md"]
     assert [r["label"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["Base"]
     assert {json.loads(line)["row"] for line in (out / "samples.jsonl").read_text().splitlines()} == {"Base"}
     assert snapshot(out)["results.json"] != before["results.json"]
@@ -105,6 +106,26 @@ def test_an_output_that_holds_an_input_is_refused(tiny_base_dir, tiny_checkpoint
     err = capsys.readouterr().err
     assert f"--out {out}: holds {out / 'ck'}, which this command reads or refers to" in err
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("flag", ["--benchmarks", "--template"])
+def test_evaluate_refuses_an_out_that_holds_its_benchmark_or_template_file(flag, tiny_base_dir, tmp_path, capsys,
+                                                                           weight_loads):
+    out = tmp_path / "holds"
+    out.mkdir()
+    (out / "result.json").write_text("{}")
+    (out / "bench.jsonl").write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    (out / "t.txt").write_text("Q: {question}\nA:")
+    argv = evaluate_argv(tiny_base_dir, out)
+    given = out / ("bench.jsonl" if flag == "--benchmarks" else "t.txt")
+    if flag == "--benchmarks":
+        argv[argv.index("--benchmarks") + 1] = f"file:{given}"
+    else:
+        argv += ["--template", str(given)]
+    before = snapshot(out)
+    assert main(argv) == 2
+    assert f"--out {out}: holds {given}, which this command reads or refers to" in capsys.readouterr().err
+    assert snapshot(out) == before and weight_loads == []
 
 
 def test_what_a_killed_run_left_is_cleaned_by_the_next_run(earlier_evaluation, tiny_base_dir):
@@ -170,9 +191,73 @@ def test_finish_records_and_prints_the_final_paths_and_a_failure_changes_nothing
         main(make_argv(out, "--runs-dir", str(runs), "--constant-lr", "0.01"))
     assert snapshot(out) == before and leftovers(out) == []
     monkeypatch.undo()
-    (out / "stale.txt").write_text("left by hand")
+    (out / "configs" / "layer_02.yaml").unlink()  # one of the entries the earlier make wrote: no other is needed
     assert main(make_argv(out, "--runs-dir", str(runs), "--constant-lr", "0.01")) == 0
-    assert not (out / "stale.txt").exists() and json.loads((out / "result.json").read_text())["schedule"] == "constant"
+    assert json.loads((out / "result.json").read_text())["schedule"] == "constant"
+    assert (out / "configs" / "layer_02.yaml").is_file() and leftovers(out) == []
+    assert json.loads((out / output.ENTRIES_FILE).read_text()) == ["configs", "launch.sh", "lr_schedule.png",
+                                                                    "result.json", "runs.json", "sweep.yaml"]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_a_rerun_refuses_an_out_that_holds_a_nested_output(tmp_path, capsys):
+    """docs/analysis.md's old example put collect's --out inside make's: rerunning make deleted the evaluation."""
+    out = tmp_path / "abl"
+    assert main(make_argv(out, "--runs-dir", str(tmp_path / "runs"))) == 0
+    (out / "eval").mkdir()
+    (out / "eval" / "result.json").write_text('{"hours": "of evaluation"}\n')
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(make_argv(out, "--runs-dir", str(tmp_path / "runs"))) == 2
+    assert one_line(capsys) == (f"python -m analysis layer-ablation: error: --out {out}: holds eval, which the earlier "
+                                "result there did not write (another command's output, or your files); move them or "
+                                "choose another directory\n")
+    assert snapshot(out) == before and leftovers(out) == []
+
+
+def test_a_rerun_refuses_an_out_that_holds_a_users_file(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(make_argv(out, "--runs-dir", str(tmp_path / "runs"))) == 0
+    (out / "notes.txt").write_text("my notes")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(make_argv(out, "--runs-dir", str(tmp_path / "runs"), "--constant-lr", "0.01")) == 2
+    assert f"--out {out}: holds notes.txt, which the earlier result there did not write" in one_line(capsys)
+    assert snapshot(out) == before and (out / "notes.txt").read_text() == "my notes"
+
+
+def test_a_legacy_out_with_a_nested_output_is_refused(tmp_path, capsys, weight_loads):
+    """An OUT written before the entries file: what it wrote is unknown, so a nested checkpoint stops the rerun."""
+    out = tmp_path / "old"
+    (out / "vectors").mkdir(parents=True)
+    (out / "result.json").write_text("{}")
+    (out / "vectors" / "steering.json").write_text("{}")
+    before = snapshot(out)
+    assert main(make_argv(out, "--runs-dir", str(tmp_path / "runs"))) == 2
+    assert f"--out {out}: holds {out / 'vectors' / 'steering.json'}, another command's output or a run" \
+        in one_line(capsys)
+    assert snapshot(out) == before and leftovers(out) == [] and weight_loads == []
+    (out / "vectors" / "steering.json").unlink()  # nothing nested: a legacy OUT is replaced as before
+    assert main(make_argv(out, "--runs-dir", str(tmp_path / "runs"))) == 0
+    assert not (out / "vectors").exists() and (out / output.ENTRIES_FILE).is_file()
+
+
+def test_make_refuses_a_recipe_inside_its_out(tmp_path, capsys):
+    """--config OUT/configs/layer_00.yaml (written by the earlier make): the swap would delete the recipe."""
+    out = tmp_path / "abl"
+    assert main(make_argv(out, "--runs-dir", str(tmp_path / "runs"))) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    recipe = out / "configs" / "layer_00.yaml"
+    assert main(["layer-ablation", "make", "--config", str(recipe), "--num-layers", "3", "--schedule", "qwen",
+                 "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 2
+    assert f"--out {out}: holds {recipe}, which this command reads or refers to" in one_line(capsys)
+    assert snapshot(out) == before and leftovers(out) == []
 
 
 def test_make_refuses_training_runs_inside_its_out(tmp_path, capsys):
