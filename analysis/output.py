@@ -55,6 +55,8 @@ def prepare_out(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
     (which the new output would replace), or holds what the earlier result did not write (:func:`_check_entries`)."""
     final = Path(path)
     target = Path(os.path.realpath(final))
+    # First what a killed process left (an OUT it had moved aside goes back), so the checks see the real OUT.
+    _recover(target.parent, [target.name], target.name)
     if target.exists() and not target.is_dir():
         raise UsageError(f"--out {path}: exists and is not a directory")
     if target.is_dir() and not any((target / name).is_file() for name in RESULT_FILES) and any(target.iterdir()):
@@ -67,7 +69,6 @@ def prepare_out(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
     _check_inputs(path, [target], inputs)
     if target.is_dir() and any(target.iterdir()):
         _check_entries(path, target)
-    _recover(target.parent, [target.name], target.name)
     return _stage(_Staging(final, target, None), target.parent, target.name)
 
 
