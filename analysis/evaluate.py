@@ -1,8 +1,8 @@
 """``python -m analysis evaluate``: accuracy of a base model, steering / LoRA / full checkpoints on math benchmarks.
 
 The rows are the unsteered base (``--model`` alone, or ``--include-base``) and the checkpoints (``--checkpoint``,
-repeatable: a steering checkpoint, a PEFT LoRA adapter dir, or a full model dir), each on every ``--benchmarks``
-spec::
+repeatable: a steering checkpoint, a PEFT adapter dir (LoRA, IA3, ...), or a full model dir), each on every
+``--benchmarks`` spec::
 
     python -m analysis evaluate --model Qwen/Qwen2.5-Math-1.5B --include-base --base-greedy \\
         --checkpoint steering=runs/steer/checkpoint-314 --checkpoint lora=runs/lora/checkpoint-314 \\

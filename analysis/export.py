@@ -17,7 +17,9 @@
   ``--dtype``: default the base's own; fp32 reproduces the steered logits to float rounding, bf16/fp16 round the
   vectors to that dtype (the steered model adds them in fp32).
 - ``peft``: the checkpoint already is a PEFT BEFT adapter (this project's native format); its adapter files are
-  copied to ``--out`` (without the optimizer state a training checkpoint also holds).
+  copied to ``--out`` (without the optimizer state a training checkpoint also holds). The vectors must fit the base
+  the checkpoint records where its config is readable here; where it is not (a path on another machine, a Hub id
+  offline), one warning line says so and the copy goes on.
 
 Every bad argument (paths, the format, the scale, shapes against ``--model``'s config, layer 0, the family) is one
 line on stderr and exit code 2, before any model loads. Formats, numbering and how to use each file:
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +177,35 @@ def check_peft(args: argparse.Namespace, meta: dict[str, Any], vectors: dict[int
     if args.model:
         raise UsageError("--model applies to gguf and merged; the PEFT adapter records its base in "
                          f"{sv.ADAPTER_CONFIG_FILE}")
-    if meta.get("base_model"):  # the adapter loads on its recorded base only: the vectors must fit its config.json
-        _base_config(meta["base_model"], args.checkpoint, vectors)
+    base = meta.get("base_model")
+    # The adapter loads on its recorded base only: where that base's config is readable here, the vectors must fit it.
+    # The export itself is a file copy that needs no base, so a base this machine cannot read (a path on the cluster
+    # that trained it, a Hub id offline) is a warning, not a refusal.
+    if base:
+        unreadable = _unreadable_config(str(base))
+        if unreadable is None:
+            _base_config(str(base), args.checkpoint, vectors)
+        else:
+            print(f"export: cannot read the recorded base {base}'s config ({unreadable}); the vectors' fit to it was "
+                  "not checked", file=sys.stderr)
     _check_out_dir(args.out)
     return {}
+
+
+def _unreadable_config(model: str) -> str | None:
+    """Why ``model``'s config.json cannot be read here (no such directory, no config.json, a Hub id not reachable), or
+    None when it can: then :func:`_base_config` checks it."""
+    from transformers import AutoConfig
+
+    try:
+        cli.check_model_id(model, flag="base")
+    except UsageError as e:
+        return str(e).removeprefix(f"base {model}: ")
+    try:
+        AutoConfig.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 (OSError, ValueError, HF errors: what model_config reports too)
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"  # one line: HF's messages span several
+    return None
 
 
 CHECKS = {"gguf": check_gguf, "merged": check_merged, "peft": check_peft}

@@ -10,7 +10,7 @@ Relative and Relative Improvement. Accuracies are fractions in ``results.json`` 
   correct counts ``results.json`` keeps (the statistics themselves: ``steering.statistics``).
 - :func:`render_table`, :func:`render_differences`: the tables of ``table.md``.
 - The rows themselves (:class:`RowSpec`, :func:`build_rows`): the four kinds of model a table compares (the base, a
-  steering checkpoint, a PEFT LoRA adapter, a full model directory), checked before any weights load, and
+  steering checkpoint, a PEFT adapter (LoRA, IA3, ...), a full model directory), checked before any weights load, and
   :func:`load_row_model`, which loads one.
 """
 
@@ -346,7 +346,7 @@ class RowSpec:
     """One row of the table: a model to evaluate."""
 
     label: str
-    kind: str  # base | steering | lora | full
+    kind: str  # base | steering | lora (a PEFT adapter: LoRA, IA3, ...) | full
     role: str  # base | base_greedy | steering | lora | full | other
     path: str | None  # checkpoint / model dir (None for the base row)
     base_model: str | None  # base to load the adapter onto / the base row's model
@@ -359,25 +359,30 @@ class RowSpec:
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """``steering`` (has steering.json), ``lora`` (an adapter_config.json whose peft_type is LORA) or ``full``
-    (config.json, no adapter_config.json). Anything else is refused: a steering checkpoint that lost its steering.json
-    (a BEFT adapter_config.json) is not evaluated as some other kind of row."""
+    """``steering`` (has steering.json), ``lora`` (a PEFT adapter of any type but steering's BEFT: LoRA, IA3, AdaLoRA,
+    LoHa, ...; PEFT loads it) or ``full`` (config.json, no adapter_config.json). Anything else is refused: a steering
+    checkpoint that lost its steering.json (a BEFT adapter_config.json) is not evaluated as some other kind of row."""
     p = Path(path)
     if not p.is_dir():
         raise UsageError(f"--checkpoint {path}: no such directory")
     if (p / sv.META_FILE).is_file():
         return "steering"
+    expected = (f"expected a steering checkpoint ({sv.META_FILE}), a PEFT adapter (LoRA, IA3, ...: "
+                f"{sv.ADAPTER_CONFIG_FILE}) or a full model directory (config.json)")
     if (p / sv.ADAPTER_CONFIG_FILE).is_file():
+        from peft import PeftType
+
         peft_type = _adapter_config(path).get("peft_type")
-        if peft_type != "LORA":
+        if peft_type == PeftType.BEFT:  # this project's steering adapter: its vectors are unreadable without the meta
             raise UsageError(f"--checkpoint {path}: {sv.ADAPTER_CONFIG_FILE} has peft_type {peft_type!r} and there is "
-                             f"no {sv.META_FILE}; expected a steering checkpoint ({sv.META_FILE}), a LoRA adapter "
-                             "(peft_type LORA) or a full model directory (config.json)")
+                             f"no {sv.META_FILE}; {expected}")
+        if peft_type not in [t.value for t in PeftType]:  # a list: peft_type may be any JSON value
+            raise UsageError(f"--checkpoint {path}: {sv.ADAPTER_CONFIG_FILE} has peft_type {peft_type!r}, which the "
+                             f"installed PEFT does not know; {expected}")
         return "lora"
     if (p / "config.json").is_file():
         return "full"
-    raise UsageError(f"--checkpoint {path}: not a checkpoint; expected a steering checkpoint ({sv.META_FILE}), a LoRA "
-                     f"adapter ({sv.ADAPTER_CONFIG_FILE} with peft_type LORA) or a full model directory (config.json)")
+    raise UsageError(f"--checkpoint {path}: not a checkpoint; {expected}")
 
 
 def _adapter_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -393,13 +398,14 @@ def _adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _verify_manifest(path: str | os.PathLike) -> None:
     """A training checkpoint's checksums.json (``train.checkpointing``), where the directory has one: every file it
-    lists is there with its recorded size and sha256."""
+    lists but the training state (optimizer, RNG state, ...: a model load never reads it, and users delete it to save
+    disk) is there with its recorded size and sha256."""
     from train import checkpointing as ckpt_io
 
     p = Path(path)
     if (p / ckpt_io.MANIFEST).is_file():
         try:
-            ckpt_io.verify_manifest(p, "evaluate an intact checkpoint")
+            ckpt_io.verify_manifest(p, "evaluate an intact checkpoint", training_state=False)
         except sv.CheckpointError as e:
             raise UsageError(str(e)) from None  # it names the file
 
@@ -420,7 +426,7 @@ def checkpoint_info(path: str, model: str | None) -> tuple[str, str | None, str 
     if kind == "lora":
         cfg = _adapter_config(path)
         if not any(Path(path, f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-            raise UsageError(f"--checkpoint {path}: LoRA adapter without adapter_model.safetensors")
+            raise UsageError(f"--checkpoint {path}: PEFT adapter without adapter_model.safetensors")
         base = model or cfg.get("base_model_name_or_path")
         if not base:
             raise UsageError(f"--checkpoint {path}: adapter_config.json names no base model; pass --model BASE")
@@ -442,7 +448,7 @@ def _load_lm(name: str, dtype: Any):
 
 def load_row_model(row: RowSpec, *, dtype: Any = "float32", device: str | None = None, backend: str = "hf",
                    vllm_options: dict[str, Any] | None = None):
-    """(model, tokenizer) for a row: the base, a steering checkpoint on its base, a LoRA adapter (PeftModel) on its
+    """(model, tokenizer) for a row: the base, a steering checkpoint on its base, a PEFT adapter (PeftModel) on its
     base, or a full model dir. ``backend="vllm"``: a ``steering.vllm_engine.VLLMModel`` serving the same model
     (``vllm_options``: its KV-cache size, ...)."""
     if backend == "vllm":
@@ -467,7 +473,8 @@ def _load_row_engine(row: RowSpec, dtype: Any, device: str | None, options: dict
     from steering.vllm_engine import VLLMModel
 
     if row.kind == "lora":
-        raise UsageError(f"row {row.label!r}: LoRA rows are not served by --backend vllm here; use --backend hf")
+        raise UsageError(f"row {row.label!r}: PEFT adapter rows are not served by --backend vllm here; use "
+                         "--backend hf")
     model_dir = row.path if row.kind == "full" else row.base_model
     vectors = row.path if row.kind == "steering" else None
     device_type = "cuda" if str(cli.default_device(device)).startswith("cuda") else "cpu"
@@ -475,12 +482,12 @@ def _load_row_engine(row: RowSpec, dtype: Any, device: str | None, options: dict
 
 
 def check_vllm_rows(rows: Sequence[RowSpec], device: str | None) -> None:
-    """``--backend vllm``: vLLM installed, a tested version, and every row's model servable here; LoRA rows are
-    refused. One line each, before any weights load."""
+    """``--backend vllm``: vLLM installed, a tested version, and every row's model servable here; PEFT adapter rows
+    (LoRA, ...) are refused. One line each, before any weights load."""
     for row in rows:
         if row.kind == "lora":
-            raise UsageError(f"--backend vllm: row {row.label!r} is a LoRA adapter, which this project does not serve "
-                             "through vLLM; use --backend hf for LoRA rows")
+            raise UsageError(f"--backend vllm: row {row.label!r} is a PEFT adapter (LoRA, ...), which this project "
+                             "does not serve through vLLM; use --backend hf for adapter rows")
         cli.check_vllm_model(row.path if row.kind == "full" else row.base_model, device)
 
 

@@ -66,21 +66,33 @@ def _with_gates(ckpt, dest, widths: dict[int, int]):
 
 
 def lora_with_manifest(tmp_path, base: str, *, tamper: bool):
-    """A LoRA training checkpoint (adapter_config.json, weights, trainer_state.json, checksums.json), tampered after
-    its manifest was written when ``tamper``."""
+    """A LoRA training checkpoint (adapter_config.json, weights, training state, checksums.json), its adapter weights
+    tampered after its manifest was written when ``tamper``."""
     from safetensors.torch import save_file
-
-    from train import checkpointing as ckpt_io
 
     d = tmp_path / "lora-checkpoint-2"
     d.mkdir()
     (d / sv.ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base,
                                                         "r": 1, "target_modules": ["down_proj"]}))
     save_file({"x": torch.zeros(2)}, str(d / "adapter_model.safetensors"))
-    (d / ckpt_io.TRAINER_STATE).write_text("{}")
-    ckpt_io.write_manifest(d)
+    with_training_state(d)
     if tamper:
         save_file({"x": torch.ones(2)}, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def with_training_state(d):
+    """``d`` made a training checkpoint: the training state transformers and DeepSpeed write beside the model
+    (optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, a global_step*/ shard), then checksums.json."""
+    from train import checkpointing as ckpt_io
+
+    torch.save({"state": {}, "param_groups": []}, d / "optimizer.pt")
+    torch.save({"last_epoch": 2}, d / "scheduler.pt")
+    torch.save({"cpu": torch.random.get_rng_state()}, d / "rng_state.pth")
+    (d / ckpt_io.TRAINER_STATE).write_text('{"global_step": 2}')
+    (d / "global_step2").mkdir()
+    torch.save({"state": {}}, d / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    ckpt_io.write_manifest(d)
     return d
 
 
@@ -207,16 +219,97 @@ def test_a_lora_row_with_checksums_is_verified_before_weights_load(tamper, world
         assert weight_loads == ["analysis.evaluate.load_row_model"]
 
 
-def test_an_adapter_config_of_another_peft_type_is_no_lora_row(world, weight_loads, tmp_path, capsys):
-    d = tmp_path / "prefix"
+def _delete(path):
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# What users do to a finished run's checkpoints to save disk, or what may differ without changing the model.
+TRAINING_STATE_DAMAGE = {
+    "optimizer.pt deleted": ("optimizer.pt", _delete),
+    "optimizer.pt tampered": ("optimizer.pt", _flip_last_byte),
+    "every training state file deleted": (None, None),
+}
+
+
+@pytest.mark.parametrize("damage", list(TRAINING_STATE_DAMAGE))
+@pytest.mark.parametrize("kind", ["lora", "steering"])
+def test_a_row_needs_only_the_model_files_of_a_training_checkpoint(kind, damage, world, weight_loads, tmp_path):
+    """A row verifies the files a model load reads, not the training state (train.checkpointing.TRAINING_STATE): a
+    checkpoint whose optimizer state was deleted or differs passes every check and gets as far as loading the row."""
+    from train import checkpointing as ckpt_io
+
+    if kind == "lora":
+        d = lora_with_manifest(tmp_path, world["base"], tamper=False)
+    else:
+        d = with_training_state(shutil.copytree(world["ck"], tmp_path / "steering-checkpoint-2"))
+    name, hurt = TRAINING_STATE_DAMAGE[damage]
+    if name is None:
+        state = [p for p in d.iterdir() if ckpt_io.is_training_state(p.name)]
+        assert {p.name for p in state} == {"optimizer.pt", "scheduler.pt", "rng_state.pth", ckpt_io.TRAINER_STATE,
+                                           "global_step2"}
+        for p in state:
+            _delete(p)
+    else:
+        hurt(d / name)
+    with pytest.raises(WeightsLoaded):
+        main(["evaluate", "--checkpoint", f"{kind}={d}", "--out", str(tmp_path / "out"), *BENCH])
+    assert weight_loads == ["analysis.evaluate.load_row_model"]
+
+
+def test_a_row_still_checks_every_model_file_the_manifest_lists(world, weight_loads, tmp_path, capsys):
+    """Only the training state is skipped: a steering checkpoint's adapter_config.json changed after its manifest
+    was written is refused, before any weights load."""
+    d = with_training_state(shutil.copytree(world["ck"], tmp_path / "steering-checkpoint-2"))
+    with (d / sv.ADAPTER_CONFIG_FILE).open("a") as f:
+        f.write(" ")
+    out = tmp_path / "out"
+    assert main(["evaluate", "--checkpoint", str(d), "--out", str(out), *BENCH]) == 2
+    assert "adapter_config.json does not match its checksum" in _one_error_line(capsys, "evaluate")
+    assert weight_loads == [] and not out.exists()
+
+
+def _adapter(tmp_path, peft_type: str, base: str):
+    from safetensors.torch import save_file
+
+    d = tmp_path / peft_type.lower()
     d.mkdir()
-    (d / sv.ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "PREFIX_TUNING",
-                                                        "base_model_name_or_path": world["base"]}))
-    (d / "config.json").write_text("{}")
-    assert main(["evaluate", "--checkpoint", str(d), "--out", str(tmp_path / "out"), *BENCH]) == 2
-    err = _one_error_line(capsys, "evaluate")
-    assert "peft_type 'PREFIX_TUNING'" in err and "expected a steering checkpoint" in err, err
-    assert weight_loads == []
+    (d / sv.ADAPTER_CONFIG_FILE).write_text(json.dumps({
+        "peft_type": peft_type, "base_model_name_or_path": base, "target_modules": ["down_proj"],
+        "feedforward_modules": ["down_proj"]}))
+    save_file({"x": torch.zeros(2)}, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def test_a_peft_adapter_of_another_type_is_an_adapter_row(world, weight_loads, tmp_path):
+    """Any PEFT adapter loads through PeftModel.from_pretrained (IA3 here), not only LoRA: it passes every check."""
+    with pytest.raises(WeightsLoaded):
+        main(["evaluate", "--checkpoint", str(_adapter(tmp_path, "IA3", world["base"])), "--out",
+              str(tmp_path / "out"), *BENCH])
+    assert weight_loads == ["analysis.evaluate.load_row_model"]
+
+
+@pytest.mark.parametrize("peft_type, words", [
+    ("BEFT", "peft_type 'BEFT' and there is no steering.json; expected a steering checkpoint"),
+    ("NO_SUCH_TYPE", "peft_type 'NO_SUCH_TYPE', which the installed PEFT does not know; expected a steering"),
+])
+def test_a_beft_adapter_without_steering_json_is_no_adapter_row(peft_type, words, world, weight_loads, tmp_path,
+                                                                 capsys):
+    """A BEFT adapter_config.json without steering.json is this project's steering checkpoint missing its meta, not
+    an adapter row; a peft_type PEFT does not know could not load either."""
+    d = _adapter(tmp_path, peft_type, world["base"])
+    out = tmp_path / "out"
+    assert main(["evaluate", "--checkpoint", str(d), "--out", str(out), *BENCH]) == 2
+    assert words in _one_error_line(capsys, "evaluate")
+    assert weight_loads == [] and not out.exists()
 
 
 @pytest.mark.parametrize("command", ["logit-lens", "persistence", "first-token", "unembed-similarity"])

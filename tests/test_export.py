@@ -322,6 +322,45 @@ def test_peft_is_the_native_format_copied(llama_ckpt, llama_base, tmp_path, caps
     assert all(torch.equal(got[l], want[l]) for l in want)
 
 
+@pytest.mark.parametrize("base, reason", [
+    ("/cluster/models/gone-base", "no such directory (and not a Hub id like Org/Name)"),
+    ("some-org/not-in-the-offline-cache", None),  # a Hub id offline (the tests run with HF_HUB_OFFLINE=1)
+])
+def test_peft_copies_a_checkpoint_whose_recorded_base_is_unreadable_with_one_warning(
+        base, reason, llama_ckpt, tmp_path, capsys, monkeypatch):
+    """The PEFT export is a file copy: a recorded base this machine cannot read (the training cluster's path, a Hub id
+    offline) is one warning line, and the adapter is copied; only a readable base that does not fit refuses."""
+    ck = shutil.copytree(llama_ckpt, tmp_path / "checkpoint-1")
+    meta = json.loads((ck / sv.META_FILE).read_text())
+    (ck / sv.META_FILE).write_text(json.dumps({**meta, "base_model": base}))
+    loads = spy_on_weight_loaders(monkeypatch)
+    out = tmp_path / "adapter"
+    rc, stdout, err = run(["--checkpoint", ck, "--to", "peft", "--out", out], capsys)
+    assert rc == 0, err
+    head = f"export: cannot read the recorded base {base}'s config ("
+    tail = "); the vectors' fit to it was not checked\n"
+    assert err.startswith(head) and err.endswith(tail) and err.count("\n") == 1, err
+    if reason is not None:
+        assert err == head + reason + tail, err
+    assert "already is a PEFT BEFT adapter" in stdout and loads == []
+    assert all((out / name).read_bytes() == (ck / name).read_bytes()
+               for name in (sv.ADAPTER_CONFIG_FILE, sv.ADAPTER_WEIGHTS_FILE, sv.META_FILE))
+
+
+def test_peft_refuses_a_readable_recorded_base_the_vectors_do_not_fit(llama_ckpt, tmp_path, capsys, monkeypatch):
+    from steering.tiny import tiny_config
+
+    wide = tmp_path / "wide"
+    tiny_config("llama", hidden_size=48, intermediate_size=96).save_pretrained(wide)
+    ck = shutil.copytree(llama_ckpt, tmp_path / "checkpoint-1")
+    meta = json.loads((ck / sv.META_FILE).read_text())
+    (ck / sv.META_FILE).write_text(json.dumps({**meta, "base_model": str(wide)}))
+    loads = spy_on_weight_loaders(monkeypatch)
+    rc, _, err = run(["--checkpoint", ck, "--to", "peft", "--out", tmp_path / "adapter"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "hidden size 48" in err, err
+    assert not (tmp_path / "adapter").exists() and loads == []
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, before any model loads
 

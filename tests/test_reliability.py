@@ -294,6 +294,9 @@ TAMPERINGS = {
     "vectors truncated": ("adapter_model.safetensors", _truncate, "adapter_model.safetensors"),
     "optimizer flipped": ("optimizer.pt", _flip_last_byte, "tampered"),
     "optimizer truncated": ("optimizer.pt", _truncate, "optimizer.pt"),
+    # the analysis rows accept a checkpoint without its training state (train.checkpointing.TRAINING_STATE); a resume
+    # needs it all
+    "optimizer deleted": ("optimizer.pt", Path.unlink, "optimizer.pt is missing from the checkpoint"),
     "rng flipped": ("rng_state.pth", _flip_last_byte, "tampered"),
     "rng truncated": ("rng_state.pth", _truncate, "rng_state.pth"),
     "trainer state truncated": (ckpt_io.TRAINER_STATE, _truncate, ckpt_io.TRAINER_STATE),

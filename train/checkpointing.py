@@ -24,9 +24,11 @@ This module owns these names: code elsewhere asks it for a run's paths (:func:`f
 
 A checkpoint without ``checksums.json`` is incomplete (a save was interrupted, or is in progress): nothing resumes from
 it, and no analysis command picks it. ``--resume_from_checkpoint latest`` reads the marker, checks every checksum of the
-checkpoint it names (before any model loads), or stops with an error; it never starts a run from scratch. Resuming
-reads the optimizer, scheduler and RNG state with transformers' own loader, which uses ``torch.load(weights_only=True)``
-(the restricted unpickler: tensors, numbers, strings and containers, no code); ``training_args.bin`` is never read.
+checkpoint it names (before any model loads), or stops with an error; it never starts a run from scratch. A reader of
+the model alone (an analysis command's row) checks every file but the training state (:data:`TRAINING_STATE`), which
+may be deleted to save disk once a run is done. Resuming reads the optimizer, scheduler and RNG state with
+transformers' own loader, which uses ``torch.load(weights_only=True)`` (the restricted unpickler: tensors, numbers,
+strings and containers, no code); ``training_args.bin`` is never read.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from transformers import TrainerCallback
@@ -53,6 +56,15 @@ TRAINER_STATE = "trainer_state.json"
 # transformers' Trainer names the checkpoint directories f"{PREFIX_CHECKPOINT_DIR}-{step}".
 CHECKPOINT_PREFIX = f"{PREFIX_CHECKPOINT_DIR}-"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+# A checkpoint's training state: the names (glob patterns of an entry at its top level) that transformers' Trainer and
+# DeepSpeed write beside the model and that only a resume reads. Users delete it to save disk once a run is done, so
+# the readers of the model alone (the analysis commands' rows) verify every listed file but these; a resume verifies
+# them all.
+TRAINING_STATE = (
+    "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", TRAINER_STATE, "training_args.bin",
+    "global_step*",  # DeepSpeed's optimizer and model-state shards (a directory)
+    "latest", "zero_to_fp32.py",  # DeepSpeed's name of its newest global_step* and its tool to consolidate them
+)
 
 
 # ------------------------------------------------------------------------------------------------------------- files
@@ -104,10 +116,18 @@ def verify_checkpoint(ckpt: Path) -> None:
         load_vectors(ckpt)  # and its own checks: shapes, finite values
 
 
-def verify_manifest(ckpt: Path, fix: str) -> dict[str, Any]:
+def is_training_state(rel: str) -> bool:
+    """Whether a path in a checkpoint (relative, POSIX, as the manifest lists it) is training state
+    (:data:`TRAINING_STATE`): read by a resume, never by a model load."""
+    parts = PurePosixPath(rel).parts  # none for "" or "." (a tampered manifest): not training state, so it is checked
+    return bool(parts) and any(fnmatchcase(parts[0], pattern) for pattern in TRAINING_STATE)
+
+
+def verify_manifest(ckpt: Path, fix: str, *, training_state: bool = True) -> dict[str, Any]:
     """The files ``checksums.json`` lists (``{relative path: {sha256, bytes}}``), each checked to be there with its
-    recorded size and sha256: what a reader of a checkpoint's model files (resume, the analysis commands' rows) needs;
-    otherwise a ``CheckpointError`` naming the file and ending in ``fix``."""
+    recorded size and sha256, otherwise a ``CheckpointError`` naming the file and ending in ``fix``. A resume checks
+    them all; ``training_state=False`` (a reader of the model alone: the analysis commands' rows) skips the
+    :data:`TRAINING_STATE` files, which may have been deleted or may differ without changing the model."""
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} does not exist")
     if not (ckpt / MANIFEST).is_file():
@@ -123,6 +143,8 @@ def verify_manifest(ckpt: Path, fix: str) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / MANIFEST} lists {outside[0]!r}, a path outside the checkpoint (tampered "
                               f"with?); {fix}")
     for rel, entry in files.items():
+        if not training_state and is_training_state(rel):
+            continue
         path = ckpt / rel
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint (listed in {MANIFEST})")
