@@ -119,12 +119,17 @@ def model_config(model_id: str, flag: str = "--model"):
     try:
         config = AutoConfig.from_pretrained(model_id)
     except Exception as e:  # noqa: BLE001 (OSError, ValueError, HF errors)
-        raise UsageError(f"{flag} {model_id}: cannot read its config ({type(e).__name__}: {str(e)[:200]})") from None
+        raise UsageError(f"{flag} {model_id}: cannot read its config ({one_line(e)})") from None
     try:
         sv.check_supported(config)
     except sv.SteeringError as e:
         raise UsageError(f"{flag} {model_id}: {e}") from None
     return config
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (library messages, the Hub's among them, span several), cut at ``limit``."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:limit]
 
 
 def check_checkpoint_arg(path: str | None, flag: str = "--checkpoint") -> None:
@@ -151,8 +156,7 @@ def base_model_id(model: str | None, checkpoint: str | os.PathLike | None = None
 
 
 def training_config(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
-    """The training config a steering checkpoint records ({} if it records none); an unreadable checkpoint is a usage
-    error, not a silent default template."""
+    """The training config a steering checkpoint records ({} if none); an unreadable checkpoint is a usage error."""
     if not checkpoint:
         return {}
     tc = checkpoint_meta(checkpoint).get("training_config") or {}
@@ -160,8 +164,7 @@ def training_config(checkpoint: str | os.PathLike | None) -> dict[str, Any]:
 
 
 def checkpoint_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """A steering checkpoint's ``steering.json`` (a usage error if unreadable), parsed once per version of the file:
-    a command asks for its base model, training config and template several times."""
+    """A checkpoint's ``steering.json`` (a usage error if unreadable), parsed once per version of the file."""
     meta_file = Path(checkpoint, sv.META_FILE)
     stat = meta_file.stat() if meta_file.is_file() else None
     version = (stat.st_ino, stat.st_mtime_ns, stat.st_size) if stat else None
@@ -210,13 +213,11 @@ def parse_layers(text: str | None, num_layers: int, flag: str = "--layers") -> l
 
 def checkpoint_layers(text: str | None, vectors: Mapping[int, Any], num_layers: int, flag: str = "--layers"
                       ) -> list[int]:
-    """The layers ``--layers`` names (default: every layer the checkpoint steers), each of which must have a
-    vector."""
+    """The layers ``--layers`` names (default: every layer the checkpoint steers); each must have a vector."""
     layers = parse_layers(text, num_layers, flag) or sorted(vectors)
     missing = [layer for layer in layers if layer not in vectors]
     if missing:
-        raise UsageError(f"{flag} {text}: the checkpoint has no vector at layers {missing} "
-                         f"(it has {sorted(vectors)})")
+        raise UsageError(f"{flag} {text}: the checkpoint has no vector at layers {missing} (it has {sorted(vectors)})")
     return layers
 
 
@@ -250,8 +251,7 @@ def final_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def load_steerable(base_id: str, args: argparse.Namespace):
-    """``(model, tokenizer)``: the frozen base with a zero steering vector on every layer (bit-identical to the base
-    until vectors are set), on ``--device`` in ``--dtype``."""
+    """``(model, tokenizer)``: the frozen base with a zero vector on every layer (bit-identical), as asked."""
     device, dtype = device_and_dtype(args)
     base = sv.load_base_model(base_id, dtype=dtype)
     model = sv.attach_steering(base, layers=None, base_model_id=base_id)
@@ -583,8 +583,7 @@ def check_generation_args(args: argparse.Namespace, n: int) -> None:
 
 
 def heldout_questions(args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
-    """``n`` held-out problems of ``--task`` with ``--seed`` (never used for training or pretraining the demo
-    base)."""
+    """``n`` held-out problems of ``--task`` with ``--seed`` (never used for training or pretraining the demo base)."""
     from steering.problems import ProceduralSpec, make_procedural
 
     return make_procedural(ProceduralSpec(args.task), n, args.seed, "heldout")

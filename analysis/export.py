@@ -204,7 +204,7 @@ def _unreadable_config(model: str) -> str | None:
     try:
         AutoConfig.from_pretrained(model)
     except Exception as e:  # noqa: BLE001 (OSError, ValueError, HF errors: what model_config reports too)
-        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"  # one line: HF's messages span several
+        return cli.one_line(e)
     return None
 
 

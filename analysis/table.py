@@ -511,7 +511,7 @@ def check_loadable(rows: Sequence[RowSpec], template: Any) -> None:
             except Exception as e:  # OSError (missing / offline), ValueError (unknown model type), ...
                 whose = "model" if row.kind == "full" else "base model: --model, or the one the checkpoint records"
                 raise UsageError(f"cannot load the config of {name!r} (row {row.label!r}'s {whose}): "
-                                 f"{_first_line(e)}") from None
+                                 f"{cli.one_line(e)}") from None
         if row.kind == "steering":
             try:
                 _, vectors = sv.read_checkpoint(row.path)
@@ -537,11 +537,6 @@ def _check_tokenizer(row: RowSpec, template: Any) -> None:
         template.stops(tokenizer)
     except TemplateError as e:
         raise UsageError(f"row {row.label!r}, tokenizer {row.tokenizer!r}: {e}") from None
-
-
-def _first_line(e: Exception) -> str:
-    msg = str(e).strip()
-    return msg.splitlines()[0][:300] if msg else type(e).__name__
 
 
 def build_rows(checkpoints: Sequence[str], labels: Sequence[str], model: str | None, include_base: bool,
