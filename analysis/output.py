@@ -31,8 +31,6 @@ RESULT_FILES = ("result.json", "results.json")  # what makes a directory an anal
 # In a complete OUT: the sorted top-level names the command wrote. A rerun into OUT replaces it as a whole, so it is
 # refused when OUT holds anything else (a nested command's output, a user's file), which the swap would delete.
 ENTRIES_FILE = ".out-entries.json"
-# What marks a directory nested in an OUT written before ENTRIES_FILE existed as another command's output or a run.
-_NESTED_MARKERS = (*RESULT_FILES, "steering.json", "run.json", "latest")
 
 
 @dataclass
@@ -199,11 +197,16 @@ def _check_entries(path: str | os.PathLike, target: Path) -> None:
             raise UsageError(f"--out {path}: holds {', '.join(foreign)}, which the earlier result there did not "
                              "write (another command's output, or your files); move them or choose another directory")
         return
+    from steering.vectors import META_FILE
+    from train.checkpointing import CHECKPOINT_PREFIX, LATEST, RUN_RECORD
+
+    # What marks a directory nested in an OUT written before ENTRIES_FILE existed as another command's output or a run.
+    nested_markers = (*RESULT_FILES, META_FILE, RUN_RECORD, LATEST)
     for dirpath, dirnames, filenames in os.walk(target):
         here = Path(dirpath)
-        found = [here / d for d in dirnames if d.startswith("checkpoint-")]
+        found = [here / d for d in dirnames if d.startswith(CHECKPOINT_PREFIX)]
         if here != target:
-            found += [here / f for f in filenames if f in _NESTED_MARKERS]
+            found += [here / f for f in filenames if f in nested_markers]
         if found:
             raise UsageError(f"--out {path}: holds {found[0]}, another command's output or a run, which the new "
                              "output would replace; move the nested output or choose another directory")
