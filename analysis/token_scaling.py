@@ -143,11 +143,8 @@ def check_gated_checkpoint_args(args: argparse.Namespace) -> None:
     # The vectors against the base's config.json, and the gates read back (finite, known tensors) and fitted to the
     # same config and to the steered layers: a broken checkpoint is refused before --out is made or any weights load.
     checked = cli.check_checkpoint(args)
-    try:
-        ts.check_gates_fit(ts.load_gate_tensors(args.checkpoint), sv.model_shape(checked.config)[1], checked.vectors,
-                           args.checkpoint, "its steered layers")
-    except sv.SteeringError as e:
-        raise UsageError(str(e)) from None
+    ts.check_gates_fit(ts.load_gate_tensors(args.checkpoint), sv.model_shape(checked.config)[1], checked.vectors,
+                       args.checkpoint, "its steered layers")
 
 
 def load_gated_model(checkpoint: str, base_id: str, args: argparse.Namespace) -> tuple[Any, Any]:

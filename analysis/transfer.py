@@ -129,10 +129,7 @@ def _verified_meta(path: str, flag: str) -> dict[str, Any]:
     donor or self-trained checkpoint is refused before --out is made or any weights load, not after the first
     recipient's evaluation."""
     cli.check_checkpoint_arg(path, flag)
-    try:
-        meta, _ = sv.read_checkpoint(path)
-    except sv.CheckpointError as e:
-        raise UsageError(str(e)) from None
+    meta, _ = sv.read_checkpoint(path)
     return meta
 
 

@@ -188,7 +188,6 @@ ALL_KINDS_FOR = ("evaluate", "export-gguf", "logit-lens", "train-init-from")
 
 # Where a (command, corruption) differs from the rule (exit 2, the kind's message): accepted, another message, or a
 # strict xfail saying what is wrong today.
-LOADS_FIRST = "issue 25: {what}: read only after the base model loads"
 EXCEPTIONS: dict[tuple[str, str], dict] = {
     ("export-gguf", "other-base"): dict(accept="ok", why="a control vector needs no base (--model checks the fit "
                                         "when given): the recorded base is only a hint"),
