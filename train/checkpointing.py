@@ -14,8 +14,9 @@ A run directory looks like::
       run.json              {"metrics_file": ...}: written when training starts, so that readers find the metrics
       metrics.jsonl         one JSON object per logged step (the name is the config's ``metrics_file``)
       README.md             the model card (``train/model_card.py``), in the run directory and in each model directory
-      stopped.json          {"exit_code": 3, "error": ..., "step": N, "last_good_checkpoint": ...}: written (rank 0)
-                            when the run stopped with exit code 3 (diverged, or vLLM not serving the trained model).
+      stopped.json          {"exit_code": 3, "error": ..., "step": N, "last_good_checkpoint": ...}: written by
+                            the rank that saw it when the run stopped with exit code 3 (diverged, or vLLM not serving
+                            the trained model).
                             A resume would replay the same steps, so while it is there a resume or a new run in this
                             directory is refused (exit 2); ``--overwrite_output_dir true`` removes it with the run
 
@@ -227,7 +228,7 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, metrics_file
 
 
 def write_stopped(run_dir: str | os.PathLike, *, error: str, step: int, last_good: Path | None) -> None:
-    """``stopped.json`` (rank 0, atomically): the run stopped with exit code 3 after ``step`` steps, for ``error``;
+    """``stopped.json`` (atomically, by any rank that saw the stop): the run stopped with exit code 3 after ``step`` steps, for ``error``;
     ``last_good`` is the checkpoint ``latest`` names (None: none was saved)."""
     write_json_atomic(Path(run_dir) / STOPPED, {"exit_code": 3, "error": error, "step": step,
                                                 "last_good_checkpoint": str(last_good) if last_good else None})
